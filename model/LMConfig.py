@@ -1,0 +1,102 @@
+"""Model configuration: the MiniMind-V v1 fields, plus `vision_proj_bias`.
+
+One knob sets the size: pick a preset from `PRESETS` (or pass `dim`/`n_layers`).
+Field names and defaults follow the v1 release so that v1 checkpoints and
+exported `config.json` files read back unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import PretrainedConfig
+
+# Published sizes. Parameter counts are unique parameters (tied embedding counted once)
+# with the v1 projection bias; tests check them.
+PRESETS: dict[str, dict[str, int]] = {
+    "minimind-v-small": {"dim": 512, "n_layers": 8},  # 27,272,192 parameters
+    "minimind-v": {"dim": 768, "n_layers": 16},  # 109,340,160 parameters
+}
+
+# One image is spliced in as this many vectors: CLIP ViT-B/32 gives CLS + 7x7 patches.
+IMAGE_TOKENS = 50
+# The text placeholder for one image: 25 '<' then 25 '>' (v1). Its token ids come from the tokenizer.
+IMAGE_SPECIAL_TOKEN = "<" * (IMAGE_TOKENS // 2) + ">" * (IMAGE_TOKENS // 2)
+CLIP_DIM = 768
+
+
+class LMConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(
+        self,
+        dim: int = 512,
+        n_layers: int = 8,
+        n_heads: int = 16,
+        n_kv_heads: int = 8,
+        vocab_size: int = 6400,
+        hidden_dim: Optional[int] = None,
+        multiple_of: int = 64,
+        norm_eps: float = 1e-5,
+        max_seq_len: int = 200,
+        dropout: float = 0.0,
+        flash_attn: bool = True,
+        image_special_token: str = IMAGE_SPECIAL_TOKEN,
+        image_ids: Optional[list[int]] = None,
+        vision_dim: int = CLIP_DIM,
+        vision_proj_bias: bool = False,
+        rope_theta: float = 1e4,
+        use_moe: bool = False,
+        num_experts_per_tok: int = 2,
+        n_routed_experts: int = 4,
+        n_shared_experts: Optional[bool] = True,
+        scoring_func: str = "softmax",
+        aux_loss_alpha: float = 0.01,
+        seq_aux: bool = True,
+        norm_topk_prob: bool = True,
+        **kwargs: Any,
+    ):
+        self.dim = dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim
+        self.multiple_of = multiple_of
+        self.norm_eps = norm_eps
+        self.max_seq_len = max_seq_len
+        self.dropout = dropout
+        self.flash_attn = flash_attn
+        self.image_special_token = image_special_token
+        # None until a tokenizer fills it in (see model.tokenizer_utils.image_token_ids);
+        # never hard-coded, because different tokenizers give different ids.
+        self.image_ids = list(image_ids) if image_ids is not None else None
+        self.vision_dim = vision_dim
+        self.vision_proj_bias = vision_proj_bias
+        self.rope_theta = rope_theta
+        self.use_moe = use_moe
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
+        super().__init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, rounded up to `multiple_of` (1408 for 512, 2048 for 768)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

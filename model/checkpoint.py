@@ -1,0 +1,234 @@
+"""Checkpoints in one place: read (strict, weights_only), infer the config from shapes, write atomically.
+
+The weight files keep the v1 layout (a flat state dict with v1 key names) so v1 code can load them;
+the full config is written beside them as `<name>.config.json` (head counts cannot be read off shapes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .LMConfig import LMConfig
+
+PathLike = Union[str, os.PathLike]
+PROJ_PREFIX = "vision_proj."
+PROJ_BIAS = "vision_proj.vision_proj.0.bias"
+PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class LoadReport:
+    new_keys: list[str] = field(default_factory=list)  # keys the file lacked that the model initialised itself
+
+
+def config_path_for(path: PathLike) -> Path:
+    return Path(path).with_suffix(".config.json")
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a .pth (weights_only) or .safetensors file into a flat state dict with clean key names."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain tensors "
+                              f"and could run code ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # a resume checkpoint
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return strip_prefixes(sd)
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) wrappers from key names."""
+    out = {}
+    for key, value in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+            key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def has_projection_bias(sd: dict[str, torch.Tensor]) -> bool:
+    """A bias that is all zeros is how unbiased projections are written in the v1 layout."""
+    bias = sd.get(PROJ_BIAS)
+    return bias is not None and bool(bias.abs().max() > 0)
+
+
+def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Model config fields read off tensor shapes; `stored` (the sidecar config) supplies head counts."""
+    stored = dict(stored or {})
+    try:
+        vocab_size, dim = sd["tok_embeddings.weight"].shape
+    except KeyError:
+        raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight") from None
+    layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
+    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    experts = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.0\.feed_forward\.experts\.(\d+)\.", k))}
+    use_moe = bool(experts)
+    w1 = sd.get("layers.0.feed_forward.experts.0.w1.weight" if use_moe else "layers.0.feed_forward.w1.weight")
+    n_heads = stored.get("n_heads", 16 if dim % 16 == 0 else 8)
+    head_dim = dim // n_heads
+    wk = sd.get("layers.0.attention.wk.weight")
+    n_kv_heads = wk.shape[0] // head_dim if wk is not None else stored.get("n_kv_heads", 8)
+    cfg = {**stored, "dim": int(dim), "vocab_size": int(vocab_size), "n_layers": n_layers,
+           "n_heads": n_heads, "n_kv_heads": int(n_kv_heads), "use_moe": use_moe,
+           "vision_proj_bias": has_projection_bias(sd)}
+    if w1 is not None:
+        probe = LMConfig(dim=int(dim), multiple_of=stored.get("multiple_of", 64))
+        cfg["hidden_dim"] = None if w1.shape[0] == probe.ffn_hidden_dim else int(w1.shape[0])
+    if use_moe:
+        cfg["n_routed_experts"] = len(experts)
+    proj = sd.get("vision_proj.vision_proj.0.weight")
+    if proj is not None:
+        cfg["vision_dim"] = int(proj.shape[1])
+    return cfg
+
+
+def _shorten(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                 allow_new_projection: bool = False) -> LoadReport:
+    """Strictly load sd into model. The one allowed gap is the projection (an LLM-only checkpoint
+    starting a VLM) when allow_new_projection is set; it is reported in LoadReport.new_keys."""
+    sd = strip_prefixes(sd)
+    expected = model.state_dict()
+    if PROJ_BIAS in sd and PROJ_BIAS not in expected and not has_projection_bias(sd):
+        sd = {k: v for k, v in sd.items() if k != PROJ_BIAS}  # zero bias == no bias
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    new_keys = [k for k in missing if k.startswith(PROJ_PREFIX)] if allow_new_projection else []
+    missing = [k for k in missing if k not in new_keys]
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_shorten(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_shorten(mismatched, 4)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(sd, strict=False)  # every key checked above; only new_keys stay initialised
+    return LoadReport(new_keys=new_keys)
+
+
+def read_stored_config(path: PathLike) -> dict[str, Any]:
+    cfg_file = config_path_for(path)
+    return json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+
+
+def config_from_checkpoint(path: PathLike, **overrides: Any) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    sd = read_state_dict(path)
+    fields = infer_config(sd, read_stored_config(path))
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return LMConfig(**fields), sd
+
+
+def load_model(path: PathLike, image_ids: Optional[list[int]] = None, device: Union[str, torch.device] = "cpu",
+               **overrides: Any):
+    """Build a MiniMindVLM whose config comes from the checkpoint itself and load it strictly."""
+    from .model import MiniMindVLM
+
+    config, sd = config_from_checkpoint(path, **overrides)
+    if image_ids is not None:
+        config.image_ids = list(image_ids)
+    model = MiniMindVLM(config)
+    load_weights(model, sd, source=str(path))
+    return model.to(device).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def v1_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict in the v1 layout: every v1 key present (an unbiased projection gets a zero bias)."""
+    model = unwrap(model)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    weight = sd.get("vision_proj.vision_proj.0.weight")
+    if weight is not None and PROJ_BIAS not in sd:
+        sd[PROJ_BIAS] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return sd
+
+
+def atomic_write(path: PathLike, write_fn) -> None:
+    """Write through a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: nn.Module, path: PathLike) -> None:
+    """Write the v1-layout weights and the config sidecar, both atomically."""
+    config = unwrap(model).config
+    atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
+    text = json.dumps(config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+                                               "dim": config.dim, "n_layers": config.n_layers}, indent=2)
+    atomic_write(config_path_for(path), lambda f: f.write(text.encode()))
+
+
+def save_object(obj: Any, path: PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_object(path: PathLike) -> Any:
+    """Load a resume checkpoint (plain tensors and containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data ({e})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated file ({str(e).splitlines()[0][:160]})") from None
