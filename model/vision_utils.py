@@ -201,6 +201,7 @@ def load_vision_encoder(path: str = DEFAULT_CLIP_PATH, device: Union[str, torch.
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a full CLIP directory also holds the text tower, which we skip on purpose
+    hf_logging.disable_progress_bar()
     try:
         clip = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
     finally:

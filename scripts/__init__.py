@@ -1,0 +1,1 @@
+"""Command-line helper scripts for MiniMind-V (importable so tests can reach them)."""

@@ -1,0 +1,159 @@
+"""Offline tests for scripts/download.py: every hub call is replaced by a fake."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import scripts.download as dl  # noqa: E402
+
+
+class FakeHub:
+    """Records hub calls and writes plausible files where the real hub would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def snapshot_download(self, **kwargs) -> str:
+        self.calls.append(("snapshot_download", kwargs))
+        local = Path(kwargs["local_dir"])
+        local.mkdir(parents=True, exist_ok=True)
+        if kwargs["repo_id"] == dl.CLIP_REPO:
+            (local / "config.json").write_text("{}")
+            (local / "model.safetensors").write_bytes(b"x")
+        elif kwargs["repo_id"] == dl.DATASET_REPO:
+            (local / "LLaVA-Pretrain").mkdir(exist_ok=True)
+            (local / "LLaVA-Pretrain" / "chat-translated.json").write_text("[]")
+            (local / "LLaVA-Instruct").mkdir(exist_ok=True)
+            (local / "LLaVA-Instruct" / "llava_instruct_230k.json").write_text("[]")
+            # One zip wraps its files in a same-named folder, the other doesn't:
+            # both must end up directly under dataset/<stem>/.
+            with zipfile.ZipFile(local / "pretrain_images.zip", "w") as z:
+                z.writestr("pretrain_images/a.jpg", b"jpg-a")
+            with zipfile.ZipFile(local / "sft_images.zip", "w") as z:
+                z.writestr("b.jpg", b"jpg-b")
+        return str(local)
+
+    def hf_hub_download(self, **kwargs) -> str:
+        self.calls.append(("hf_hub_download", kwargs))
+        path = Path(kwargs["local_dir"]) / kwargs["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights")
+        return str(path)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    fake = FakeHub()
+    monkeypatch.setattr(dl, "snapshot_download", fake.snapshot_download)
+    monkeypatch.setattr(dl, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    return fake
+
+
+def test_clip(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "clip", "--root", str(tmp_path)])
+    assert len(hub.calls) == 1  # safetensors present -> no pytorch_model.bin fallback
+    fn, kw = hub.calls[0]
+    assert fn == "snapshot_download"
+    assert kw["repo_id"] == "openai/clip-vit-base-patch32"
+    assert kw["repo_type"] == "model"
+    assert Path(kw["local_dir"]) == tmp_path / "model/clip_model/clip-vit-base-patch32"
+
+
+def test_clip_falls_back_to_bin(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def snapshot_without_safetensors(**kwargs) -> str:
+        hub.calls.append(("snapshot_download", kwargs))
+        Path(kwargs["local_dir"]).mkdir(parents=True, exist_ok=True)
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(dl, "snapshot_download", snapshot_without_safetensors)
+    dl.download_clip(tmp_path)
+    assert [c[0] for c in hub.calls] == ["snapshot_download", "hf_hub_download"]
+    assert hub.calls[1][1]["filename"] == "pytorch_model.bin"
+
+
+def test_dataset_downloads_and_unzips(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "dataset", "--root", str(tmp_path)])
+    fn, kw = hub.calls[0]
+    assert fn == "snapshot_download"
+    assert kw["repo_id"] == "jingyaogong/minimind-v_dataset"
+    assert kw["repo_type"] == "dataset"
+    assert Path(kw["local_dir"]) == tmp_path / "dataset"
+    patterns = " ".join(kw["allow_patterns"])
+    for name in ("chat-translated", "llava_instruct_230k", "pretrain_images", "sft_images"):
+        assert name in patterns
+    assert (tmp_path / "dataset/pretrain_images/a.jpg").read_bytes() == b"jpg-a"
+    assert not (tmp_path / "dataset/pretrain_images/pretrain_images").exists()
+    assert (tmp_path / "dataset/sft_images/b.jpg").read_bytes() == b"jpg-b"
+
+    # A re-run skips archives that were already extracted.
+    (tmp_path / "dataset/sft_images/b.jpg").unlink()
+    dl.extract_zip(tmp_path / "dataset/sft_images.zip", tmp_path / "dataset")
+    assert not (tmp_path / "dataset/sft_images/b.jpg").exists()
+
+
+def test_zip_slip_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "evil.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("../outside.txt", b"x")
+    with pytest.raises(dl.DownloadError):
+        dl.extract_zip(bad, tmp_path / "dataset")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+@pytest.mark.parametrize("dim", [512, 768])
+def test_llm(hub: FakeHub, tmp_path: Path, dim: int) -> None:
+    dl.main(["--what", "llm", "--dim", str(dim), "--root", str(tmp_path)])
+    fn, kw = hub.calls[0]
+    assert fn == "hf_hub_download"
+    assert (kw["repo_id"], kw["repo_type"], kw["filename"]) == (dl.DATASET_REPO, "dataset", f"out/{dim}_llm.pth")
+    assert (tmp_path / f"out/{dim}_llm.pth").exists()
+
+
+def test_tokenizer(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "tokenizer", "--root", str(tmp_path)])
+    assert {kw["filename"] for _, kw in hub.calls} == {"tokenizer.json", "tokenizer_config.json"}
+    for _, kw in hub.calls:
+        assert kw["repo_id"] == "jingyaogong/minimind-v-v1-small"
+        assert kw["repo_type"] == "model"
+        assert Path(kw["local_dir"]) == tmp_path / "model/minimind_tokenizer_official"
+
+
+def test_all_fetches_every_piece(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "all", "--root", str(tmp_path)])
+    repos = {kw["repo_id"] for _, kw in hub.calls}
+    assert repos == {dl.CLIP_REPO, dl.DATASET_REPO, dl.TOKENIZER_REPO}
+    assert any(kw.get("filename") == "out/512_llm.pth" for _, kw in hub.calls)
+
+
+def test_endpoint_is_reported_and_used(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
+    dl.main(["--what", "tokenizer", "--root", str(tmp_path)])
+    assert "https://hf-mirror.com" in capsys.readouterr().out
+    assert all(kw["endpoint"] == "https://hf-mirror.com" for _, kw in hub.calls)
+
+
+def test_network_error_becomes_one_line_exit(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(**kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore traceback-ish detail")
+
+    monkeypatch.setattr(dl, "snapshot_download", offline)
+    with pytest.raises(SystemExit) as excinfo:
+        dl.main(["--what", "clip", "--root", str(tmp_path)])
+    message = str(excinfo.value.code)
+    assert "\n" not in message
+    assert "openai/clip-vit-base-patch32" in message
+    assert "ConnectionError" in message
+    assert "HF_ENDPOINT=https://hf-mirror.com" in message
