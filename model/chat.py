@@ -39,11 +39,14 @@ class VLMChat:
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: str,
-             device: str = "cpu", max_seq_len: Optional[int] = None) -> "VLMChat":
-        """Load all three parts; a missing one is an error that says how to get it."""
+             device: str = "cpu", max_seq_len: Optional[int] = None, **overrides) -> "VLMChat":
+        """Load all three parts; a missing one is an error that says how to get it.
+
+        The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it."""
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
-        model = load_model(ckpt, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len)
+        model = load_model(ckpt, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
+                           **overrides)
         return cls(model, tokenizer, encoder)
 
     @property

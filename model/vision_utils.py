@@ -210,6 +210,14 @@ def load_vision_encoder(path: str = DEFAULT_CLIP_PATH, device: Union[str, torch.
     return VisionEncoder(clip, preprocess, encoder_fingerprint(path, preprocess)).to(device)
 
 
+def stand_in_warning(path: str) -> Optional[str]:
+    """A loud line when `path` holds the untrained stand-in encoder (scripts/build_stand_in_clip.py)."""
+    if os.path.exists(os.path.join(path, "STAND_IN.md")):
+        return (f"[stand-in] {path} is a randomly initialised, untrained CLIP-shaped vision tower, "
+                f"not OpenAI's CLIP (no pretrained weights can be downloaded here)")
+    return None
+
+
 def encoder_fingerprint(path: str, preprocess: ImagePreprocessor) -> str:
     """A short hash of the encoder's weight files and config plus the preprocessing."""
     h = hashlib.sha256(preprocess.fingerprint().encode())

@@ -1,0 +1,140 @@
+"""Chat with a trained MiniMind-V about images.
+
+    python 3-eval_chat.py                      # every image in dataset/eval_images, default question, streamed
+    python 3-eval_chat.py --image cat.png --prompt "What is in the picture?"
+    python 3-eval_chat.py --image cat.png --interactive          # a chat loop with history
+    python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from model.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
+from model.checkpoint import CheckpointError
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
+from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="default: out/{dim}{_moe}_vlm_sft.pth")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--dim", type=int, default=None, help="default 512; the model's size is read off the checkpoint")
+    p.add_argument("--n_layers", type=int, default=None)
+    p.add_argument("--use_moe", action="store_true")
+    p.add_argument("--image", default="dataset/eval_images", help="an image file or a folder of images")
+    p.add_argument("--prompt", default=DEFAULT_QUESTION)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_seq_len", type=int, default=1024, help="context kept for the prompt and history")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
+    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_stream", action="store_true", help="print each answer whole")
+    p.add_argument("--interactive", action="store_true", help="a chat loop with history about one image")
+    p.add_argument("--eval_data", default=None, help="score exact-match accuracy over v1 question/answer records")
+    p.add_argument("--eval_images_path", default=None, help="image folder for --eval_data")
+    p.add_argument("--image_prefix", default="")
+    p.add_argument("--eval_limit", type=int, default=None, help="score only the first N questions")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def list_images(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return [path]
+
+
+def ask(chat: VLMChat, question: str, image, history, settings: GenerationSettings, stream: bool) -> str:
+    print("[A]: ", end="", flush=True)
+    pieces = []
+    for piece in chat.stream(question, image, history, settings):
+        pieces.append(piece)
+        if stream:
+            print(piece, end="", flush=True)
+    answer = "".join(pieces)
+    print(answer if not stream else "", flush=True)
+    return answer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    ckpt = args.ckpt or os.path.join(args.out_dir, f"{args.dim or 512}{'_moe' if args.use_moe else ''}_vlm_sft.pth")
+    try:
+        chat = VLMChat.load(ckpt, args.clip_path, args.tokenizer_path, args.device, max_seq_len=args.max_seq_len,
+                            dim=args.dim, n_layers=args.n_layers)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        hint = " (train one with 2-sft_vlm.py or `make demo`)" if not os.path.exists(ckpt) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 1
+    note = stand_in_warning(args.clip_path)
+    if note:
+        print(note)
+    print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}")
+    settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                  args.repetition_penalty, args.seed)
+
+    if args.eval_data:
+        from model.evaluate import answer_accuracy
+
+        images_path = args.eval_images_path or os.path.dirname(args.eval_data)
+        try:
+            result = answer_accuracy(chat, args.eval_data, images_path, args.image_prefix, args.eval_limit)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(result.line())
+        return 0
+
+    paths = list_images(args.image)
+    if not paths:
+        print(f"error: no images found in {args.image}", file=sys.stderr)
+        return 1
+    failures = 0
+    for path in paths:
+        try:
+            image = open_image(path)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"[Image]: {os.path.basename(path)}")
+        if args.interactive:
+            history: list[tuple[str, str]] = []
+            while True:
+                try:
+                    question = input("[Q]: ").strip()
+                except EOFError:
+                    break
+                if question.lower() in {"exit", "quit"}:
+                    break
+                if question:
+                    history.append((question, ask(chat, question, image, history, settings, not args.no_stream)))
+        else:
+            print(f"[Q]: {args.prompt}")
+            ask(chat, args.prompt, image, (), settings, not args.no_stream)
+        print()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

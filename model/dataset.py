@@ -1,0 +1,252 @@
+"""v1 data files -> token ids, labels and images, with bad-record accounting and batch-longest padding.
+
+A record (v1 JSON array or JSONL, one object per line):
+  {"id": "...", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                   {"from": "gpt", "value": "..."}, ...]}
+`<image>` becomes the 50-token placeholder; the chat template wraps the turns; only assistant tokens
+(the answer, its `</s>` and newline) are supervised. Labels align with input_ids and use -100 for ignore.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .LMConfig import IMAGE_SPECIAL_TOKEN
+from .tokenizer_utils import render_chat
+from .vision_utils import ImageError, ImagePreprocessor, open_image
+
+log = logging.getLogger("minimind")
+IGNORE_INDEX = -100
+HUMAN_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant"}
+
+
+class DataError(ValueError):
+    """A bad record under --strict_data, or a data file that cannot be read at all."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped records by reason and keeps the first few ids of each for the log."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    strict: bool = False
+    source: str = ""
+
+    def skip(self, record_id: str, reason: str) -> None:
+        if self.strict:
+            raise DataError(f"{self.source}: record {record_id}: {reason} (--strict_data)")
+        key = reason.split(":")[0]
+        self.counts[key] += 1
+        shown = self.examples.setdefault(key, [])
+        if len(shown) < 5:
+            shown.append(record_id)
+            log.warning("skipping record %s: %s", record_id, reason)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no records skipped"
+        parts = [f"{n} {reason} (e.g. {', '.join(self.examples[reason][:3])})" for reason, n in self.counts.items()]
+        return f"{self.total} records skipped: " + "; ".join(parts)
+
+
+@dataclass
+class BrokenLine:
+    """A JSONL line that is not valid JSON; it stays in file order so strict mode reports the first bad record."""
+
+    lineno: int
+    error: str
+
+
+def read_records(path: str) -> list[Any]:
+    """Records of a JSON array file or a JSONL file (a broken JSONL line becomes a BrokenLine)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path} (see the README, 'Real training', for the v1 "
+                                f"dataset, or run `make demo` for the offline demo data)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(BrokenLine(lineno, f"malformed JSON: {e.msg}"))
+    return records
+
+
+@dataclass
+class Sample:
+    id: str
+    image_path: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def record_id(record: Any, index: int) -> str:
+    if isinstance(record, BrokenLine):
+        return f"line {record.lineno}"
+    return str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+
+
+def record_to_messages(record: Any, multi_turn: bool) -> list[dict[str, str]]:
+    """Validate a record and return its chat messages (raises ValueError with the reason)."""
+    if isinstance(record, BrokenLine):
+        raise ValueError(record.error)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no conversations")
+    if len(turns) % 2:
+        turns = turns[:-1]  # a trailing question with no answer teaches nothing
+    messages: list[dict[str, str]] = []
+    for i in range(0, len(turns), 2):
+        q, a = turns[i], turns[i + 1]
+        if not (isinstance(q, dict) and isinstance(a, dict)):
+            raise ValueError("malformed turn")
+        if q.get("from") not in HUMAN_ROLES or a.get("from") not in ASSISTANT_ROLES:
+            raise ValueError(f"wrong role: turn {i} is {q.get('from')!r}, turn {i + 1} is {a.get('from')!r}")
+        question, answer = str(q.get("value") or "").strip(), str(a.get("value") or "").strip()
+        if not answer:
+            raise ValueError(f"empty answer: turn {i + 1}")
+        if not question:
+            raise ValueError(f"empty question: turn {i}")
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if not multi_turn:
+            break  # v1 SFT keeps the first turn only
+    if not messages:
+        raise ValueError("no conversations")
+    n_images = sum(m["content"].count("<image>") for m in messages)
+    if n_images == 0:
+        raise ValueError("no <image> tag")
+    if n_images > 1:
+        raise ValueError(f"two or more <image> tags ({n_images}); one image per record is supported")
+    for m in messages:
+        m["content"] = m["content"].replace("<image>", IMAGE_SPECIAL_TOKEN)
+    return messages
+
+
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of the templated conversation and labels that keep only the assistant parts."""
+    text = render_chat(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # Character ranges to supervise: each answer with its "</s>\n".
+    spans, cursor = [], 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        start = text.index(m["content"] + tokenizer.eos_token, cursor)
+        end = start + len(m["content"]) + len(tokenizer.eos_token) + 1
+        spans.append((start, end))
+        cursor = end
+    labels = []
+    for tok, (b, e) in zip(ids, offsets):
+        labels.append(tok if any(b < end and start < e for start, end in spans) else IGNORE_INDEX)
+    return ids, labels
+
+
+class VLMDataset(Dataset):
+    """Tokenised samples of a v1 data file; images are decoded lazily (or read from a feature store)."""
+
+    def __init__(self, data_path: str, images_path: str, tokenizer, max_seq_len: int, image_prefix: str = "",
+                 multi_turn: bool = False, strict: bool = False,
+                 preprocess: Optional[ImagePreprocessor] = None, feature_store=None):
+        self.skips = SkipCounter(strict=strict, source=data_path)
+        self.preprocess = preprocess or ImagePreprocessor()
+        self.feature_store = feature_store
+        self.samples: list[Sample] = []
+        image_ids = tokenizer(IMAGE_SPECIAL_TOKEN, add_special_tokens=False)["input_ids"]
+        for n, record in enumerate(read_records(data_path)):
+            rid = record_id(record, n)
+            try:
+                messages = record_to_messages(record, multi_turn)
+                image = record.get("image")
+                if not isinstance(image, str) or not image:
+                    raise ValueError("no image file named")
+                path = os.path.join(images_path, image_prefix + image)
+                if not os.path.exists(path):
+                    raise ValueError(f"missing image: {path}")
+                ids, labels = tokenize_conversation(tokenizer, messages)
+                if len(ids) > max_seq_len:
+                    span_end = _find(ids, image_ids) + len(image_ids)
+                    if span_end > max_seq_len:
+                        raise ValueError(f"too long: {len(ids)} tokens and the image span ends past "
+                                         f"max_seq_len {max_seq_len}")
+                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+                if all(label == IGNORE_INDEX for label in labels[1:]):
+                    raise ValueError(f"too long: no answer token left within max_seq_len {max_seq_len}")
+            except ValueError as e:
+                self.skips.skip(rid, str(e))
+                continue
+            self.samples.append(Sample(rid, path, ids, labels))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_paths(self) -> list[str]:
+        return sorted({s.image_path for s in self.samples})
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        item = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels}
+        try:
+            if self.feature_store is not None:
+                item["features"] = self.feature_store.get(s.image_path)
+            else:
+                item["pixels"] = self.preprocess(open_image(s.image_path))
+        except ImageError as e:
+            if self.skips.strict:
+                raise DataError(f"record {s.id}: {e} (--strict_data)") from None
+            item["error"] = str(e)  # counted by the collate step; training goes on
+        return item
+
+
+def _find(seq: list[int], sub: list[int]) -> int:
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return len(seq)
+
+
+def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> dict[str, Any]:
+    """Pad to the longest row of the batch (or to pad_to); drop items whose image failed, reporting them."""
+    bad = [(it["id"], it["error"]) for it in items if "error" in it]
+    items = [it for it in items if "error" not in it]
+    batch: dict[str, Any] = {"skipped": bad, "ids": [it["id"] for it in items]}
+    if not items:
+        return batch
+    length = pad_to or max(len(it["input_ids"]) for it in items)
+    input_ids = torch.zeros(len(items), length, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[row, :n] = torch.tensor(it["input_ids"])
+        labels[row, :n] = torch.tensor(it["labels"])
+    batch["input_ids"], batch["labels"] = input_ids, labels
+    batch["n_tokens"] = sum(len(it["input_ids"]) for it in items)
+    if "features" in items[0]:
+        batch["features"] = torch.stack([torch.as_tensor(it["features"]) for it in items])
+    else:
+        batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    return batch

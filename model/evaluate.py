@@ -1,0 +1,93 @@
+"""Exact-match answer accuracy over v1-format question/answer records, beside the majority baseline."""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .chat import VLMChat
+from .dataset import SkipCounter, read_records, record_id, record_to_messages
+from .LMConfig import IMAGE_SPECIAL_TOKEN
+from .vision_utils import ImageError, open_image
+
+
+def normalise(answer: str) -> str:
+    return re.sub(r"[\s.!?。！？]+$", "", answer.strip().lower())
+
+
+@dataclass
+class Accuracy:
+    accuracy: float
+    n: int
+    majority: float
+    majority_answer: str
+    skipped: int
+
+    def line(self) -> str:
+        return f"accuracy: {self.accuracy:.3f} (n={self.n}, majority baseline {self.majority:.3f})"
+
+
+def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional[int] = None,
+            ) -> tuple[list[tuple[str, str, str]], SkipCounter]:
+    """(image path, question, answer) of each record's first turn; bad records are skipped and counted."""
+    skips = SkipCounter(source=path)
+    items = []
+    for n, record in enumerate(read_records(path)):
+        rid = record_id(record, n)
+        try:
+            messages = record_to_messages(record, multi_turn=False)
+        except ValueError as e:
+            skips.skip(rid, str(e))
+            continue
+        question = messages[0]["content"].replace(IMAGE_SPECIAL_TOKEN, "").strip()
+        items.append((os.path.join(images_path, image_prefix + str(record.get("image", ""))), question,
+                      messages[1]["content"]))
+        if limit is not None and len(items) >= limit:
+            break
+    return items, skips
+
+
+@torch.inference_mode()
+def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: str = "",
+                    limit: Optional[int] = None, max_new_tokens: int = 8, batch_size: int = 64) -> Accuracy:
+    """Greedy answers for every question, scored by exact match after lower-casing and trimming punctuation.
+
+    Questions with equal prompt lengths are decoded together in batches (identical results to one by one,
+    since no padding is involved).
+    """
+    items, skips = load_qa(path, images_path, image_prefix, limit)
+    features: dict[str, torch.Tensor] = {}
+    prompts = []
+    for image_path, question, answer in items:
+        if image_path not in features:
+            try:
+                features[image_path] = chat.encoder.encode_images([open_image(image_path)])[0]
+            except ImageError as e:
+                skips.skip(os.path.basename(image_path), str(e))
+                features[image_path] = None
+        if features[image_path] is not None:
+            prompts.append((chat.build_prompt(question, (), True), image_path, answer))
+    by_length: dict[int, list] = {}
+    for p in prompts:
+        by_length.setdefault(len(p[0]), []).append(p)
+    correct = 0
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            ids = torch.tensor([c[0] for c in chunk], device=chat.device)
+            feats = torch.stack([features[c[1]] for c in chunk]).to(chat.device)
+            out = chat.model.generate(ids, feats, max_new_tokens=max_new_tokens, temperature=0.0,
+                                      eos_token_id=chat.eos_id)
+            for row, (_, _, answer) in zip(out.tolist(), chunk):
+                if chat.eos_id in row:
+                    row = row[:row.index(chat.eos_id)]
+                predicted = chat.tokenizer.decode(row, skip_special_tokens=True)
+                correct += normalise(predicted) == normalise(answer)
+    n = len(prompts)
+    answers = Counter(normalise(p[2]) for p in prompts)
+    top, top_n = answers.most_common(1)[0] if answers else ("", 0)
+    return Accuracy(correct / max(n, 1), n, top_n / max(n, 1), top, skips.total)

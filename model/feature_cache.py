@@ -1,0 +1,114 @@
+"""Frozen-CLIP feature cache: each image is encoded once into memory-mapped fp16 shards.
+
+Layout: DIR/<encoder fingerprint>/shard_XXXXX.npy ([n, 50, hidden] float16) + index.json
+({image realpath: [shard, row, size, mtime_ns]} and the images that failed to decode). The fingerprint
+covers the encoder weights and the preprocessing, so a change of either starts a fresh store instead of
+reading stale features. Later epochs and the SFT stage reuse what pretraining encoded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import atomic_write
+from .vision_utils import ImageError, VisionEncoder, open_image
+
+log = logging.getLogger("minimind")
+
+
+def _stat_key(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+class _Pixels(Dataset):
+    def __init__(self, paths: list[str], encoder: VisionEncoder):
+        self.paths, self.preprocess = paths, encoder.preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(open_image(self.paths[i])), ""
+        except ImageError as e:
+            return i, torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
+
+
+class FeatureStore:
+    def __init__(self, root: str, fingerprint: str):
+        self.dir = os.path.join(root, fingerprint)
+        os.makedirs(self.dir, exist_ok=True)
+        self.index_file = os.path.join(self.dir, "index.json")
+        self._shards: dict[int, np.ndarray] = {}
+        self._load_index()
+
+    def _load_index(self) -> None:
+        if os.path.exists(self.index_file):
+            data = json.loads(open(self.index_file).read())
+        else:
+            data = {"entries": {}, "failed": {}, "n_shards": 0}
+        self.entries: dict[str, list] = data["entries"]
+        self.failed: dict[str, str] = data["failed"]
+        self.n_shards: int = data["n_shards"]
+
+    def _fresh(self, path: str) -> Optional[list]:
+        real, size, mtime = _stat_key(path)
+        entry = self.entries.get(real)
+        return entry if entry is not None and entry[2:] == [size, mtime] else None
+
+    def missing(self, paths: list[str]) -> list[str]:
+        return [p for p in paths if self._fresh(p) is None and os.path.realpath(p) not in self.failed]
+
+    def ensure(self, paths: list[str], encoder: VisionEncoder, batch_size: int = 64, num_workers: int = 0) -> int:
+        """Encode the images that have no fresh entry yet into a new shard; returns how many were encoded."""
+        todo = self.missing(paths)
+        if not todo:
+            return 0
+        shard_id = self.n_shards
+        shard_path = os.path.join(self.dir, f"shard_{shard_id:05d}.npy")
+        tmp_path = shard_path + ".partial.npy"
+        out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16,
+                                        shape=(len(todo), 50, encoder.hidden_size))
+        loader = DataLoader(_Pixels(todo, encoder), batch_size=batch_size, num_workers=num_workers)
+        failed: dict[str, str] = {}
+        from tqdm import tqdm
+
+        for idx, pixels, errors in tqdm(loader, desc="encoding images (feature cache)", unit="batch",
+                                        disable=len(todo) < 2 * batch_size):
+            feats = encoder.encode_pixels(pixels).cpu().numpy().astype(np.float16)
+            out[idx.numpy()] = feats
+            for i, err in zip(idx.tolist(), errors):
+                if err:
+                    failed[os.path.realpath(todo[i])] = err
+        out.flush()
+        del out
+        os.replace(tmp_path, shard_path)
+        for row, p in enumerate(todo):
+            real, size, mtime = _stat_key(p)
+            if real not in failed:
+                self.entries[real] = [shard_id, row, size, mtime]
+        self.failed.update(failed)
+        self.n_shards += 1
+        data = json.dumps({"entries": self.entries, "failed": self.failed, "n_shards": self.n_shards})
+        atomic_write(self.index_file, lambda f: f.write(data.encode()))
+        return len(todo)
+
+    def get(self, path: str) -> torch.Tensor:
+        """Features [50, hidden] (fp16) of an image; ImageError if it failed to decode when encoded."""
+        real = os.path.realpath(path)
+        if real in self.failed:
+            raise ImageError(self.failed[real])
+        entry = self.entries.get(real)
+        if entry is None:
+            raise KeyError(f"{path} is not in the feature cache {self.dir}")
+        shard_id, row = entry[0], entry[1]
+        if shard_id not in self._shards:  # opened lazily in each worker process
+            self._shards[shard_id] = np.load(os.path.join(self.dir, f"shard_{shard_id:05d}.npy"), mmap_mode="r")
+        return torch.from_numpy(np.array(self._shards[shard_id][row]))

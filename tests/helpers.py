@@ -1,0 +1,37 @@
+"""Small builders for training tests: a tiny image+JSON dataset and trainer arguments."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def make_dataset(root: Path, n_images: int = 8, extra_records: Optional[list] = None, jsonl: bool = False,
+                 name: str = "data") -> tuple[Path, Path]:
+    """n_images solid-colour squares with one caption record each; returns (data file, image folder)."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_images):
+        color = list(COLORS)[i % len(COLORS)]
+        Image.new("RGB", (32, 32), COLORS[color]).save(images / f"img_{i}.png")
+        records.append({"id": f"r{i}", "image": f"img_{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {color}."}]})
+    records += extra_records or []
+    path = root / (f"{name}.jsonl" if jsonl else f"{name}.json")
+    if jsonl:
+        path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    else:
+        path.write_text(json.dumps(records))
+    return path, images
+
+
+def train_argv(data: Path, images: Path, clip: Path, out: Path, *extra: str) -> list[str]:
+    return ["--from_scratch", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+            "--max_seq_len", "96", "--data_path", str(data), "--images_path", str(images), "--clip_path", str(clip),
+            "--out_dir", str(out), "--batch_size", "4", "--num_workers", "0", "--epochs", "2", "--log_interval", "1",
+            "--device", "cpu", *extra]
