@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo web clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: install
 
 demo: install
 	$(PY) scripts/demo.py
+
+web: install
+	$(PY) -m streamlit run web_server.py --server.address 127.0.0.1
 
 clean:
 	rm -rf $(VENV) out dataset/demo

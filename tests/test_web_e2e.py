@@ -1,0 +1,153 @@
+"""web_server.py in a real headless browser: `streamlit run` as a subprocess, Debian's chromium via playwright.
+
+Uploads an image through the page's file input, asks a question in the chat input and waits for the streamed
+answer; saves a screenshot to images/web_server.png. Needs /usr/bin/chromium (`apt-get install -y chromium`)
+and the `playwright` package (its own browser downloads are never used). Without them the test is skipped,
+except under CI (CI=true), where it fails.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import ROOT, tiny_config
+from model.checkpoint import save_checkpoint
+from model.model import MiniMindVLM
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = ROOT / "images" / "web_server.png"
+QUESTION = "What is in this picture?"
+
+
+def require_browser() -> None:
+    missing = [what for what, ok in [(CHROMIUM, os.path.exists(CHROMIUM)),
+                                     ("the playwright package", importlib.util.find_spec("playwright") is not None)]
+               if not ok]
+    if not missing:
+        return
+    reason = (f"missing {' and '.join(missing)}: `apt-get install -y chromium` and "
+              f"`pip install playwright` (never `playwright install`)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"streamlit not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def demo_image(path: Path) -> Path:
+    img = Image.new("RGB", (320, 240), (135, 190, 235))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 170, 320, 240], fill=(90, 160, 80))
+    draw.ellipse([230, 25, 290, 85], fill=(250, 210, 60))
+    draw.rectangle([60, 110, 170, 190], fill=(200, 60, 50))
+    draw.polygon([(50, 110), (115, 60), (180, 110)], fill=(120, 60, 40))
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def server(tmp_path, tokenizer, tiny_clip_dir):
+    """`streamlit run web_server.py` on a free port with a tiny random model; always stopped afterwards."""
+    require_browser()
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth")
+    port = free_port()
+    log = tmp_path / "streamlit.log"
+    cmd = [sys.executable, "-m", "streamlit", "run", "web_server.py", "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false",
+           "--", "--out_dir", str(out), "--clip_path", str(tiny_clip_dir),
+           "--tokenizer_path", "model/minimind_tokenizer", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMIND_")}
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, log = server
+    image = demo_image(tmp_path / "house.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            expect(page.locator("h1")).to_contain_text("MiniMind-V (", timeout=30_000)
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(image))
+            expect(page.locator('[data-testid="stImage"] img')).to_be_visible()
+
+            chat_box = page.locator('[data-testid="stChatInputTextArea"]')
+            chat_box.fill(QUESTION)
+            chat_box.press("Enter")
+            user = page.locator('[data-testid="stChatMessage"]:has([data-testid="stChatMessageAvatarUser"])')
+            expect(user.first).to_contain_text(QUESTION)
+            answer = page.locator('[data-testid="stChatMessage"]:has([data-testid="stChatMessageAvatarAssistant"]) '
+                                  '[data-testid="stChatMessageContent"]').first
+            expect(answer).to_have_text(re.compile(r"\S"))
+            wait_until_stable(answer)
+            assert not page.locator('[data-testid="stAlertContentError"]').count(), log.read_text()[-3000:]
+            page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollTo(0, 0)")  # title in view
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def wait_until_stable(locator, timeout: float = 30.0, quiet: float = 1.0) -> str:
+    """The text once it has stopped changing for `quiet` seconds (the answer is still streaming before that)."""
+    deadline = time.monotonic() + timeout
+    text, since = locator.inner_text(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = locator.inner_text()
+        if now != text:
+            text, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return text
+    return text

@@ -1,0 +1,324 @@
+"""MiniMind-V web chat (streamlit): upload an image, ask about it, and watch the answer stream in.
+
+Run it from the repository root:
+
+    streamlit run web_server.py --server.address 127.0.0.1 -- [--out_dir out] \\
+        [--clip_path model/clip_model/clip-vit-base-patch32] [--tokenizer_path model/minimind_tokenizer] \\
+        [--device cpu|cuda]
+
+Binding: streamlit binds to `--server.address`. `.streamlit/config.toml` sets `address = "127.0.0.1"`, so a
+plain `streamlit run web_server.py` (from the repository root) is reachable from this machine only; to expose it
+on other addresses pass `--server.address 0.0.0.0` (there is no authentication: do that on trusted networks only).
+
+Uploads: png, jpg, jpeg, webp, bmp and gif (first frame) up to MAX_UPLOAD_MB. The limit is passed to the uploader,
+set as `server.maxUploadSize` in `.streamlit/config.toml`, and checked again here before an image is decoded.
+
+Arguments after `--` belong to this script. Each default can also come from an environment variable
+(MINIMIND_OUT_DIR, MINIMIND_CLIP_PATH, MINIMIND_TOKENIZER_PATH, MINIMIND_DEVICE); a flag given after `--` wins.
+The variables are how tests configure the app: `streamlit.testing.v1.AppTest` runs the script in-process with
+pytest's own sys.argv and has no way to pass script arguments.
+
+If the default CLIP directory is missing but the untrained stand-in (scripts/build_stand_in_clip.py) exists, the
+stand-in is used and the page says so in a warning. A missing checkpoint, CLIP or tokenizer is shown as an error
+that says how to get it; the server keeps running. The model is loaded once per (checkpoint file and its
+modification time, CLIP path, tokenizer path, device) and shared by all sessions.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from model.chat import GenerationSettings, Turn, VLMChat  # noqa: E402
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
+from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, open_image  # noqa: E402
+
+MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
+IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
+# MIME types next to the extensions: the browser filters by both, and streamlit then leaves the server-side check
+# to this script (its own extension check would fail the whole script run instead of showing a message).
+UPLOAD_ACCEPT = [f"image/{t}" for t in ("png", "jpeg", "webp", "bmp", "gif")] + [f".{t}" for t in IMAGE_TYPES]
+ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
+            "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
+NO_CHECKPOINT_HELP = ("train one (`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
+                      "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
+
+
+# ---------------------------------------------------------------------------------------------- plain logic
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    out_dir: str
+    clip_path: str
+    tokenizer_path: str
+    device: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    name: str
+    size_mb: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.size_mb:.1f} MB)"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv: Sequence[str], env: Optional[dict[str, str]] = None) -> ServerArgs:
+    """Script arguments (those after `--`); defaults come from the environment, then from the repository.
+
+    Unknown arguments are ignored (under AppTest, argv is pytest's). Raises argparse.ArgumentError on a
+    malformed flag instead of exiting.
+    """
+    env = dict(os.environ if env is None else env)
+    defaults = {"out_dir": str(ROOT / "out"), "clip_path": str(ROOT / DEFAULT_CLIP_PATH),
+                "tokenizer_path": str(ROOT / DEFAULT_TOKENIZER_PATH), "device": None}
+    parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
+    ns, _unknown = parser.parse_known_args(list(argv))
+    return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device())
+
+
+def resolve_clip_path(clip_path: str) -> tuple[str, Optional[str]]:
+    """The CLIP directory to load and a warning to show when it is the untrained stand-in."""
+    default, stand_in = ROOT / DEFAULT_CLIP_PATH, ROOT / STAND_IN_CLIP_PATH
+    is_default = Path(clip_path).resolve() == default
+    if is_default and not (default / "config.json").exists() and (stand_in / "config.json").exists():
+        return str(stand_in), (
+            f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
+            f"{STAND_IN_CLIP_PATH} is used: its image features carry no visual meaning and answers will not "
+            f"reflect the image. Get the real one with `python scripts/download.py --what clip`.")
+    if Path(clip_path).resolve() == stand_in.resolve():
+        return clip_path, (f"{STAND_IN_CLIP_PATH} is the UNTRAINED stand-in CLIP: answers will not reflect the "
+                           f"image. Get the real one with `python scripts/download.py --what clip`.")
+    return clip_path, None
+
+
+def list_checkpoints(out_dir: str) -> list[CheckpointInfo]:
+    """The .pth files directly in out_dir with their sizes; *_vlm_sft.pth first, then by name."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    found = [CheckpointInfo(str(p), p.name, p.stat().st_size / 2**20)
+             for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda c: (not c.name.endswith("_vlm_sft.pth"), c.name))
+
+
+def checkpoint_stamp(path: str) -> tuple[int, int]:
+    """(modification time, size) of a checkpoint: a retrained file with the same name is reloaded."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (it was moved or deleted); {NO_CHECKPOINT_HELP}")
+    st_ = os.stat(path)
+    return st_.st_mtime_ns, st_.st_size
+
+
+def validate_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
+    """Decode an uploaded image as RGB, or raise ImageError with a one-line reason naming the file."""
+    if len(data) > max_mb * 2**20:
+        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB upload limit")
+    ext = Path(name).suffix.lower().lstrip(".")
+    if ext not in IMAGE_TYPES:
+        raise ImageError(f"{name}: not an accepted image type (use {', '.join(IMAGE_TYPES)})")
+    return open_image(data, name=name)
+
+
+def image_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def error_text(e: BaseException) -> str:
+    """One line for the page: the message of the project's own errors, the type name for anything else."""
+    known = (FileNotFoundError, ValueError, ImageError)
+    return str(e) if isinstance(e, known) and str(e) else f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------------------------- streamlit
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=2)
+def load_chat(ckpt: str, clip_path: str, tokenizer_path: str, device: str, stamp: tuple[int, int]) -> VLMChat:
+    """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place."""
+    return VLMChat.load(ckpt, clip_path, tokenizer_path, device)
+
+
+def init_state() -> None:
+    st.session_state.setdefault("history", [])  # list[Turn] about the current image
+    st.session_state.setdefault("image", None)  # the current valid image (PIL, RGB) or None
+    st.session_state.setdefault("image_id", None)
+    st.session_state.setdefault("image_name", None)
+
+
+def clear_chat() -> None:
+    st.session_state["history"] = []
+
+
+def sidebar_checkpoint(out_dir: str) -> tuple[Optional[str], Optional[str]]:
+    """(chosen checkpoint path, error to show)."""
+    checkpoints = list_checkpoints(out_dir)
+    if not checkpoints:
+        st.sidebar.selectbox("Checkpoint", ["(none found)"], disabled=True, key="checkpoint_none")
+        return None, f"No checkpoint (*.pth) in '{out_dir}': {NO_CHECKPOINT_HELP}."
+    by_label = {c.label: c.path for c in checkpoints}
+    label = st.sidebar.selectbox("Checkpoint", list(by_label), key="checkpoint",
+                                 help=f"The .pth files in {out_dir}; the model's shape is read off the file")
+    return by_label[label], None
+
+
+def sidebar_settings() -> GenerationSettings:
+    sb = st.sidebar
+    temperature = sb.slider("Temperature", 0.0, 1.5, 0.5, 0.05, key="temperature", help="0 = greedy")
+    top_k = sb.slider("Top-k", 1, 50, 8, key="top_k")
+    top_p = sb.slider("Top-p", 0.1, 1.0, 1.0, 0.05, key="top_p", help="1.0 = off")
+    max_new_tokens = sb.slider("Max new tokens", 16, 1024, 256, 16, key="max_new_tokens")
+    return GenerationSettings(temperature=temperature, top_k=top_k, top_p=None if top_p >= 1.0 else top_p,
+                              max_new_tokens=max_new_tokens)
+
+
+def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: str, device: str) -> tuple[Optional[VLMChat],
+                                                                                              Optional[str]]:
+    if ckpt is None:
+        return None, None
+    try:
+        return load_chat(ckpt, clip_path, tokenizer_path, device, checkpoint_stamp(ckpt)), None
+    except Exception as e:  # a bad file or path must not take the server down
+        return None, f"Could not load the model: {error_text(e)}"
+
+
+def set_image(image: Optional[Image.Image], uid: Optional[str], name: Optional[str]) -> None:
+    st.session_state.update(image=image, image_id=uid, image_name=name, history=[])
+
+
+def uploader() -> Any:
+    """The uploaded file or None. The browser filters by UPLOAD_ACCEPT; validate_upload checks type and size."""
+    return st.file_uploader(f"Image ({', '.join(IMAGE_TYPES)}; GIF: first frame; up to {MAX_UPLOAD_MB} MB)",
+                            type=UPLOAD_ACCEPT, max_upload_size=MAX_UPLOAD_MB, key="uploader")
+
+
+def keep_note() -> str:
+    if st.session_state["image"] is not None:
+        return f"Still using the previous image ({st.session_state['image_name']}) and its conversation."
+    return "Upload an image to ask about it."
+
+
+def handle_upload(upload: Any) -> None:
+    """Make a new valid upload the current image (a new conversation); report an invalid one and keep going."""
+    state = st.session_state
+    if upload is None:
+        if state["image_id"] is not None:
+            had_history = bool(state["history"])
+            set_image(None, None, None)
+            if had_history:
+                st.info("The image was removed: started a new conversation.")
+        return
+    data = upload.getvalue()
+    uid = image_id(data)
+    if uid == state["image_id"]:
+        return
+    try:
+        image = validate_upload(upload.name, data)
+    except ImageError as e:
+        st.error(f"{e}. {keep_note()}")
+        return
+    had_history = bool(state["history"])
+    set_image(image, uid, upload.name)
+    if had_history:
+        st.info(f"New image ({upload.name}): started a new conversation.")
+
+
+def show_history(history: Sequence[Turn]) -> None:
+    for question, answer in history:
+        with st.chat_message("user"):
+            st.markdown(question)
+        with st.chat_message("assistant"):
+            st.markdown(answer or "_(empty answer)_")
+
+
+def ask(chat: Optional[VLMChat], prompt: str, settings: GenerationSettings) -> None:
+    """Stream the answer to one question; on success the turn joins the history."""
+    question = prompt.strip()
+    if not question:
+        st.error("The question is empty: type a question about the image.")
+        return
+    if chat is None:
+        st.error("No model is loaded (see the error above), so the question was not sent.")
+        return
+    state = st.session_state
+    with st.chat_message("user"):
+        st.markdown(question)
+    with st.chat_message("assistant"):
+        try:
+            pieces = st.write_stream(chat.stream(question, state["image"], list(state["history"]), settings))
+        except Exception as e:  # generation errors are shown, the conversation so far stays
+            st.error(f"Generation failed: {error_text(e)}")
+            return
+        answer = (pieces if isinstance(pieces, str) else "".join(map(str, pieces))).strip()
+        if not answer:
+            st.markdown("_(empty answer)_")
+    state["history"] = [*state["history"], (question, answer)]
+
+
+def main() -> None:
+    st.set_page_config(page_title="MiniMind-V", page_icon=":frame_with_picture:", layout="centered")
+    init_state()
+    try:
+        args = parse_args(sys.argv[1:])
+    except argparse.ArgumentError as e:
+        st.error(f"Bad command-line argument: {e}. Usage: streamlit run web_server.py -- [--out_dir DIR] "
+                 f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda]")
+        st.stop()
+    clip_path, clip_warning = resolve_clip_path(args.clip_path)
+
+    st.sidebar.header("Model")
+    ckpt, ckpt_error = sidebar_checkpoint(args.out_dir)
+    st.sidebar.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{args.tokenizer_path}`  \nDevice: `{args.device}`")
+    st.sidebar.header("Generation")
+    settings = sidebar_settings()
+    st.sidebar.button("Clear chat", on_click=clear_chat, key="clear_chat", width="stretch")
+
+    chat, load_error = try_load(ckpt, clip_path, args.tokenizer_path, args.device)
+    st.title(f"MiniMind-V ({format_params(chat.n_params)})" if chat else "MiniMind-V (no model loaded)")
+    if clip_warning:
+        st.warning(clip_warning)
+    for message in (ckpt_error, load_error):
+        if message:
+            st.error(message)
+
+    handle_upload(uploader())
+    if st.session_state["image"] is not None:
+        st.image(st.session_state["image"], caption=st.session_state["image_name"], width=320)
+    else:
+        st.caption("No image yet: questions are answered from the text alone.")
+
+    show_history(st.session_state["history"])
+    prompt = st.chat_input("Ask about the image", key="question")
+    if prompt is not None:
+        ask(chat, prompt, settings)
+
+
+if __name__ == "__main__":  # `streamlit run` and AppTest run this file as __main__; tests import it too
+    main()
