@@ -19,17 +19,24 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .LMConfig import IMAGE_TOKENS, LMConfig
-from .model import MiniMindLM, MiniMindVLM, MoEGate, RMSNorm, rope_tables
+from .model import KVCache, MiniMindLM, MiniMindVLM, MoEGate, RMSNorm, rope_tables
 
 # The config field naming the bundled vision-tower subfolder (absent or None when nothing was bundled).
 VISION_SUBFOLDER_FIELD = "vision_encoder_subfolder"
 
 
-class MiniMindVLMForCausalLM(PreTrainedModel):
+class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
+    """MiniMindVLM behind the transformers interfaces (from_pretrained, forward -> CausalLMOutputWithPast, generate).
+
+    `generate()` recomputes the whole sequence at every step (transformers' Cache does not fit the native
+    attention); `generate_stream()` is the native sampler with its KV cache, for long outputs. A wrapper built
+    directly from a config gets transformers-style random init: train with MiniMindVLM, then export.
+    """
+
     config_class = LMConfig
     base_model_prefix = ""  # no `model.` prefix: the saved keys are exactly v1's
     main_input_name = "input_ids"
@@ -54,7 +61,8 @@ class MiniMindVLMForCausalLM(PreTrainedModel):
         if getattr(config, "tie_word_embeddings", None) is None:
             config.tie_word_embeddings = True
         super().__init__(config)
-        # Build the native model and adopt its children and buffers: same modules, same names, same init.
+        # Build the native model and adopt its children and buffers: same modules, same key names, same forward.
+        # (post_init below then applies _init_weights; from_pretrained overwrites every weight anyway.)
         native = MiniMindVLM(config)
         for name, child in native.named_children():
             self.add_module(name, child)
@@ -120,14 +128,35 @@ class MiniMindVLMForCausalLM(PreTrainedModel):
 
     def _resolve_subfolder(self, subfolder: str) -> str:
         base = self.name_or_path or getattr(self.config, "_name_or_path", "")
+        if not base:
+            raise FileNotFoundError("cannot locate the vision tower: the model was not loaded with from_pretrained")
         local = os.path.join(base, subfolder)
         if os.path.isdir(local):
             return local
-        if base and not os.path.isdir(base):  # a Hub repo id: fetch just the subfolder
+        if not os.path.isdir(base):  # a Hub repo id: fetch just the subfolder
             from huggingface_hub import snapshot_download
 
             return os.path.join(snapshot_download(base, allow_patterns=[f"{subfolder}/*"]), subfolder)
         raise FileNotFoundError(f"vision tower folder not found: {local}")
+
+    # ------------------------------------------------------------------ generate
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # no transformers Cache: every generate() step runs the full sequence
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, image_features: Optional[torch.Tensor] = None,
+                                      attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> dict[str, Any]:
+        # The full sequence each step (no cache), with the image spliced in again at its placeholder.
+        return {"input_ids": input_ids, "image_features": image_features, "attention_mask": attention_mask}
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                 **kwargs: Any):
+        """transformers generate(); pixel_values are encoded once here rather than at every step."""
+        if pixel_values is not None:
+            if kwargs.get("image_features") is not None:
+                raise ValueError("pass either image_features or pixel_values, not both")
+            kwargs["image_features"] = self.vision_encoder().encode_pixels(pixel_values)
+        return super().generate(inputs, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -152,6 +181,8 @@ class MiniMindVLMForCausalLM(PreTrainedModel):
         if pixel_values is not None:
             image_features = self.vision_encoder().encode_pixels(pixel_values)
         cache = kwargs.get("cache")
+        if not isinstance(cache, KVCache):  # only the native cache (generate_stream); not a transformers Cache
+            cache = None
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
         out = self._head(self.decode(h, cache), labels)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)

@@ -1,0 +1,279 @@
+"""Convert between MiniMind-V checkpoints and Hugging Face (transformers) model directories.
+
+Export a `.pth`/`.safetensors` checkpoint to a directory that loads with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`:
+
+    python export_model.py --ckpt out/sft_vlm_512.pth --out out/minimind-v-hf [--clip_path DIR]
+
+The directory holds config.json (model_type "minimind", auto_map to the bundled code), model.safetensors
+(v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), the model code
+(LMConfig.py, model.py, hf_model.py, vision_utils.py) and, with --clip_path, the CLIP vision tower in
+vision_encoder/ so that the model also accepts pixel_values. The export is checked by loading it back
+through AutoModelForCausalLM and comparing logits with the native model (skip with --no_verify).
+
+Reverse, a published v1 Hugging Face directory (or one written by this script) back to a checkpoint that
+model.checkpoint.load_model reads (`<name>.pth` plus its `<name>.config.json` sidecar):
+
+    python export_model.py --from_hf DIR --to out/minimind_v1.pth
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from model.checkpoint import (CheckpointError, infer_config, load_model, load_weights, read_state_dict,
+                              save_checkpoint)
+from model.LMConfig import IMAGE_TOKENS, LMConfig
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer
+from model.vision_utils import ImagePreprocessor
+
+CODE_FILES = ("LMConfig.py", "model.py", "hf_model.py", "vision_utils.py")
+VISION_SUBFOLDER = "vision_encoder"
+AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExportError(Exception):
+    """A conversion that cannot be done; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------- export
+def preprocessor_config(preprocess: ImagePreprocessor) -> dict[str, Any]:
+    """A CLIPImageProcessor config reproducing model.vision_utils.ImagePreprocessor.
+
+    v1 squashes the image to size x size (no aspect-preserving resize, no centre crop), bicubic, then
+    scales to [0, 1] and normalises with the CLIP mean/std.
+    """
+    size = {"height": preprocess.size, "width": preprocess.size}
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": size,
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": False,
+        "crop_size": size,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess.mean),
+        "image_std": list(preprocess.std),
+    }
+
+
+def copy_model_code(out: Path) -> None:
+    """Copy the model code into the export so it loads as remote code (its imports are all relative)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    src = Path(__file__).resolve().parent / "model"
+    needed = {Path(p).name for p in get_relative_import_files(src / "hf_model.py")} | {"hf_model.py"}
+    missing = needed - set(CODE_FILES)
+    if missing:  # a new relative import in the model code must be shipped too
+        raise ExportError(f"model/hf_model.py imports {sorted(missing)}, which CODE_FILES does not copy")
+    for name in CODE_FILES:
+        shutil.copy2(src / name, out / name)
+
+
+def bundle_vision_tower(clip_path: str, out: Path, preprocess_cfg: dict[str, Any]) -> None:
+    """Save only the CLIP vision tower (not the text tower) under out/vision_encoder/."""
+    from model.vision_utils import load_vision_encoder
+
+    encoder = load_vision_encoder(clip_path)  # raises a message that says how to get CLIP
+    target = out / VISION_SUBFOLDER
+    encoder.clip.save_pretrained(target)
+    (target / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
+
+
+def export(ckpt: str, out: str, tokenizer_path: str = DEFAULT_TOKENIZER_PATH, clip_path: Optional[str] = None,
+           dtype: str = "float32", verify: bool = True) -> Path:
+    """Write the Hugging Face directory for checkpoint `ckpt` into `out`; returns its path."""
+    from model.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
+
+    if not os.path.exists(ckpt):
+        raise ExportError(f"checkpoint not found: {ckpt}")
+    tokenizer = load_tokenizer(tokenizer_path)
+    native = load_model(ckpt, image_ids=image_token_ids(tokenizer))
+    config = copy.deepcopy(native.config)
+    config.tie_word_embeddings = True
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["MiniMindVLMForCausalLM"]
+    setattr(config, VISION_SUBFOLDER_FIELD, VISION_SUBFOLDER if clip_path else None)
+
+    model = MiniMindVLMForCausalLM(config)
+    # Same key names on both sides, so this is a strict, complete copy.
+    model.load_state_dict(native.state_dict(), strict=True)
+    model.to(DTYPES[dtype]).eval()
+    # generate() stops at the chat template's end token, and pads finished rows with it (there is no pad token).
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    preprocess = ImagePreprocessor.from_dir(clip_path) if clip_path else ImagePreprocessor()
+    preprocess_cfg = preprocessor_config(preprocess)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
+    copy_model_code(out_dir)
+    if clip_path:
+        bundle_vision_tower(clip_path, out_dir, preprocess_cfg)
+    if verify:
+        verify_export(out_dir, native.to(DTYPES[dtype]))
+    return out_dir
+
+
+def verify_export(out_dir: Path, native: torch.nn.Module, atol: float = 1e-5) -> float:
+    """Load the export through AutoModelForCausalLM and compare logits with the native model (text and image).
+
+    Returns the largest absolute difference; raises ExportError above atol (scaled for half precision).
+    """
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True, dtype=native.output.weight.dtype)
+    loaded.eval()
+    config = native.config
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(0, config.vocab_size, (1, 16), generator=gen)
+    span = torch.tensor([config.image_ids])
+    with_image = torch.cat([text[:, :4], span, text[:, 4:]], dim=1)
+    features = torch.randn(1, IMAGE_TOKENS, config.vision_dim, generator=gen).to(native.output.weight.dtype)
+    worst = 0.0
+    with torch.no_grad():
+        for ids, feats in ((text, None), (with_image, features)):
+            a = native(ids, feats).logits.float()
+            b = loaded(input_ids=ids, image_features=feats).logits.float()
+            worst = max(worst, float((a - b).abs().max()))
+    limit = atol if native.output.weight.dtype == torch.float32 else 1e-2
+    if worst > limit:
+        raise ExportError(f"{out_dir}: the exported model's logits differ from the checkpoint's by {worst:.3g}")
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------- reverse
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face directory: single-file or sharded, safetensors or pytorch_model.bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(read_state_dict(hf_dir / shard))
+            return sd
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / name).exists():
+            return read_state_dict(hf_dir / name)
+    raise ExportError(f"{hf_dir}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def config_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The LMConfig fields of a config.json; transformers bookkeeping (auto_map, dtype, ...) and unknown keys
+    are dropped, so the sidecar holds model fields only."""
+    known = set(inspect.signature(LMConfig.__init__).parameters) - {"self", "kwargs"}
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def untie(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Make the v1 layout's `output.weight` present: it is the embedding matrix (tied)."""
+    emb, out = sd.get("tok_embeddings.weight"), sd.get("output.weight")
+    if emb is None:
+        raise ExportError(f"{source}: not a MiniMind model (no tok_embeddings.weight)")
+    if out is None:
+        return {**sd, "output.weight": emb}
+    if out.shape != emb.shape or not torch.equal(out, emb):
+        raise ExportError(f"{source}: output.weight differs from tok_embeddings.weight, but MiniMind ties them")
+    return sd
+
+
+def reverse_tokenizer(src: Path, tokenizer_path: Optional[str]):
+    """The tokenizer whose placeholder ids the checkpoint records: --tokenizer_path, else the one shipped in the
+    directory (the model was trained with it), else the project's."""
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    if (src / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        # Built from tokenizer.json alone: AutoTokenizer would read config.json, whose auto_map asks to run the
+        # directory's code, which converting weights never needs.
+        return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+    return load_tokenizer(DEFAULT_TOKENIZER_PATH)
+
+
+def import_hf(hf_dir: str, to: str, tokenizer_path: Optional[str] = None) -> Path:
+    """Convert a Hugging Face MiniMind-V directory into `to` (.pth) plus its .config.json sidecar."""
+    from model.model import MiniMindVLM
+
+    src = Path(hf_dir)
+    if not (src / "config.json").exists():
+        raise ExportError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        raw = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+    if raw.get("model_type", "minimind") != "minimind":
+        raise ExportError(f"{hf_dir}: model_type is {raw.get('model_type')!r}, not 'minimind'")
+    sd = untie(read_hf_weights(src), hf_dir)
+    fields = infer_config(sd, config_fields(raw))
+    fields["image_ids"] = image_token_ids(reverse_tokenizer(src, tokenizer_path))
+    model = MiniMindVLM(LMConfig(**fields))
+    load_weights(model, sd, source=hf_dir)
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # keep the published precision (and file size)
+        model.to(dtypes.pop())
+    save_checkpoint(model, to)
+    load_model(to)  # the point of the conversion: it must load back
+    return Path(to)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="checkpoint to export (.pth or .safetensors)")
+    p.add_argument("--out", help="output directory for the Hugging Face export")
+    p.add_argument("--tokenizer_path", default=None,
+                   help=f"tokenizer directory (export default: {DEFAULT_TOKENIZER_PATH}; reverse default: the "
+                        f"tokenizer inside --from_hf if it has one)")
+    p.add_argument("--clip_path", default=None, help="CLIP directory whose vision tower is bundled (enables pixel_values)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="precision of the exported weights")
+    p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
+    p.add_argument("--from_hf", help="reverse: a Hugging Face MiniMind-V directory to convert")
+    p.add_argument("--to", help="reverse: the .pth checkpoint to write")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tiny files: the weight-writing bars are noise
+    try:
+        if args.from_hf or args.to:
+            if not (args.from_hf and args.to):
+                raise ExportError("--from_hf DIR and --to PATH.pth go together")
+            path = import_hf(args.from_hf, args.to, args.tokenizer_path)
+            print(f"wrote {path} and {path.with_suffix('.config.json')}")
+        else:
+            if not args.ckpt or not args.out:
+                raise ExportError("--ckpt PATH and --out DIR are required (or --from_hf DIR --to PATH.pth)")
+            out = export(args.ckpt, args.out, args.tokenizer_path or DEFAULT_TOKENIZER_PATH, args.clip_path,
+                         args.dtype, verify=not args.no_verify)
+            print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
+    except (ExportError, CheckpointError, FileNotFoundError, ValueError) as e:
+        # One line, no traceback: these are all problems with the inputs.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"export_model.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""An OpenAI-compatible chat server for a trained MiniMind-V model (FastAPI + uvicorn).
+
+    python serve_openai_api.py --ckpt out/sft_vlm_512.pth --clip_path model/clip_model/clip-vit-base-patch32
+
+Endpoints: POST /v1/chat/completions (streamed as server-sent events with `"stream": true`), GET /v1/models,
+GET /v1/models/{id}, GET /health. Any OpenAI client works with base_url=http://127.0.0.1:8998/v1.
+
+Messages: `content` is a string or a list of `{"type": "text"}` and `{"type": "image_url"}` parts. An image is
+a `data:image/...;base64,` URI, or a local path, accepted only under --image_dir (remote URLs are never
+fetched). The model takes one image per conversation; it is placed at the start of the earliest user turn
+kept in the prompt. Earlier user/assistant messages become the history; system messages are ignored (the
+model was not trained with them). Sampling: temperature, top_p, max_tokens (or max_completion_tokens),
+seed, and the extensions top_k and repetition_penalty; unset fields use model.chat.GenerationSettings.
+
+The model runs one request at a time on a single worker thread, so the server keeps answering (/health,
+queued requests) while it generates. It binds 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.chat import DEFAULT_QUESTION, GenerationSettings, Turn, VLMChat
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
+from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
+
+MAX_IMAGES = 1  # one placeholder span per prompt (VLMChat.build_prompt)
+DEFAULT_MAX_TOKENS_LIMIT = 2048
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """A request the server refuses; rendered as an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.kind, self.param, self.code), status_code=self.status)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------- request parsing
+@dataclass
+class ChatJob:
+    """One parsed chat request: what the model needs to answer it."""
+
+    question: str
+    image: Optional[Image.Image]
+    history: list[Turn]
+    settings: GenerationSettings
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class Outcome:
+    finish_reason: str  # "stop" (end token) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False,
+            lo_open: bool = False) -> Optional[float]:
+    """body[name] checked to be a number in range (None when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not (lo < value <= hi if lo_open else lo <= value <= hi):
+        low = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise APIError(400, f"{name} must be {kind} {low} and at most {hi}, got {value!r}", name, "invalid_value")
+    return value
+
+
+def parse_content(content: Any, param: str) -> tuple[str, list[tuple[str, str]]]:
+    """(text, [(image url, its param path)]) of one message's content."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise APIError(400, f"{param} must be a string or a list of content parts", param, "invalid_type")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise APIError(400, f"{where} must be an object with a type", where, "invalid_type")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.text must be a string", f"{where}.text", "invalid_type")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str) or not url:
+                raise APIError(400, f"{where}.image_url.url must be a non-empty string", f"{where}.image_url",
+                               "invalid_type")
+            images.append((url, f"{where}.image_url"))
+        else:
+            raise APIError(400, f"{where}: content part type {kind!r} is not supported (use 'text' or 'image_url')",
+                           f"{where}.type", "unsupported_content_type")
+    return "\n".join(texts), images
+
+
+def parse_messages(messages: Any) -> tuple[str, list[Turn], list[tuple[str, str]]]:
+    """(question, history, images) of an OpenAI message list.
+
+    Consecutive messages of one role are joined; a reply before the first question is dropped, since the
+    prompt format starts with a user turn.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", "messages", "missing_messages")
+    turns: list[list[str]] = []  # [role, text]
+    images: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"messages[{i}] must be an object with role and content", f"messages[{i}]",
+                           "invalid_type")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            continue
+        if role not in ("user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported (use system, user or assistant)",
+                           f"messages[{i}].role", "unsupported_role")
+        text, found = parse_content(message.get("content"), f"messages[{i}].content")
+        if found and role != "user":
+            raise APIError(400, f"messages[{i}]: only user messages can hold images", f"messages[{i}].content",
+                           "invalid_image_position")
+        images.extend(found)
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "the last message (other than system messages) must come from the user", "messages",
+                       "invalid_last_message")
+    history: list[Turn] = []
+    question: Optional[str] = None
+    for role, text in turns[:-1]:
+        if role == "user":
+            question = text
+        elif question is not None:  # roles alternate after the merge, so this closes a (question, answer) pair
+            history.append((question, text))
+            question = None
+    return turns[-1][1], history, images
+
+
+def resolve_image_path(path: str, image_dir: Optional[str], param: str) -> str:
+    """The real path of a local image, which must lie under image_dir (after resolving `..` and symlinks)."""
+    if image_dir is None:
+        raise APIError(403, "local image paths are disabled: send the image as a data: URI, or start the server "
+                            "with --image_dir DIR", param, "image_path_forbidden")
+    try:
+        root = os.path.realpath(image_dir)
+        real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+    except ValueError as e:  # e.g. an embedded NUL byte
+        raise APIError(400, f"invalid image path ({e})", param, "invalid_image_path") from None
+    if os.path.commonpath([root, real]) != root:
+        raise APIError(403, f"image path {path!r} is outside the served image directory", param,
+                       "image_path_forbidden")
+    if not os.path.isfile(real):
+        raise APIError(400, f"image file not found: {path!r}", param, "image_not_found")
+    return real
+
+
+def load_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image:
+    """Decode an image_url: a base64 data URI or a local path under image_dir."""
+    try:
+        if url.startswith("data:"):
+            header, comma, data = url.partition(",")
+            mime = header[5:].split(";")[0].strip().lower()
+            if not comma or ";base64" not in header.lower():
+                raise APIError(400, f"{param}: data URIs must be base64 encoded (data:image/png;base64,...)",
+                               param, "invalid_image_url")
+            if mime and not mime.startswith("image/"):
+                raise APIError(400, f"{param}: media type {mime!r} is not an image", param, "invalid_image_url")
+            try:
+                raw = base64.b64decode(re.sub(r"\s+", "", data), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise APIError(400, f"{param}: invalid base64 data ({e})", param, "invalid_image_url") from None
+            return open_image(raw, name=f"{param} (data URI)")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url) and not url.startswith("file://"):
+            raise APIError(400, f"{param}: remote image URLs are not fetched; send a data: URI or a path under "
+                                f"--image_dir", param, "invalid_image_url")
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return open_image(resolve_image_path(path, image_dir, param), name=path)
+    except ImageError as e:  # one line naming the image and what failed
+        raise APIError(400, f"could not decode the image: {e}", param, "invalid_image") from None
+
+
+def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSettings,
+                  max_tokens_limit: int) -> ChatJob:
+    """Validate an OpenAI chat.completions body into a ChatJob (images decoded), or raise APIError."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_body")
+    question, history, images = parse_messages(body.get("messages"))
+    if len(images) > MAX_IMAGES:
+        raise APIError(400, f"this model takes at most {MAX_IMAGES} image per conversation, got {len(images)}",
+                       "messages", "too_many_images")
+    for name, unsupported in (("n", body.get("n") not in (None, 1)), ("stop", body.get("stop") not in (None, [])),
+                              ("tools", bool(body.get("tools"))), ("logprobs", bool(body.get("logprobs")))):
+        if unsupported:
+            raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be a boolean", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options", "invalid_type")
+
+    # max_completion_tokens is the newer OpenAI name; max_tokens the older one.
+    tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, tokens_field, 1, max_tokens_limit, integer=True)
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1, lo_open=True)
+    top_k = _number(body, "top_k", 0, 1_000_000, integer=True)
+    seed = _number(body, "seed", -(2 ** 63), 2 ** 63 - 1, integer=True)
+    penalty = _number(body, "repetition_penalty", 0, 10, lo_open=True)
+    settings = GenerationSettings(
+        temperature=defaults.temperature if temperature is None else float(temperature),
+        top_k=defaults.top_k if top_k is None else (int(top_k) or None),  # 0 turns top-k off
+        top_p=defaults.top_p if top_p is None else (None if top_p >= 1 else float(top_p)),
+        max_new_tokens=defaults.max_new_tokens if max_tokens is None else int(max_tokens),
+        repetition_penalty=defaults.repetition_penalty if penalty is None else float(penalty),
+        seed=defaults.seed if seed is None else int(seed),
+    )
+    image = load_image(*images[0], image_dir) if images else None
+    if not question.strip() and image is not None:
+        question = DEFAULT_QUESTION  # an image alone asks what it shows, as in v1
+    return ChatJob(question, image, history, settings, stream, bool(options.get("include_usage")))
+
+
+# ---------------------------------------------------------------------------------------------- generation
+class Runner:
+    """Runs the model on one dedicated thread: requests queue up, one generates at a time."""
+
+    def __init__(self, chat: VLMChat):
+        self.chat = chat
+        # A single worker is the lock: PyTorch already uses every core for one request, and the model and its
+        # KV cache are not safe to share between concurrent generations.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
+
+    def generate(self, job: ChatJob, emit: Callable[[str], None], cancel: threading.Event) -> Outcome:
+        """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set.
+
+        This is VLMChat.stream plus token accounting (usage, finish_reason), which stream() does not report.
+        """
+        chat, s = self.chat, job.settings
+        # The same prompt VLMChat.stream builds (history trimmed to leave room for the answer).
+        ids = chat.build_prompt(job.question, job.history, job.image is not None, reserve=min(s.max_new_tokens, 64))
+        generator = torch.Generator(device=chat.device).manual_seed(s.seed) if s.seed is not None else None
+        tokens: list[int] = []
+        shown = ""
+        for next_ids in chat.model.generate_stream(
+                torch.tensor([ids], device=chat.device), chat.image_features(job.image),
+                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                repetition_penalty=s.repetition_penalty, eos_token_id=chat.eos_id, generator=generator):
+            tokens.append(int(next_ids[0]))
+            text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # never split a multi-byte character
+                emit(text[len(shown):])
+                shown = text
+            if cancel.is_set():  # the client went away: free the model for the next request
+                break
+        finish = "length" if len(tokens) >= s.max_new_tokens else "stop"
+        return Outcome(finish, len(ids), len(tokens))
+
+
+# ---------------------------------------------------------------------------------------------- app
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed limit (header or bytes received)."""
+    too_large = APIError(413, f"request body is larger than the limit of {limit} bytes (--max_body_mb)", None,
+                         "request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header", None, "invalid_body") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked or lying Content-Length: stop reading here
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, max_body_bytes: int = 10 << 20,
+               defaults: GenerationSettings = GenerationSettings(),
+               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> FastAPI:
+    """The FastAPI application serving `runner`'s model under the name model_id."""
+    app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "minimind-v"}
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": model_id}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        if name != model_id:
+            raise APIError(404, f"model {name!r} not found; this server serves {model_id!r}", "model",
+                           "model_not_found", "not_found_error")
+        return model_card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await read_body(request, max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", None, "invalid_json") from None
+        # Images are decoded off the event loop: a large PNG takes a while and must not stall other requests.
+        job = await asyncio.to_thread(parse_request, body, image_dir, defaults, max_tokens_limit)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if job.stream:
+            return StreamingResponse(stream_events(runner, job, completion_id, now, model_id),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pieces: list[str] = []
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(runner.executor, runner.generate, job, pieces.append, cancel)
+        finally:
+            cancel.set()  # if this request was cancelled while queued or running, the worker stops early
+        return {
+            "id": completion_id, "object": "chat.completion", "created": now, "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                         "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "usage": outcome.usage(),
+        }
+
+    return app
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(runner: Runner, job: ChatJob, completion_id: str, created: int,
+                        model_id: str) -> AsyncIterator[str]:
+    """chat.completion.chunk events for job, then `data: [DONE]`."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def put(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    def work() -> None:
+        try:
+            put("done", runner.generate(job, lambda piece: put("piece", piece), cancel))
+        except Exception as e:  # reported to the client as an error event: headers are already sent
+            put("error", e)
+
+    def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> dict[str, Any]:
+        out = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if job.include_usage:
+            out["usage"] = None  # as OpenAI: only the last chunk carries usage
+        return out
+
+    loop.run_in_executor(runner.executor, work)
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        while True:
+            kind, value = await queue.get()
+            if kind == "piece":
+                yield _sse(chunk({"content": value}))
+            elif kind == "done":
+                yield _sse(chunk({}, value.finish_reason))
+                if job.include_usage:
+                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": model_id, "choices": [], "usage": value.usage()})
+                break
+            else:
+                yield _sse(error_body(f"generation failed: {type(value).__name__}: {value}", "server_error"))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # also on client disconnect (the generator is closed): stop generating
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="model checkpoint (.pth or .safetensors)")
+    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH, help="Hugging Face CLIP directory")
+    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--image_dir", default=None, help="allow image_url paths under this directory (default: none)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max_body_mb", type=float, default=10.0, help="largest accepted request body, in MiB")
+    p.add_argument("--max_tokens_limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--model_name", default=None, help="model id reported by the API (default: checkpoint name)")
+    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.image_dir is not None and not os.path.isdir(args.image_dir):
+        print(f"serve_openai_api.py: error: --image_dir {args.image_dir} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, device=args.device)
+    except (OSError, ValueError) as e:  # missing/corrupt checkpoint, CLIP or tokenizer: say which, in one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"serve_openai_api.py: error: {message}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    model_id = args.model_name or Path(args.ckpt).stem
+    app = create_app(Runner(chat), model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
+                     max_tokens_limit=args.max_tokens_limit)
+    print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
