@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); the file under the final name is left as it was."""
+
+
 @dataclass
 class LoadReport:
     new_keys: list[str] = field(default_factory=list)  # keys the file lacked that the model initialised itself
@@ -39,6 +44,36 @@ def config_path_for(path: PathLike) -> Path:
     return Path(path).with_suffix(".config.json")
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an error message, cut at its first sentence (torch's messages run on)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0][:160]
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (not its boilerplate, which suggests weights_only=False)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(e).__name__])[0][:160]
+
+
+def _refusal(path: str, e: BaseException, what: str) -> CheckpointError:
+    reason = _unpickling_reason(e)
+    if "GLOBAL" in reason or "global" in reason:
+        return CheckpointError(f"{path}: refused to load: it holds objects other than {what} and could run code "
+                               f"({reason})")
+    return CheckpointError(f"{path}: refused to load: not a weights-only PyTorch file (corrupt, or pickle data "
+                           f"other than {what}: {reason})")
+
+
+def _torch_load(path: str) -> Any:
+    with warnings.catch_warnings():  # junk read as a legacy pickle warns about its "protocol" on stderr
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Read a .pth (weights_only) or .safetensors file into a flat state dict with clean key names."""
     path = str(path)
@@ -46,19 +81,24 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes)")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
             sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain tensors "
-                              f"and could run code ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0][:160]})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+    else:
+        try:
+            sd = _torch_load(path)
+        except pickle.UnpicklingError as e:
+            raise _refusal(path, e, "plain tensors") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+        except Exception as e:  # junk bytes can trip the unpickler in any way (IndexError, TypeError, ...)
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a resume checkpoint
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -150,12 +190,24 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "c
 
 def read_stored_config(path: PathLike) -> dict[str, Any]:
     cfg_file = config_path_for(path)
-    return json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    if not cfg_file.exists():
+        return {}
+    try:
+        stored = json.loads(cfg_file.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{cfg_file}: unreadable config beside the checkpoint ({_first_line(e)}); "
+                              f"delete it to infer the config from the weights") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{cfg_file}: the config beside the checkpoint is not a JSON object")
+    return stored
 
 
 def config_from_checkpoint(path: PathLike, **overrides: Any) -> tuple[LMConfig, dict[str, torch.Tensor]]:
     sd = read_state_dict(path)
-    fields = infer_config(sd, read_stored_config(path))
+    try:
+        fields = infer_config(sd, read_stored_config(path))
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return LMConfig(**fields), sd
 
@@ -205,9 +257,14 @@ def atomic_write(path: PathLike, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):  # e.g. ENOSPC: disk full
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            error = CheckpointWriteError(f"{path}: could not write ({e.strerror or e}); {kept}")
+            error.errno = e.errno
+            raise error from e
         raise
 
 
@@ -227,8 +284,10 @@ def save_object(obj: Any, path: PathLike) -> None:
 def load_object(path: PathLike) -> Any:
     """Load a resume checkpoint (plain tensors and containers only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(str(path))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data ({e})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated file ({str(e).splitlines()[0][:160]})") from None
+        raise _refusal(str(path), e, "plain data") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated file ({_first_line(e)})") from None
+    except Exception as e:  # junk bytes can trip the unpickler in any way
+        raise CheckpointError(f"{path}: corrupt or truncated file ({type(e).__name__}: {_first_line(e)})") from None

@@ -75,8 +75,13 @@ def read_records(path: str) -> list[Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path} (see the README, 'Real training', for the v1 "
                                 f"dataset, or run `make demo` for the offline demo data)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (line {line}: {e.reason} at byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -60,17 +60,21 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
     since no padding is involved).
     """
     items, skips = load_qa(path, images_path, image_prefix, limit)
-    features: dict[str, torch.Tensor] = {}
-    prompts = []
-    for image_path, question, answer in items:
-        if image_path not in features:
+    features: dict[str, Optional[torch.Tensor]] = {}
+    unique = sorted({image_path for image_path, _, _ in items})
+    for i in range(0, len(unique), batch_size):  # encode each image once, in batches
+        good, images = [], []
+        for image_path in unique[i:i + batch_size]:
             try:
-                features[image_path] = chat.encoder.encode_images([open_image(image_path)])[0]
+                images.append(open_image(image_path))
+                good.append(image_path)
             except ImageError as e:
                 skips.skip(os.path.basename(image_path), str(e))
                 features[image_path] = None
-        if features[image_path] is not None:
-            prompts.append((chat.build_prompt(question, (), True), image_path, answer))
+        if images:
+            features.update(zip(good, chat.encoder.encode_images(images, batch_size)))
+    prompts = [(chat.build_prompt(question, (), True), image_path, answer)
+               for image_path, question, answer in items if features[image_path] is not None]
     by_length: dict[int, list] = {}
     for p in prompts:
         by_length.setdefault(len(p[0]), []).append(p)

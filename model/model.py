@@ -258,16 +258,24 @@ class MiniMindLM(nn.Module):
                 cache: Optional[KVCache] = None) -> ModelOutput:
         return self._head(self.decode(self.embed(input_ids), cache), labels)
 
-    def _head(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
-        logits = self.output(h)
+    def _head(self, h: torch.Tensor, labels: Optional[torch.Tensor], loss_only: bool = False) -> ModelOutput:
+        """Logits and the loss. labels align with input_ids: position t predicts token t+1; -100 is ignored
+        (token id 0 is an ordinary target). loss_only computes logits just where a label is supervised:
+        the output head is a large share of a small model's FLOPs and most positions carry no label."""
         aux = self.aux_loss() if self.training else None
-        loss = None
-        if labels is not None:
-            # labels align with input_ids; position t predicts token t+1. -100 is ignored (id 0 is a real token).
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-            if aux is not None:  # v1 computed the MoE balance loss but never used it; here it trains.
-                loss = loss + aux
+        if labels is not None and loss_only:
+            targets = labels[:, 1:]
+            keep = targets != -100
+            logits = self.output(h[:, :-1][keep])
+            loss = F.cross_entropy(logits.float(), targets[keep])
+        else:
+            logits = self.output(h)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+        if loss is not None and aux is not None:  # v1 computed the MoE balance loss but never used it
+            loss = loss + aux
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
 
 
@@ -347,9 +355,14 @@ class MiniMindVLM(MiniMindLM):
         return h.index_put((rows[:, None].expand_as(cols), cols), proj)
 
     def forward(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> ModelOutput:
+                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                loss_only: bool = False, last_only: bool = False) -> ModelOutput:
+        """logits [B, T, vocab] for every position (and .loss given labels). Two shortcuts skip the output
+        head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
+        last_only the last position ([B, 1, vocab], generation)."""
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        return self._head(self.decode(h, cache), labels)
+        h = self.decode(h, cache)
+        return self._head(h[:, -1:] if last_only else h, labels, loss_only)
 
     # ----------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -377,7 +390,7 @@ class MiniMindVLM(MiniMindLM):
         if use_cache:
             dtype = next(self.parameters()).dtype
             cache = KVCache(self.config, B, ids.shape[1] + max_new_tokens, ids.device, dtype)
-        logits = self(ids, image_features, cache=cache).logits[:, -1]
+        logits = self(ids, image_features, cache=cache, last_only=True).logits[:, -1]
         for step in range(max_new_tokens):
             next_ids = sample_next(logits.float(), ids, temperature, top_k, top_p, repetition_penalty, generator)
             if eos_token_id is not None:
@@ -392,7 +405,7 @@ class MiniMindVLM(MiniMindLM):
             if cache is not None:
                 logits = self(next_ids[:, None], cache=cache).logits[:, -1]
             else:  # recompute everything, image included
-                logits = self(ids, image_features).logits[:, -1]
+                logits = self(ids, image_features, last_only=True).logits[:, -1]
 
     def generate(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
                  **kwargs) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -253,6 +254,9 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
     stem = checkpoint_stem(args)
     out_path = os.path.join(args.out_dir, f"{stem}_vlm_{stage.name}.pth")
     resume_path = os.path.join(args.out_dir, f"{stem}_vlm_{stage.name}_resume.pth")
+    metrics_path = os.path.join(args.out_dir, f"{stem}_vlm_{stage.name}_log.jsonl")
+    if is_main and not args.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)
 
     tokenizer = load_tokenizer(args.tokenizer_path)
     # ----- model and its starting weights
@@ -408,7 +412,7 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
                 sync = contextlib.nullcontext() if (boundary or not distributed) else train_model.no_sync()
                 with sync:
                     with autocast():
-                        loss = train_model(input_ids, features, labels=labels).loss
+                        loss = train_model(input_ids, features, labels=labels, loss_only=True).loss
                     scaler.scale(loss / args.accumulation_steps).backward()
                 loss_value = loss.item()
                 window["tokens"] += batch["n_tokens"]
@@ -441,7 +445,7 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
             bar.update(1)
             if is_main and (global_step % args.log_interval == 0 or global_step == max_steps):
                 _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_steps, loss_value, lr,
-                              window, config, peak, device, world, bar, wandb_run)
+                              window, config, peak, device, world, bar, wandb_run, metrics_path)
             done = global_step >= max_steps
             if step_in_epoch == iters_per_epoch:  # the position a resume continues from
                 epoch, step_in_epoch = epoch + 1, 0
@@ -469,7 +473,7 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
 
 
 def _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_steps, loss, lr, window, config,
-                  peak, device, world, bar, wandb_run) -> None:
+                  peak, device, world, bar, wandb_run, metrics_path: str) -> None:
     now = time.perf_counter()
     elapsed = max(now - window["t"], 1e-9)
     tokens_s = window["tokens"] * world / elapsed
@@ -481,9 +485,12 @@ def _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_
     bar.write(f"epoch {epoch + 1}/{args.epochs} ({step_in_epoch}/{iters_per_epoch}) step {global_step} "
               f"loss {loss:.4f} lr {lr:.3e} | {tokens_s:,.0f} tok/s {images_s:,.1f} img/s MFU {100 * mfu:.1f}% "
               f"data-wait {wait:.1f}% | ETA {remaining / 60:.1f} min | peak mem {peak_memory_mb(device):,.0f} MB")
+    metrics = {"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": tokens_s,
+               "images_per_s": images_s, "mfu": mfu, "data_wait_pct": wait}
+    with open(metrics_path, "a") as f:  # one JSON line per log interval: the loss curve, for plots
+        f.write(json.dumps(metrics) + "\n")
     if wandb_run is not None:
-        wandb_run.log({"loss": loss, "lr": lr, "tokens_per_s": tokens_s, "images_per_s": images_s, "mfu": mfu,
-                       "data_wait_pct": wait}, step=global_step)
+        wandb_run.log(metrics, step=global_step)
     window.update(t=now, tokens=0, images=0, wait=0.0, steps=0)
 
 

@@ -57,16 +57,19 @@ def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
         img = source
     else:
         try:
-            if isinstance(source, bytes):
-                if not source:
-                    raise ImageError(f"{label}: empty file (0 bytes)")
-                img = Image.open(io.BytesIO(source))
-            else:
-                if not os.path.exists(source):
-                    raise ImageError(f"{label}: file not found")
-                if os.path.getsize(source) == 0:
-                    raise ImageError(f"{label}: empty file (0 bytes)")
-                img = Image.open(source)
+            # PIL only warns (on stderr, several lines) between MAX_IMAGE_PIXELS and twice that: refuse those too
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if isinstance(source, bytes):
+                    if not source:
+                        raise ImageError(f"{label}: empty file (0 bytes)")
+                    img = Image.open(io.BytesIO(source))
+                else:
+                    if not os.path.exists(source):
+                        raise ImageError(f"{label}: file not found")
+                    if os.path.getsize(source) == 0:
+                        raise ImageError(f"{label}: empty file (0 bytes)")
+                    img = Image.open(source)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

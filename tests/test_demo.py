@@ -1,0 +1,23 @@
+"""A much smaller run of the `make demo` pipeline (same scripts, CI profile): it must learn something real."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_demo_pipeline_beats_the_majority_baseline(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "scripts/demo.py", "--profile", "ci", "--out_dir", str(out),
+           "--data_root", str(tmp_path / "dataset"), "--loss_plot", str(tmp_path / "loss.png")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    n_photos = len(list((tmp_path / "dataset" / "eval_images").iterdir()))
+    assert summary["eval_images_answered"] == n_photos >= 10
+    assert summary["n"] >= 250
+    assert summary["accuracy"] > summary["majority_baseline"] + 0.1, summary
+    assert "accuracy: " in res.stdout and "UNTRAINED STAND-IN" in res.stdout
+    assert (tmp_path / "loss.png").stat().st_size > 1000
