@@ -11,7 +11,7 @@ Steps (each one a real entry point a user would run):
                                   held-out easy-vqa test questions beside the majority baseline
   6. scripts/plot_loss.py         the loss curves -> images/demo_loss.png
 
-    python scripts/demo.py [--profile full|ci] [--out_dir out/demo]
+    python scripts/demo.py [--profile full|ci] [--out_dir out]
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def run(cmd: list[str], log_name: str, out_dir: str, echo: bool = True) -> tuple
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="full", choices=sorted(PROFILES))
-    p.add_argument("--out_dir", default="out/demo", help="checkpoints, logs and the summary")
+    p.add_argument("--out_dir", default="out", help="checkpoints, logs, the feature cache and demo_summary.json")
     p.add_argument("--data_root", default="dataset")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--loss_plot", default="images/demo_loss.png")
@@ -142,7 +142,7 @@ def main() -> None:
                "eval_images_answered": n_answers, "vision_encoder": clip, "stand_in_encoder": clip == STAND_IN_CLIP,
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}}
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
     print(f"vision encoder : {clip}{'  (UNTRAINED STAND-IN, random weights)' if clip == STAND_IN_CLIP else ''}")

@@ -14,7 +14,7 @@ def test_demo_pipeline_beats_the_majority_baseline(tmp_path):
            "--data_root", str(tmp_path / "dataset"), "--loss_plot", str(tmp_path / "loss.png")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "demo_summary.json").read_text())
     n_photos = len(list((tmp_path / "dataset" / "eval_images").iterdir()))
     assert summary["eval_images_answered"] == n_photos >= 10
     assert summary["n"] >= 250
