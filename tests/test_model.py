@@ -108,6 +108,8 @@ def test_loss_ignores_minus_100_and_trains_token_zero(tokenizer):
     out = model(ids, labels=labels)
     manual = torch.nn.functional.cross_entropy(out.logits[:, 5:-1].reshape(-1, 6400), ids[:, 6:].reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-6)
+    only = model(ids, labels=labels, loss_only=True)
+    assert torch.allclose(only.loss, out.loss, atol=1e-6) and only.logits.shape == (12, 6400)
     labels_zero = torch.zeros_like(ids)  # id 0 is an ordinary target
     assert model(ids, labels=labels_zero).loss > 0
 

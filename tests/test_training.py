@@ -162,3 +162,14 @@ def test_ddp_two_processes_on_cpu_end_identical(tmp_path, tiny_clip_dir):
     assert len(sums) == 2 and sums[0] == sums[1], res.stdout[-2000:]
     assert "replicas identical across 2 ranks" in res.stdout
     load_model(tmp_path / "o" / "64_vlm_pretrain.pth")
+
+
+def test_wandb_offline_logging(tmp_path, tiny_clip_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data, images = make_dataset(tmp_path, 4)
+    run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--max_steps", "2", "--use_wandb"))
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    metrics = [json.loads(line) for line in (tmp_path / "o" / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["tokens_per_s"] > 0 for m in metrics)

@@ -1,7 +1,7 @@
 """web_server.py in a real headless browser: `streamlit run` as a subprocess, Debian's chromium via playwright.
 
 Uploads an image through the page's file input, asks a question in the chat input and waits for the streamed
-answer; saves a screenshot to images/web_server.png. Needs /usr/bin/chromium (`apt-get install -y chromium`)
+answer; saves a screenshot (to images/web_server.png when run against a trained model, see E2E_OUT_DIR). Needs /usr/bin/chromium (`apt-get install -y chromium`)
 and the `playwright` package (its own browser downloads are never used). Without them the test is skipped,
 except under CI (CI=true), where it fails.
 """
@@ -28,8 +28,12 @@ from model.model import MiniMindVLM
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOT = ROOT / "images" / "web_server.png"
-QUESTION = "What is in this picture?"
+README_SCREENSHOT = ROOT / "images" / "web_server.png"
+# With a trained model (MINIMIND_E2E_OUT_DIR + MINIMIND_E2E_CLIP, e.g. out/ and the demo's encoder after
+# `make demo`) the test also refreshes the README's screenshot; with the tiny random model it keeps its own copy.
+E2E_OUT_DIR = os.environ.get("MINIMIND_E2E_OUT_DIR")
+E2E_CLIP = os.environ.get("MINIMIND_E2E_CLIP")
+QUESTION = os.environ.get("MINIMIND_E2E_QUESTION", "What is in this picture?")
 
 
 def require_browser() -> None:
@@ -81,15 +85,18 @@ def demo_image(path: Path) -> Path:
 def server(tmp_path, tokenizer, tiny_clip_dir):
     """`streamlit run web_server.py` on a free port with a tiny random model; always stopped afterwards."""
     require_browser()
-    out = tmp_path / "out"
-    torch.manual_seed(0)
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth")
+    out, clip = tmp_path / "out", tiny_clip_dir
+    if E2E_OUT_DIR and E2E_CLIP:
+        out, clip = Path(E2E_OUT_DIR).resolve(), Path(E2E_CLIP).resolve()
+    else:
+        torch.manual_seed(0)
+        save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth")
     port = free_port()
     log = tmp_path / "streamlit.log"
     cmd = [sys.executable, "-m", "streamlit", "run", "web_server.py", "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
            "--browser.gatherUsageStats", "false",
-           "--", "--out_dir", str(out), "--clip_path", str(tiny_clip_dir),
+           "--", "--out_dir", str(out), "--clip_path", str(clip),
            "--tokenizer_path", "model/minimind_tokenizer", "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMIND_")}
     with open(log, "wb") as log_file:
@@ -110,7 +117,9 @@ def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, log = server
-    image = demo_image(tmp_path / "house.png")
+    image = Path(os.environ["MINIMIND_E2E_IMAGE"]) if os.environ.get("MINIMIND_E2E_IMAGE") else \
+        demo_image(tmp_path / "house.png")
+    screenshot = README_SCREENSHOT if E2E_OUT_DIR else tmp_path / "web_server.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -132,11 +141,11 @@ def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
             wait_until_stable(answer)
             assert not page.locator('[data-testid="stAlertContentError"]').count(), log.read_text()[-3000:]
             page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollTo(0, 0)")  # title in view
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
 
 
 def wait_until_stable(locator, timeout: float = 30.0, quiet: float = 1.0) -> str:
