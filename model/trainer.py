@@ -381,102 +381,103 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
 
     bar = tqdm(total=min(total_iters, max_steps), initial=global_step, disable=not is_main, unit="step",
                desc=stage.name, dynamic_ncols=True, mininterval=2.0)
-    window = {"t": time.perf_counter(), "tokens": 0, "images": 0, "wait": 0.0, "steps": 0, "loss_sum": 0.0,
-              "loss_n": 0}
-    done = global_step >= max_steps
-    saved_at = -1
-    bad_in_accumulation = False
-    model.train()
-    while epoch < args.epochs and not done:
-        sampler.set_epoch(epoch)
-        # resume mid-epoch: skip the samples already trained (the order is fixed by seed + epoch)
-        sampler.skip = step_in_epoch * args.batch_size
-        batches = iter(DataLoader(dataset, **loader_kwargs))
-        while True:
-            t_wait = time.perf_counter()
-            batch = next(batches, None)
-            window["wait"] += time.perf_counter() - t_wait
-            if batch is None:
-                break
-            for rid, reason in batch["skipped"]:
-                skipped_images += 1
-                if skipped_images <= 5:
-                    log.warning("skipping record %s: %s", rid, reason)
-            lr = lr_at(global_step, total_iters, args.learning_rate, args.warmup_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            boundary = (step_in_epoch + 1) % args.accumulation_steps == 0 or step_in_epoch + 1 == iters_per_epoch
-            if "input_ids" in batch:
-                input_ids = batch["input_ids"].to(device, non_blocking=True)
-                labels = batch["labels"].to(device, non_blocking=True)
-                if "features" in batch:
-                    features = batch["features"].to(device, non_blocking=True).float()
-                else:
-                    features = encoder.encode_pixels(batch["pixels"].to(device, non_blocking=True))
-                sync = contextlib.nullcontext() if (boundary or not distributed) else train_model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = train_model(input_ids, features, labels=labels, loss_only=True).loss
-                    scaler.scale(loss / args.accumulation_steps).backward()
-                loss_value = loss.item()
-                window["tokens"] += batch["n_tokens"]
-                window["images"] += input_ids.shape[0]
-            else:  # every image of this batch failed to decode: nothing to learn from it
-                loss_value = float("nan")
-            bad_in_accumulation |= "input_ids" in batch and not math.isfinite(loss_value)
-            if boundary:
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
-                # With fp16 the GradScaler skips overflowing steps itself; otherwise a non-finite gradient is a
-                # fault. Ranks agree on it (one tiny all-reduce per optimizer step) so they act together.
-                flag = torch.tensor(float(bad_in_accumulation or (not scaler.is_enabled() and
-                                                                  not bool(torch.isfinite(norm)))), device=device)
-                if distributed:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad_in_accumulation = False
-                if flag.item() > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    if args.nan_policy == "skip":
-                        nan_skips += 1
-                        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)",
-                                    global_step, nan_skips)
+    try:
+        window = {"t": time.perf_counter(), "tokens": 0, "images": 0, "wait": 0.0, "steps": 0, "loss_sum": 0.0,
+                  "loss_n": 0}
+        done = global_step >= max_steps
+        saved_at = -1
+        bad_in_accumulation = False
+        model.train()
+        while epoch < args.epochs and not done:
+            sampler.set_epoch(epoch)
+            # resume mid-epoch: skip the samples already trained (the order is fixed by seed + epoch)
+            sampler.skip = step_in_epoch * args.batch_size
+            batches = iter(DataLoader(dataset, **loader_kwargs))
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                window["wait"] += time.perf_counter() - t_wait
+                if batch is None:
+                    break
+                for rid, reason in batch["skipped"]:
+                    skipped_images += 1
+                    if skipped_images <= 5:
+                        log.warning("skipping record %s: %s", rid, reason)
+                lr = lr_at(global_step, total_iters, args.learning_rate, args.warmup_iters)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                boundary = (step_in_epoch + 1) % args.accumulation_steps == 0 or step_in_epoch + 1 == iters_per_epoch
+                if "input_ids" in batch:
+                    input_ids = batch["input_ids"].to(device, non_blocking=True)
+                    labels = batch["labels"].to(device, non_blocking=True)
+                    if "features" in batch:
+                        features = batch["features"].to(device, non_blocking=True).float()
                     else:
-                        save(final=False)
-                        raise FloatingPointError(
-                            f"non-finite loss or gradient (loss {loss_value}) at step {global_step}: stopped; the "
-                            f"last good weights are saved in {out_path} (resume with --resume, or pass "
-                            f"--nan_policy skip to skip such steps)")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-            if "input_ids" in batch and math.isfinite(loss_value):
-                losses.append(loss_value)
-                window["loss_sum"] += loss_value
-                window["loss_n"] += 1
-            step_in_epoch += 1
-            global_step += 1
-            window["steps"] += 1
-            bar.update(1)
-            if is_main and (global_step % args.log_interval == 0 or global_step == max_steps):
-                _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_steps, loss_value, lr,
-                              window, config, peak, device, world, bar, wandb_run, metrics_path)
-            done = global_step >= max_steps
-            if step_in_epoch == iters_per_epoch:  # the position a resume continues from
-                epoch, step_in_epoch = epoch + 1, 0
-            if boundary and (stop.signal is not None or done or global_step % args.save_interval == 0):
-                save(final=done)
-                saved_at = global_step
-                if stop.signal is not None:
-                    log.warning("stopped by signal %d at step %d; resume with --resume", stop.signal, global_step)
-                    bar.close()
-                    return {"stopped": True, "global_step": global_step, "losses": losses}
-            if done or step_in_epoch == 0:
-                break
-    if saved_at != global_step:
-        save(final=True)
-    bar.close()
+                        features = encoder.encode_pixels(batch["pixels"].to(device, non_blocking=True))
+                    sync = contextlib.nullcontext() if (boundary or not distributed) else train_model.no_sync()
+                    with sync:
+                        with autocast():
+                            loss = train_model(input_ids, features, labels=labels, loss_only=True).loss
+                        scaler.scale(loss / args.accumulation_steps).backward()
+                    loss_value = loss.item()
+                    window["tokens"] += batch["n_tokens"]
+                    window["images"] += input_ids.shape[0]
+                else:  # every image of this batch failed to decode: nothing to learn from it
+                    loss_value = float("nan")
+                bad_in_accumulation |= "input_ids" in batch and not math.isfinite(loss_value)
+                if boundary:
+                    if scaler.is_enabled():
+                        scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+                    # With fp16 the GradScaler skips overflowing steps itself; otherwise a non-finite gradient is a
+                    # fault. Ranks agree on it (one tiny all-reduce per optimizer step) so they act together.
+                    flag = torch.tensor(float(bad_in_accumulation or (not scaler.is_enabled() and
+                                                                      not bool(torch.isfinite(norm)))), device=device)
+                    if distributed:
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    bad_in_accumulation = False
+                    if flag.item() > 0:
+                        optimizer.zero_grad(set_to_none=True)
+                        if args.nan_policy == "skip":
+                            nan_skips += 1
+                            log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)",
+                                        global_step, nan_skips)
+                        else:
+                            save(final=False)
+                            raise FloatingPointError(
+                                f"non-finite loss or gradient (loss {loss_value}) at step {global_step}: stopped; the "
+                                f"last good weights are saved in {out_path} (resume with --resume, or pass "
+                                f"--nan_policy skip to skip such steps)")
+                    else:
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                if "input_ids" in batch and math.isfinite(loss_value):
+                    losses.append(loss_value)
+                    window["loss_sum"] += loss_value
+                    window["loss_n"] += 1
+                step_in_epoch += 1
+                global_step += 1
+                window["steps"] += 1
+                bar.update(1)
+                if is_main and (global_step % args.log_interval == 0 or global_step == max_steps):
+                    _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_steps, loss_value, lr,
+                                  window, config, peak, device, world, bar, wandb_run, metrics_path)
+                done = global_step >= max_steps
+                if step_in_epoch == iters_per_epoch:  # the position a resume continues from
+                    epoch, step_in_epoch = epoch + 1, 0
+                if boundary and (stop.signal is not None or done or global_step % args.save_interval == 0):
+                    save(final=done)
+                    saved_at = global_step
+                    if stop.signal is not None:
+                        log.warning("stopped by signal %d at step %d; resume with --resume", stop.signal, global_step)
+                        return {"stopped": True, "global_step": global_step, "losses": losses}
+                if done or step_in_epoch == 0:
+                    break
+        if saved_at != global_step:
+            save(final=True)
+    finally:
+        bar.close()  # before any error line, so it starts on a line of its own
     if distributed:
         _check_replicas(model, rank)
     if wandb_run is not None:
@@ -528,6 +529,6 @@ def main(stage: Stage, argv: Optional[list[str]] = None) -> None:
     args = build_parser(stage).parse_args(argv)
     try:
         train(args, stage)
-    except (FileNotFoundError, DataError, CheckpointError, FloatingPointError) as e:
+    except (OSError, DataError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
