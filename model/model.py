@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (bf16/fp16 lose too much in the mean of squares), cast back, then scale.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same arithmetic as below in one fused kernel (fewer passes over the activations)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
@@ -39,16 +42,25 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rotation: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim (the Meta-LLaMA complex form).
 
-    x: [B, T, H, D]; cos/sin: [T, D/2]. Computed in fp32 and cast back.
+    x: [B, T, H, D]; cos/sin: [T, D/2]; rotation: optionally cos + i sin precomputed (torch.complex(cos, sin)).
+    Computed in fp32 and cast back. Eager mode multiplies each pair, read as x0 + i x1, by cos + i sin: one
+    kernel forward and one backward instead of a dozen; the result is the same arithmetic. Under torch.compile
+    the real form is used (inductor fuses it; it generates no code for complex operators).
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    if torch.compiler.is_compiling():
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).type_as(x)
+    if rotation is None:
+        rotation = torch.complex(cos.float(), sin.float())
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rotation[:, None, :]).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -75,13 +87,14 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
+                layer: int = 0) -> torch.Tensor:
+        """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.decode)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
         mask, causal = None, T > 1
@@ -90,18 +103,35 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            if T == 1 and not self.training:
+                # One new token sees the whole cache, so the query heads sharing a kv head can stand in as
+                # that kv head's queries: [B, n_kv, group, D] against [B, n_kv, L, D], no mask, no kv repeat
+                # (head h uses kv head h // group, as enable_gqa does).
+                out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v)
+                return self.resid_dropout(self.wo(out.reshape(B, 1, -1)))
             if start > 0 and T > 1:
                 # A chunk after a filled cache: query i sees keys up to start + i.
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 causal = False
             elif T == 1:
                 causal = False
+        dtype = q.dtype
+        if dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+            # PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in fp32 (forward included,
+            # fp32 costs a third): train attention in fp32 on CPU (CPU bf16 autocast, which would cast the
+            # inputs back to bf16, is paused for this op); inference stays in bf16.
+            with torch.autocast("cpu", enabled=False):
+                out = self._attend(q.float(), k.float(), v.float(), mask, causal).to(dtype)
+        else:
+            out = self._attend(q, k, v, mask, causal)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
+
+    def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         # enable_gqa repeats each kv head for consecutive query heads (repeat_interleave), as v1 does.
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_heads != self.n_kv_heads,
         )
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
 
 
 class FeedForward(nn.Module):
@@ -187,8 +217,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id)
+    def forward(self, x, rope: tuple, cache: Optional[KVCache] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -243,8 +273,10 @@ class MiniMindLM(nn.Module):
         if end > self._rope_len:  # longer than max_seq_len (e.g. long generation): grow the table
             self._extend_rope(max(end, 2 * self._rope_len), h.device)
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        # the complex table once for all layers (eager only: see apply_rope)
+        rope = (cos, sin, None if torch.compiler.is_compiling() else torch.complex(cos.float(), sin.float()))
         for block in self.layers:
-            h = block(h, cos, sin, cache)
+            h = block(h, rope, cache)
         if cache is not None:
             cache.length = end
         return self.norm(h)

@@ -1,0 +1,169 @@
+"""Generation speed of MiniMindVLM at batch 1 with one image: prefill, decode with and without the KV cache.
+
+Model: the 512/8 config (minimind-v-small) with random weights and random image features (speed does not
+depend on the values), a chat prompt holding the 50-token image placeholder. Decoding is greedy with no eos
+stop, so exactly --new_tokens tokens are produced, through MiniMindVLM.generate_stream (the code path
+model/chat.py and the servers use).
+
+  prefill_ms          best-of --reps: the forward over the prompt (image spliced) filling a fresh KV cache,
+                      logits at the last position only
+  decode_tok_s_cache  (new_tokens - 1) / time from the first token to the last, KV cache on
+  decode_tok_s_nocache  the same with use_cache=False (every step recomputes prompt + image + generated)
+  weight_bytes        bytes of all parameters (tied embedding/head counted once)
+  weight_bytes_per_token  bytes of weights one decode step reads: the blocks, the norms and the output head
+                      (= the tied embedding; the one embedding row looked up is not counted again; the
+                      vision projection is not used after prefill). KV-cache reads are not included.
+  mem_read_gbs        this machine's read bandwidth, measured in this run: best-of summing a --bw_mb fp32
+                      tensor (after the generation runs, so it does not inflate peak_rss_mb)
+  decode_bw_fraction  decode_tok_s_cache x weight_bytes_per_token / mem_read_gbs (1.0 = every decode step
+                      streams the weights at full read bandwidth)
+  peak_rss_mb         peak resident memory of this process (CUDA: peak allocated GPU memory)
+The last printed line is JSON with these keys.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    bench_title, command_line, DTYPES, emit, machine_info, peak_memory_mb, read_bandwidth, ROOT,
+    setup_threads, sync, write_results)
+from model.LMConfig import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.model import KVCache, MiniMindVLM  # noqa: E402
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, render_chat  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--new_tokens", type=int, default=200)
+    a("--device", default="cpu")
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    a("--dim", type=int, default=512)
+    a("--n_layers", type=int, default=8)
+    a("--n_heads", type=int, default=16)
+    a("--n_kv_heads", type=int, default=8)
+    a("--max_seq_len", type=int, default=200)
+    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    a("--prompt", default="Describe the image in detail.")
+    a("--reps", type=int, default=3, help="best-of repetitions (prefill, decode with cache)")
+    a("--bw_mb", type=int, default=1024, help="size of the tensor summed for the read bandwidth")
+    a("--threads", type=int, default=None)
+    a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
+    a("--skip_nocache", action="store_true")
+    a("--seed", type=int, default=0)
+    a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
+    a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
+    return p
+
+
+def timed_generate(model, ids, feats, n: int, use_cache: bool, device) -> tuple[float, float, torch.Tensor]:
+    """(seconds to the first token, seconds from the first token to the last, the token ids)."""
+    sync(device)
+    out = []
+    t0 = time.perf_counter()
+    t_first = t0
+    for i, tok in enumerate(model.generate_stream(ids, feats, max_new_tokens=n, temperature=0.0,
+                                                   use_cache=use_cache)):
+        out.append(tok)
+        if i == 0:
+            sync(device)
+            t_first = time.perf_counter()
+    sync(device)
+    t_end = time.perf_counter()
+    return t_first - t0, t_end - t_first, torch.stack(out, 1)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    os.chdir(ROOT)
+    setup_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    info = machine_info(device)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                      max_seq_len=args.max_seq_len, image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)
+    torch.manual_seed(args.seed)
+    model = MiniMindVLM(config).to(device, dtype).eval()
+    if args.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    text = render_chat(tokenizer, [{"role": "user", "content": IMAGE_SPECIAL_TOKEN + "\n" + args.prompt}])
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+    feats = torch.randn(1, IMAGE_TOKENS, CLIP_DIM, device=device)
+    n = args.new_tokens
+
+    params = {id(p): p for p in model.parameters()}.values()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    per_token = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    per_token += sum(p.numel() * p.element_size() for p in model.norm.parameters())
+    per_token += model.output.weight.numel() * model.output.weight.element_size()
+
+    # prefill: the prompt with its image into a fresh cache
+    prefill = float("inf")
+    with torch.inference_mode():
+        for _ in range(args.reps + 1):
+            cache = KVCache(config, 1, ids.shape[1] + n, device, dtype)
+            sync(device)
+            t0 = time.perf_counter()
+            model(ids, feats, cache=cache, last_only=True)
+            sync(device)
+            prefill = min(prefill, time.perf_counter() - t0)
+
+    # decode with the KV cache: best-of reps (the first run also warms up)
+    timed_generate(model, ids, feats, min(n, 8), True, device)
+    best_cache, tokens_cache, first_ms = float("inf"), None, 0.0
+    for _ in range(args.reps):
+        t_first, t_rest, tokens_cache = timed_generate(model, ids, feats, n, True, device)
+        if t_rest < best_cache:
+            best_cache, first_ms = t_rest, 1000 * t_first
+    decode_cache = (n - 1) / best_cache if n > 1 else float("nan")
+
+    decode_nocache, same = None, None
+    if not args.skip_nocache:
+        timed_generate(model, ids, feats, min(n, 4), False, device)
+        _, t_rest, tokens_nocache = timed_generate(model, ids, feats, n, False, device)
+        decode_nocache = (n - 1) / t_rest if n > 1 else float("nan")
+        same = bool(torch.equal(tokens_cache, tokens_nocache))
+    peak_mb = peak_memory_mb(device)
+
+    bw = read_bandwidth(device, args.bw_mb << 20)
+    result: dict[str, Any] = {
+        "name": args.name or f"decode {args.dim}/{args.n_layers} {args.dtype}",
+        "prefill_ms": 1000 * prefill, "prompt_tokens": ids.shape[1], "first_token_ms": first_ms,
+        "decode_tok_s_cache": decode_cache, "decode_tok_s_nocache": decode_nocache,
+        "cache_speedup": decode_cache / decode_nocache if decode_nocache else None,
+        "peak_rss_mb": peak_mb, "weight_bytes": weight_bytes, "weight_bytes_per_token": per_token,
+        "mem_read_gbs": bw / 1e9, "decode_bw_fraction": decode_cache * per_token / bw,
+        "new_tokens": n, "same_tokens_cache_nocache": same, "dtype": args.dtype, "compile": args.compile,
+        "model": f"{args.dim}/{args.n_layers}",
+    }
+    result.update(info)
+    result["command"] = command_line()
+    print(f"{info['machine']} | {args.dim}/{args.n_layers} {args.dtype} | prompt {ids.shape[1]} tokens | prefill "
+          f"{result['prefill_ms']:.1f} ms | decode {decode_cache:.1f} tok/s with cache, "
+          f"{decode_nocache or float('nan'):.1f} without | {per_token / 1e6:.1f} MB weights/token, read bw "
+          f"{bw / 1e9:.1f} GB/s -> {100 * result['decode_bw_fraction']:.0f}% | peak {peak_mb:.0f} MB", flush=True)
+    if args.results:
+        rows = [["prefill (prompt %d tokens incl. 50 image), ms" % ids.shape[1], result["prefill_ms"]],
+                ["decode tok/s, KV cache (%d new tokens)" % n, decode_cache],
+                ["decode tok/s, no cache", decode_nocache if decode_nocache else "not run"],
+                ["KV cache speed-up", result["cache_speedup"] or "not run"],
+                ["weights read per decode token, MB", per_token / 1e6],
+                ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, bw / 1e9],
+                ["decode_bw_fraction", result["decode_bw_fraction"]],
+                ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", peak_mb]]
+        write_results(args.results, info, bench_title(device), ["figure", "value"], rows, result["command"])
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Training throughput and MFU of the MiniMind-V training step (pretrain and SFT, demo data).
+
+Runs the trainer's step (model/trainer.py): MiniMindVLM forward with loss_only=True, backward, gradient
+clipping at 1.0, AdamW, zero_grad(set_to_none) and the v1 lr schedule, on batches built by the trainer's
+VLMDataset + collate from the demo data, in four settings per stage:
+  online  : pixels decoded each step and encoded by the CLIP tower each step (the trainer without
+            --feature_cache). Default tower: a 12-layer ViT-B/32-shaped *stand-in* (random weights, real
+            shape, so real cost), built once into .cache/bench/clip_b32_12l.
+  cached  : fp16 features read from the FeatureStore (the trainer with --feature_cache); same tower's
+            fingerprint, encoded once before timing (not timed).
+  longest : collate pads to the longest row of the batch (trainer default)
+  max     : collate pads every row to max_seq_len (trainer --pad_to_max)
+Timed: `--steps` steps after `--warmup` untimed ones, from fetching the batch (data loading counts, with
+`--num_workers` 0 by default: on a 2-core machine workers only steal cores from the step) to the end of
+the optimizer step (device synchronised).
+
+Useful FLOPs of one batch (padding never counts; only matmuls are counted):
+  rows r with n_r real tokens, S supervised positions (labels[:, 1:] != -100), R images (50 tokens each),
+  d = dim, L = n_layers, kv = n_kv_heads * head_dim, f = ffn hidden, V = vocab, v = vision_dim,
+  P = L * (2 d^2 + 2 d kv + 3 d f)                          matmul weights of the blocks
+  F = sum_r 6 P n_r                                         blocks: forward 2, backward 4 per weight and token
+    + sum_r 6 L d n_r (n_r + 1)                             causal attention QK^T and AV: n(n+1)/2 pairs,
+                                                            2 FLOPs x (QK + AV) x 3 (fwd + bwd), width d
+    + 6 d V S                                               output head at supervised positions only (loss_only)
+    + 4 v d 50 R                                            vision projection: forward + weight grad (the
+                                                            features need no grad)
+  MFU = F / step time / peak. The peak is this machine's dense matmul peak in the same dtype, measured in
+  this run (bench/common.py: best-of n x n matmuls) on CPU; on CUDA the card's datasheet dense peak
+  (model/trainer.py peak_flops: H100/H200 989 TFLOPS bf16) and the measured one is reported beside it.
+  The frozen CLIP tower's FLOPs (online runs) are not counted: MFU is the language model's work.
+
+The last printed line is JSON: samples_per_s_online, samples_per_s_cached, useful_tokens_per_s_cached,
+mfu_cached (pretrain stage, batch-longest padding), matmul_peak_gflops, dtype, and every run under "runs".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, emit, machine_info, matmul_peak_flops,
+    peak_memory_mb, ROOT, setup_threads, sync, write_results)
+from model.dataset import VLMDataset, collate  # noqa: E402
+from model.feature_cache import FeatureStore  # noqa: E402
+from model.LMConfig import IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.model import MiniMindVLM  # noqa: E402
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer  # noqa: E402
+from model.trainer import apply_freeze, lr_at, peak_flops  # noqa: E402
+from model.vision_utils import load_vision_encoder  # noqa: E402
+
+
+def useful_flops(config: LMConfig, lengths: list[int], supervised: int, images: int) -> float:
+    """Matmul FLOPs of one training step on real tokens only (formula in the module docstring)."""
+    d, L, V, v = config.dim, config.n_layers, config.vocab_size, config.vision_dim
+    kv = config.n_kv_heads * config.head_dim
+    if config.use_moe:
+        experts = config.num_experts_per_tok + (config.n_shared_experts is not None)
+        ffn = 3 * d * config.ffn_hidden_dim * experts + d * config.n_routed_experts  # + the gate
+    else:
+        ffn = 3 * d * config.ffn_hidden_dim
+    P = L * (2 * d * d + 2 * d * kv + ffn)
+    n = np.asarray(lengths, dtype=np.float64)
+    return float(6 * P * n.sum() + 6 * L * d * (n * (n + 1)).sum() + 6 * d * V * supervised
+                 + 4 * v * d * IMAGE_TOKENS * images)
+
+
+class Collate:
+    """The trainer's collate plus the per-row real lengths (for the FLOP count); picklable for workers."""
+
+    def __init__(self, pad_to: Optional[int]):
+        self.pad_to = pad_to
+
+    def __call__(self, items):
+        batch = collate(items, self.pad_to)
+        batch["lengths"] = [len(it["input_ids"]) for it in items if "error" not in it]
+        return batch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--batch_size", type=int, default=32)
+    a("--steps", type=int, default=6, help="timed steps per setting")
+    a("--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)")
+    a("--dtype", default="float32", choices=["float32", "bfloat16"],
+      help="bfloat16: autocast (CPU: the trainer's --cpu_bf16; CUDA: its default)")
+    a("--device", default="cpu")
+    a("--stages", default="pretrain,sft")
+    a("--settings", default="online,cached,cached_max",
+      help="comma list of online (batch-longest), cached (batch-longest), cached_max (pad to max_seq_len), "
+           "online_max")
+    # model (default: the minimind-v-small preset, 512/8)
+    a("--dim", type=int, default=512)
+    a("--n_layers", type=int, default=8)
+    a("--n_heads", type=int, default=16)
+    a("--n_kv_heads", type=int, default=8)
+    a("--max_seq_len", type=int, default=200, help="the trainer's default")
+    # data
+    a("--pretrain_data", default="dataset/demo/pretrain.json")
+    a("--sft_data", default="dataset/demo/sft.json")
+    a("--images_path", default="dataset/demo/images/train")
+    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    a("--clip_path", default=str(CLIP12_PATH), help="vision tower (default: 12-layer stand-in, built if missing)")
+    a("--cache_dir", default=str(CACHE_DIR / "features"), help="feature store root")
+    a("--num_workers", type=int, default=0)
+    a("--preload", action="store_true", help="collate every batch before timing (model throughput only)")
+    # machine
+    a("--threads", type=int, default=None)
+    a("--compile", action="store_true", help="torch.compile the model (the trainer's --compile)")
+    a("--fused_adamw", action="store_true",
+      help="AdamW(fused=True) on CPU too (the trainer fuses on CUDA only): measures that suggested change")
+    a("--find_max_batch", action="store_true",
+      help="double the batch (cached pretrain) until out of memory, then time the largest that fits")
+    a("--max_batch", type=int, default=8192, help="upper bound of --find_max_batch")
+    a("--peak_n", type=int, default=None, help="matmul size for the measured peak (CPU 2048, CUDA 8192)")
+    a("--seed", type=int, default=0)
+    a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
+    a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
+    return p
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = DTYPES[args.dtype]
+        clip_path = args.clip_path
+        if not os.path.exists(os.path.join(clip_path, "config.json")):
+            if os.path.abspath(clip_path) != os.path.abspath(str(CLIP12_PATH)):
+                raise FileNotFoundError(f"no vision tower at {clip_path}")
+            from scripts.build_stand_in_clip import build_stand_in_clip
+
+            print(f"building the 12-layer stand-in CLIP tower at {clip_path} (random weights, real shape)")
+            build_stand_in_clip(clip_path, layers=12)
+        self.tokenizer = load_tokenizer(args.tokenizer_path)
+        self.encoder = load_vision_encoder(clip_path, self.device)
+        self.encoder_layers = self.encoder.clip.config.num_hidden_layers
+        self.config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                               n_kv_heads=args.n_kv_heads, max_seq_len=args.max_seq_len,
+                               image_ids=image_token_ids(self.tokenizer), vision_dim=self.encoder.hidden_size)
+        torch.manual_seed(args.seed)
+        self.model = MiniMindVLM(self.config)
+        apply_freeze(self.model, 0)
+        self.model.to(self.device).train()
+        self.train_model = torch.compile(self.model) if args.compile else self.model
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            self.autocast = lambda: torch.autocast("cuda", dtype=self.dtype)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext
+        self.datasets: dict[str, VLMDataset] = {}
+        self.store = FeatureStore(args.cache_dir, self.encoder.fingerprint)
+
+    def dataset(self, stage: str) -> VLMDataset:
+        if stage not in self.datasets:
+            path = self.args.pretrain_data if stage == "pretrain" else self.args.sft_data
+            self.datasets[stage] = VLMDataset(path, self.args.images_path, self.tokenizer, self.args.max_seq_len,
+                                              preprocess=self.encoder.preprocess)
+        return self.datasets[stage]
+
+    def loader(self, stage: str, batch: int, n_batches: int, cached: bool, pad_max: bool):
+        ds = self.dataset(stage)
+        rng = np.random.default_rng(self.args.seed)
+        need = batch * n_batches
+        order = np.concatenate([rng.permutation(len(ds)) for _ in range(math.ceil(need / len(ds)))])[:need]
+        if cached:
+            paths = sorted({ds.samples[i].image_path for i in order})
+            t0 = time.perf_counter()
+            n = self.store.ensure(paths, self.encoder, batch_size=64 if self.device.type == "cpu" else 512)
+            if n:
+                print(f"feature store: encoded {n} images in {time.perf_counter() - t0:.1f}s (not timed)")
+            ds.feature_store = self.store
+        else:
+            ds.feature_store = None
+        loader = DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=self.args.num_workers,
+                            collate_fn=Collate(self.args.max_seq_len if pad_max else None),
+                            pin_memory=self.device.type == "cuda", drop_last=False)
+        if self.args.preload:
+            return list(loader)
+        return loader
+
+    def run(self, stage: str, setting: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+        cached, pad_max = setting.startswith("cached"), setting.endswith("_max")
+        data = self.loader(stage, batch, steps + warmup, cached, pad_max)
+        dev, model = self.device, self.train_model
+        fused = dev.type == "cuda" or self.args.fused_adamw
+        optimizer = torch.optim.AdamW(self.trainable, lr=4e-4, weight_decay=0.0, **({"fused": True} if fused else {}))
+        total = steps + warmup
+        acc = dict(samples=0, tokens=0, padded=0, supervised=0, images=0, flops=0.0, wait=0.0, encode=0.0)
+        batches = iter(data)
+        t0 = time.perf_counter()
+        for i in range(total):
+            if i == warmup:
+                sync(dev)
+                acc = {k: 0 * v for k, v in acc.items()}
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t0 = time.perf_counter()
+            tw = time.perf_counter()
+            b = next(batches)
+            acc["wait"] += time.perf_counter() - tw
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i, total, 4e-4, 0)
+            input_ids = b["input_ids"].to(dev, non_blocking=True)
+            labels = b["labels"].to(dev, non_blocking=True)
+            if "features" in b:
+                features = b["features"].to(dev, non_blocking=True).float()
+            else:
+                te = time.perf_counter()
+                features = self.encoder.encode_pixels(b["pixels"].to(dev, non_blocking=True))
+                if dev.type == "cuda":
+                    sync(dev)
+                acc["encode"] += time.perf_counter() - te
+            with self.autocast():
+                loss = model(input_ids, features, labels=labels, loss_only=True).loss
+            loss.backward()
+            loss_value = loss.item()
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value}")
+            sup = int((b["labels"][:, 1:] != -100).sum())
+            acc["samples"] += input_ids.shape[0]
+            acc["tokens"] += b["n_tokens"]
+            acc["padded"] += input_ids.numel()
+            acc["supervised"] += sup
+            acc["images"] += input_ids.shape[0]
+            acc["flops"] += useful_flops(self.config, b["lengths"], sup, input_ids.shape[0])
+        sync(dev)
+        elapsed = time.perf_counter() - t0
+        del optimizer, data, batches
+        gc.collect()
+        return {"stage": stage, "setting": setting, "batch_size": batch, "steps": steps,
+                "step_ms": 1000 * elapsed / steps,
+                "samples_per_s": acc["samples"] / elapsed, "images_per_s": acc["images"] / elapsed,
+                "useful_tokens_per_s": acc["tokens"] / elapsed, "padded_tokens_per_s": acc["padded"] / elapsed,
+                "useful_tflops": acc["flops"] / elapsed / 1e12,
+                "pad_fraction": 1 - acc["tokens"] / max(acc["padded"], 1),
+                "mean_len": acc["tokens"] / max(acc["samples"], 1),
+                "supervised_per_sample": acc["supervised"] / max(acc["samples"], 1),
+                "data_wait_pct": 100 * acc["wait"] / elapsed, "clip_encode_pct": 100 * acc["encode"] / elapsed,
+                "loss": loss_value, "peak_mem_mb": peak_memory_mb(dev)}
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    os.chdir(ROOT)
+    setup_threads(args.threads)
+    bench = Bench(args)
+    dev = bench.device
+    info = machine_info(dev)
+    measured_peak = matmul_peak_flops(dev, bench.dtype, args.peak_n)
+    print(f"{info['machine']} | torch {info['torch']} | {info['threads']} threads | model {args.dim}/{args.n_layers} "
+          f"| {args.dtype} | measured matmul peak {measured_peak / 1e9:,.0f} GFLOP/s | clip {args.clip_path} "
+          f"({bench.encoder_layers} layers)", flush=True)
+
+    runs: list[dict[str, Any]] = []
+    batch = args.batch_size
+    if args.find_max_batch:
+        fits, b = None, batch
+        while b <= args.max_batch:
+            try:
+                bench.run("pretrain", "cached", b, 1, 1)
+                fits = b
+                print(f"batch {b}: fits", flush=True)
+                b *= 2
+            except Exception as e:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
+                if not is_oom(e):
+                    raise
+                print(f"batch {b}: out of memory", flush=True)
+                break
+            finally:
+                bench.model.zero_grad(set_to_none=True)
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        if fits is None:
+            raise RuntimeError(f"batch {batch} does not fit")
+        batch = fits
+
+    for stage in [s for s in args.stages.split(",") if s]:
+        for setting in [s for s in args.settings.split(",") if s]:
+            while True:
+                try:
+                    r = bench.run(stage, setting, batch, args.steps, args.warmup)
+                    break
+                except Exception as e:  # noqa: BLE001 - a searched batch can fail later (fragmentation)
+                    if not (args.find_max_batch and is_oom(e) and batch > 1):
+                        raise
+                    bench.model.zero_grad(set_to_none=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    batch //= 2
+                    print(f"out of memory when timing: batch {batch} instead", flush=True)
+            runs.append(r)
+            print(f"{stage:8s} {setting:10s} batch {batch}: {r['samples_per_s']:8.1f} samples/s "
+                  f"{r['useful_tokens_per_s']:10,.0f} useful tok/s {r['images_per_s']:8.1f} img/s "
+                  f"{r['useful_tflops'] * 1e3:8.1f} useful GFLOP/s | step {r['step_ms']:.0f} ms | pad "
+                  f"{100 * r['pad_fraction']:.0f}% | data-wait {r['data_wait_pct']:.1f}% | clip "
+                  f"{r['clip_encode_pct']:.0f}%", flush=True)
+
+    # the peak again at the end, best-of both: load from other processes only ever lowers it
+    measured_peak = max(measured_peak, matmul_peak_flops(dev, bench.dtype, args.peak_n))
+    peak = peak_flops(dev, bench.dtype) if dev.type == "cuda" else measured_peak
+    for r in runs:
+        r["mfu"] = r["useful_tflops"] * 1e12 / peak
+        r["mfu_vs_measured_peak"] = r["useful_tflops"] * 1e12 / measured_peak
+
+    def pick(stage, setting, key):
+        for r in runs:
+            if r["stage"] == stage and r["setting"] == setting:
+                return r[key]
+        return None
+
+    main_stage = "pretrain" if any(r["stage"] == "pretrain" for r in runs) else (runs[0]["stage"] if runs else None)
+    result: dict[str, Any] = {
+        "name": args.name or f"train {args.dim}/{args.n_layers} {args.dtype}",
+        "samples_per_s_online": pick(main_stage, "online", "samples_per_s"),
+        "samples_per_s_cached": pick(main_stage, "cached", "samples_per_s"),
+        "useful_tokens_per_s_cached": pick(main_stage, "cached", "useful_tokens_per_s"),
+        "images_per_s_cached": pick(main_stage, "cached", "images_per_s"),
+        "mfu_cached": pick(main_stage, "cached", "mfu"),
+        "matmul_peak_gflops": measured_peak / 1e9,
+        "mfu_peak_gflops": peak / 1e9,
+        "dtype": args.dtype, "batch_size": batch, "stage": main_stage, "fused_adamw": args.fused_adamw,
+        "model": f"{args.dim}/{args.n_layers}", "clip_layers": bench.encoder_layers,
+    }
+    on, ca = result["samples_per_s_online"], result["samples_per_s_cached"]
+    result["cached_over_online"] = ca / on if on and ca else None
+    cm = pick(main_stage, "cached_max", "samples_per_s")
+    result["longest_over_max_padding"] = ca / cm if ca and cm else None
+    result.update(info)
+    result["command"] = command_line()
+    result["runs"] = runs
+
+    if args.results:
+        rows = [[r["stage"], "online" if r["setting"].startswith("online") else "cached",
+                 "max_seq_len" if r["setting"].endswith("_max") else "batch-longest", r["batch_size"],
+                 r["samples_per_s"], r["useful_tokens_per_s"], r["images_per_s"], r["useful_tflops"] * 1e3,
+                 f"{100 * r['mfu']:.1f}%", r["step_ms"], f"{100 * r['pad_fraction']:.0f}%"] for r in runs]
+        summary = [f"{args.dtype} dense matmul peak measured in this run: {measured_peak / 1e9:,.0f} GFLOP/s"
+                   + (f"; MFU against the datasheet {peak / 1e12:,.0f} TFLOPS" if dev.type == "cuda" else "")]
+        if result["cached_over_online"]:
+            summary.append(f"cached / online: {result['cached_over_online']:.2f}x samples/s ({main_stage})")
+        if result["longest_over_max_padding"]:
+            summary.append(f"batch-longest / max_seq_len padding: {result['longest_over_max_padding']:.2f}x")
+        write_results(args.results, info, bench_title(dev),
+                      ["stage", "features", "padding", "batch", "samples/s", "useful tok/s", "images/s",
+                       "useful GFLOP/s", "useful-token MFU", "step ms", "padding share"], rows, result["command"],
+                      notes=f"online = the {bench.encoder_layers}-layer CLIP tower encodes every batch; cached = fp16 "
+                            f"FeatureStore; max_seq_len = {args.max_seq_len}. " + "; ".join(summary) + ".")
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
