@@ -30,11 +30,11 @@ STAND_IN_CLIP = "model/clip_model/stand_in_clip_vit_b32"
 # Model and schedule per profile; `full` is what `make demo` runs and the README reports.
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=1, max_train_images=None,
-                 max_test_questions=None, pretrain_epochs=1, pretrain_lr=1e-3, sft_epochs=1, sft_lr=1e-3,
-                 batch_size=32, sft_max_steps=None, eval_limit=None),
+                 max_test_questions=None, pretrain_epochs=8, pretrain_lr=1e-3, sft_epochs=2, sft_lr=1e-3,
+                 batch_size=16, sft_max_steps=None, eval_limit=None, cpu_bf16=True),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_train_images=600,
                max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3, sft_epochs=1, sft_lr=2e-3,
-               batch_size=32, sft_max_steps=None, eval_limit=None),
+               batch_size=32, sft_max_steps=None, eval_limit=None, cpu_bf16=False),
 }
 
 
@@ -100,7 +100,7 @@ def main() -> None:
               "--n_kv_heads", str(cfg["n_kv_heads"]), "--max_seq_len", "128", "--clip_path", clip,
               "--out_dir", args.out_dir, "--device", "cpu", "--num_workers", str(args.num_workers),
               "--batch_size", str(cfg["batch_size"]), "--feature_cache", os.path.join(args.out_dir, "feature_cache"),
-              "--save_interval", "100000"]
+              "--save_interval", "100000"] + (["--cpu_bf16"] if cfg["cpu_bf16"] else [])
     images_train = os.path.join(demo, "images", "train")
     # 3. pretrain (from scratch: no pretrained MiniMind LLM offline)
     _, times["pretrain"] = run([py, "1-pretrain_vlm.py", *common, "--from_scratch",
