@@ -51,6 +51,8 @@ IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
 UPLOAD_ACCEPT = [f"image/{t}" for t in ("png", "jpeg", "webp", "bmp", "gif")] + [f".{t}" for t in IMAGE_TYPES]
 ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
             "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
+STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
+                   "demo), so answers about real photos are not meaningful.")
 NO_CHECKPOINT_HELP = ("train one (`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
                       "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
 
@@ -107,11 +109,11 @@ def resolve_clip_path(clip_path: str) -> tuple[str, Optional[str]]:
     if is_default and not (default / "config.json").exists() and (stand_in / "config.json").exists():
         return str(stand_in), (
             f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
-            f"{STAND_IN_CLIP_PATH} is used: its image features carry no visual meaning and answers will not "
-            f"reflect the image. Get the real one with `python scripts/download.py --what clip`.")
-    if Path(clip_path).resolve() == stand_in.resolve():
-        return clip_path, (f"{STAND_IN_CLIP_PATH} is the UNTRAINED stand-in CLIP: answers will not reflect the "
-                           f"image. Get the real one with `python scripts/download.py --what clip`.")
+            f"{STAND_IN_CLIP_PATH} is used: {STAND_IN_EFFECT} Get the real one with "
+            f"`python scripts/download.py --what clip`.")
+    if Path(clip_path).resolve() == stand_in.resolve() or (Path(clip_path) / "STAND_IN.md").exists():
+        return clip_path, (f"{clip_path} is the UNTRAINED stand-in CLIP: {STAND_IN_EFFECT} Get the real one "
+                           f"with `python scripts/download.py --what clip`.")
     return clip_path, None
 
 

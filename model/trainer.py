@@ -137,15 +137,37 @@ def apply_freeze(model: MiniMindVLM, policy: int) -> None:
         model.layers[-1].requires_grad_(True)
 
 
-def matmul_flops_per_token(config: LMConfig, seq_len: float) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (incl. the output head) + attention scores."""
+def matmul_flops_per_token(config: LMConfig, seq_len: float, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention scores. The output head counts only for the
+    `head_fraction` of tokens where it runs (training computes logits at supervised positions only)."""
     d, L = config.dim, config.n_layers
     kv = config.n_kv_heads * config.head_dim
     ffn = 3 * d * config.ffn_hidden_dim * (config.num_experts_per_tok + (config.n_shared_experts is not None)
                                            if config.use_moe else 1)
     per_layer = d * d * 2 + 2 * d * kv + ffn
-    params = L * per_layer + d * config.vocab_size + config.vision_dim * d / seq_len * 50
+    params = L * per_layer + d * config.vocab_size * head_fraction + config.vision_dim * d / seq_len * 50
     return 6 * params + 6 * L * d * seq_len  # causal attention: QK^T and AV, forward + backward, half masked
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
+                      reps: int = 5, rounds: int = 3) -> float:
+    """Dense matmul peak in FLOP/s: best-of `rounds` timings of `reps` n x n matmuls (2 n^3 FLOPs each)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm up (and pick the kernel)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -157,16 +179,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return value if dtype != torch.float32 else value / 2
         return 100e12
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(8):  # best of several short bursts: other load on the machine only slows some of them
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 3)
-    return 2 * n ** 3 / best
+    return matmul_peak_flops(device, dtype, n=1024, reps=3, rounds=5)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -421,6 +434,7 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
                         scaler.scale(loss / args.accumulation_steps).backward()
                     loss_value = loss.item()
                     window["tokens"] += batch["n_tokens"]
+                    window["supervised"] += int((batch["labels"][:, 1:] != -100).sum())  # CPU tensor: no device sync
                     window["images"] += input_ids.shape[0]
                 else:  # every image of this batch failed to decode: nothing to learn from it
                     loss_value = float("nan")
@@ -498,7 +512,8 @@ def _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_
     tokens_s = window["tokens"] * world / elapsed
     images_s = window["images"] * world / elapsed
     avg_len = window["tokens"] / max(window["images"], 1)
-    mfu = tokens_s / world * matmul_flops_per_token(config, avg_len) / peak
+    head_fraction = window["supervised"] / max(window["tokens"], 1)
+    mfu = tokens_s / world * matmul_flops_per_token(config, avg_len, head_fraction) / peak
     wait = 100 * window["wait"] / elapsed
     remaining = (min(max_steps, args.epochs * iters_per_epoch) - global_step) * elapsed / max(window["steps"], 1)
     bar.write(f"epoch {epoch + 1}/{args.epochs} ({step_in_epoch}/{iters_per_epoch}) step {global_step} "
@@ -510,7 +525,7 @@ def _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_
         f.write(json.dumps(metrics) + "\n")
     if wandb_run is not None:
         wandb_run.log(metrics, step=global_step)
-    window.update(t=now, tokens=0, images=0, wait=0.0, steps=0, loss_sum=0.0, loss_n=0)
+    window.update(t=now, tokens=0, images=0, wait=0.0, steps=0, loss_sum=0.0, loss_n=0, supervised=0)
 
 
 def _check_replicas(model: MiniMindVLM, rank: int) -> None:
