@@ -396,7 +396,7 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
                desc=stage.name, dynamic_ncols=True, mininterval=2.0)
     try:
         window = {"t": time.perf_counter(), "tokens": 0, "images": 0, "wait": 0.0, "steps": 0, "loss_sum": 0.0,
-                  "loss_n": 0}
+                  "loss_n": 0, "supervised": 0}
         done = global_step >= max_steps
         saved_at = -1
         bad_in_accumulation = False

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -35,3 +37,20 @@ def train_argv(data: Path, images: Path, clip: Path, out: Path, *extra: str) -> 
             "--max_seq_len", "96", "--data_path", str(data), "--images_path", str(images), "--clip_path", str(clip),
             "--out_dir", str(out), "--batch_size", "4", "--num_workers", "0", "--epochs", "2", "--log_interval", "1",
             "--device", "cpu", *extra]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a test server, killing it if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import free_port
 from conftest import ROOT, TOKENIZER_PATH, build_tiny_clip, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
@@ -35,10 +36,6 @@ def _data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,7 @@ def server(tmp_path_factory, tokenizer):
     (image_dir / "cat.png").write_bytes(_png())
     (tmp / "secret.png").write_bytes(_png((0, 0, 0)))
     os.symlink(tmp / "secret.png", image_dir / "escape.png")  # a link pointing out of the image directory
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "serve_openai_api.py"), "--ckpt", str(tmp / "tiny.pth"), "--clip_path", str(clip),

@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import free_port, stop_process
 from conftest import ROOT, TOKENIZER_PATH, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
@@ -37,10 +38,6 @@ MAX_RSS_GROWTH = 0.10
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -128,7 +125,7 @@ def start(cmd: list[str], log: Path, health_path: str, port: int, timeout: float
         if status == 200:
             return proc
         time.sleep(0.3)
-    stop(proc)
+    stop_process(proc)
     pytest.fail(f"{cmd[1]} not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
@@ -138,13 +135,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 def abuse(proc: subprocess.Popen, port: int, health_path: str, bad: list[Callable[[int], Optional[int]]],
@@ -358,7 +348,7 @@ def test_web_demo_survives_bad_requests_and_a_burst(model_dir, tiny_clip_dir, tm
         assert results == [(204, True)] * N_GOOD, results
         assert request(port, "GET", "/_stcore/health")[0] == 200 and proc.poll() is None
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 # ------------------------------------------------------------------------------------------------- the API
@@ -502,4 +492,4 @@ def test_api_server_survives_bad_requests_and_a_burst(model_dir, tiny_clip_dir, 
         assert request(port, "GET", "/health")[0] == 200 and proc.poll() is None
         assert "Traceback" not in log.read_text(errors="replace"), log.read_text()[-3000:]
     finally:
-        stop(proc)
+        stop_process(proc)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from helpers import free_port, stop_process
 from conftest import ROOT, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
@@ -49,10 +50,6 @@ def require_browser() -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
@@ -105,12 +102,7 @@ def server(tmp_path, tokenizer, tiny_clip_dir):
         wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
         yield f"http://127.0.0.1:{port}", log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, timeout=10)
 
 
 def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
