@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.chat import DEFAULT_QUESTION, GenerationSettings, Turn, VLMChat
+from model.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
 
@@ -273,29 +272,14 @@ class Runner:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
 
     def generate(self, job: ChatJob, emit: Callable[[str], None], cancel: threading.Event) -> Outcome:
-        """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set.
-
-        This is VLMChat.stream plus token accounting (usage, finish_reason), which stream() does not report.
-        """
-        chat, s = self.chat, job.settings
-        # The same prompt VLMChat.stream builds (history trimmed to leave room for the answer).
-        ids = chat.build_prompt(job.question, job.history, job.image is not None, reserve=min(s.max_new_tokens, 64))
-        generator = torch.Generator(device=chat.device).manual_seed(s.seed) if s.seed is not None else None
-        tokens: list[int] = []
-        shown = ""
-        for next_ids in chat.model.generate_stream(
-                torch.tensor([ids], device=chat.device), chat.image_features(job.image),
-                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                repetition_penalty=s.repetition_penalty, eos_token_id=chat.eos_id, generator=generator):
-            tokens.append(int(next_ids[0]))
-            text = chat.tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(shown):  # never split a multi-byte character
-                emit(text[len(shown):])
-                shown = text
+        """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set."""
+        stats = StreamStats()
+        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats):
+            emit(piece)
             if cancel.is_set():  # the client went away: free the model for the next request
                 break
-        finish = "length" if len(tokens) >= s.max_new_tokens else "stop"
-        return Outcome(finish, len(ids), len(tokens))
+        finish = "length" if stats.completion_tokens >= job.settings.max_new_tokens else "stop"
+        return Outcome(finish, stats.prompt_tokens, stats.completion_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- app

@@ -29,6 +29,14 @@ class GenerationSettings:
     seed: Optional[int] = None
 
 
+@dataclass
+class StreamStats:
+    """Filled in by VLMChat.stream: token counts for usage reports and finish reasons."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class VLMChat:
     """A loaded model, tokenizer and vision encoder, with question answering over an image."""
 
@@ -78,9 +86,13 @@ class VLMChat:
         return None if image is None else self.encoder.encode_images([image]).to(self.device)
 
     def stream(self, question: str, image: Optional[Image.Image] = None, history: Sequence[Turn] = (),
-               settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
-        """Yield the answer text piece by piece (never splitting a multi-byte character)."""
+               settings: GenerationSettings = GenerationSettings(),
+               stats: Optional[StreamStats] = None) -> Iterator[str]:
+        """Yield the answer text piece by piece (never splitting a multi-byte character); `stats`, when given,
+        holds the prompt and generated token counts as generation goes."""
         ids = self.build_prompt(question, history, image is not None, reserve=min(settings.max_new_tokens, 64))
+        stats = stats if stats is not None else StreamStats()
+        stats.prompt_tokens, stats.completion_tokens = len(ids), 0
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -92,6 +104,7 @@ class VLMChat:
                 top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, eos_token_id=self.eos_id,
                 generator=generator):
             tokens.append(int(next_ids[0]))
+            stats.completion_tokens = len(tokens)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
                 continue
