@@ -24,4 +24,5 @@ web: install
 	$(PY) -m streamlit run web_server.py --server.address 127.0.0.1
 
 clean:
-	rm -rf $(VENV) out dataset/demo
+	rm -rf $(VENV) dataset/demo
+	find out -mindepth 1 -not -name README.md -exec rm -rf {} +
