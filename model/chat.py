@@ -111,7 +111,3 @@ class VLMChat:
             if len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
-
-    def answer(self, question: str, image: Optional[Image.Image] = None, history: Sequence[Turn] = (),
-               settings: GenerationSettings = GenerationSettings()) -> str:
-        return "".join(self.stream(question, image, history, settings)).strip()

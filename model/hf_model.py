@@ -49,9 +49,9 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
     # The native forward pieces, used unchanged: they only touch attributes this class also has.
     _extend_rope = MiniMindLM._extend_rope
     embed = MiniMindLM.embed
-    decode = MiniMindLM.decode
+    run_blocks = MiniMindLM.run_blocks
     aux_loss = MiniMindLM.aux_loss
-    _head = MiniMindLM._head
+    logits_and_loss = MiniMindLM.logits_and_loss
     find_image_spans = MiniMindVLM.find_image_spans
     splice_images = MiniMindVLM.splice_images
     generate_stream = MiniMindVLM.generate_stream  # the native sampler with its pre-allocated KV cache
@@ -184,5 +184,5 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(cache, KVCache):  # only the native cache (generate_stream); not a transformers Cache
             cache = None
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        out = self._head(self.decode(h, cache), labels)
+        out = self.logits_and_loss(self.run_blocks(h, cache), labels)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)

@@ -89,7 +89,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
                 layer: int = 0) -> torch.Tensor:
-        """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.decode)."""
+        """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.run_blocks)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -266,7 +266,7 @@ class MiniMindLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.tok_embeddings(input_ids))
 
-    def decode(self, h: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Run the blocks and the final norm on embeddings h [B, T, dim] (positions continue the cache)."""
         start = cache.length if cache is not None else 0
         end = start + h.shape[1]
@@ -288,9 +288,10 @@ class MiniMindLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> ModelOutput:
-        return self._head(self.decode(self.embed(input_ids), cache), labels)
+        return self.logits_and_loss(self.run_blocks(self.embed(input_ids), cache), labels)
 
-    def _head(self, h: torch.Tensor, labels: Optional[torch.Tensor], loss_only: bool = False) -> ModelOutput:
+    def logits_and_loss(self, h: torch.Tensor, labels: Optional[torch.Tensor],
+                        loss_only: bool = False) -> ModelOutput:
         """Logits and the loss. labels align with input_ids: position t predicts token t+1; -100 is ignored
         (token id 0 is an ordinary target). loss_only computes logits just where a label is supervised:
         the output head is a large share of a small model's FLOPs and most positions carry no label."""
@@ -393,8 +394,8 @@ class MiniMindVLM(MiniMindLM):
         head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
         last_only the last position ([B, 1, vocab], generation)."""
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        h = self.decode(h, cache)
-        return self._head(h[:, -1:] if last_only else h, labels, loss_only)
+        h = self.run_blocks(h, cache)
+        return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
 
     # ----------------------------------------------------------------- generation
     @torch.inference_mode()
