@@ -513,7 +513,8 @@ def _log_progress(args, epoch, step_in_epoch, iters_per_epoch, global_step, max_
     images_s = window["images"] * world / elapsed
     avg_len = window["tokens"] / max(window["images"], 1)
     head_fraction = window["supervised"] / max(window["tokens"], 1)
-    mfu = tokens_s / world * matmul_flops_per_token(config, avg_len, head_fraction) / peak
+    # a window whose batches all lost their images trained no tokens: no MFU (and no division by a zero length)
+    mfu = tokens_s / world * matmul_flops_per_token(config, avg_len, head_fraction) / peak if avg_len else 0.0
     wait = 100 * window["wait"] / elapsed
     remaining = (min(max_steps, args.epochs * iters_per_epoch) - global_step) * elapsed / max(window["steps"], 1)
     bar.write(f"epoch {epoch + 1}/{args.epochs} ({step_in_epoch}/{iters_per_epoch}) step {global_step} "
