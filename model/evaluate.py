@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from .chat import VLMChat
 from .dataset import SkipCounter, read_records, record_id, record_to_messages
 from .LMConfig import IMAGE_SPECIAL_TOKEN
+from .model import pad_rows
 from .vision_utils import ImageError, open_image
 
 
@@ -26,6 +27,7 @@ class Accuracy:
     majority: float
     majority_answer: str
     skipped: int
+    predictions: list[str] = field(default_factory=list)  # the model's answers, in the order scored
 
     def line(self) -> str:
         return f"accuracy: {self.accuracy:.3f} (n={self.n}, majority baseline {self.majority:.3f})"
@@ -56,8 +58,8 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
                     limit: Optional[int] = None, max_new_tokens: int = 8, batch_size: int = 64) -> Accuracy:
     """Greedy answers for every question, scored by exact match after lower-casing and trimming punctuation.
 
-    Questions with equal prompt lengths are decoded together in batches (identical results to one by one,
-    since no padding is involved).
+    Questions are decoded together in batches of up to batch_size across prompt lengths (left padding with
+    an attention mask: identical results to one by one).
     """
     items, skips = load_qa(path, images_path, image_prefix, limit)
     features: dict[str, Optional[torch.Tensor]] = {}
@@ -75,23 +77,23 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
             features.update(zip(good, chat.encoder.encode_images(images, batch_size)))
     prompts = [(chat.build_prompt(question, (), True), image_path, answer)
                for image_path, question, answer in items if features[image_path] is not None]
-    by_length: dict[int, list] = {}
-    for p in prompts:
-        by_length.setdefault(len(p[0]), []).append(p)
-    correct = 0
-    for group in by_length.values():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            ids = torch.tensor([c[0] for c in chunk], device=chat.device)
-            feats = torch.stack([features[c[1]] for c in chunk]).to(chat.device)
-            out = chat.model.generate(ids, feats, max_new_tokens=max_new_tokens, temperature=0.0,
-                                      eos_token_id=chat.eos_id)
-            for row, (_, _, answer) in zip(out.tolist(), chunk):
-                if chat.eos_id in row:
-                    row = row[:row.index(chat.eos_id)]
-                predicted = chat.tokenizer.decode(row, skip_special_tokens=True)
-                correct += normalise(predicted) == normalise(answer)
+    # Sorted by length so that each batch needs little padding; rows are left-padded and masked, which gives
+    # the same greedy tokens as one question at a time.
+    ordered = sorted(prompts, key=lambda p: len(p[0]))
+    correct, predictions = 0, []
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i:i + batch_size]
+        ids, mask = pad_rows([c[0] for c in chunk], chat.eos_id, "left", device=chat.device)
+        feats = torch.stack([features[c[1]] for c in chunk]).to(chat.device)
+        out = chat.model.generate(ids, feats, max_new_tokens=max_new_tokens, temperature=0.0,
+                                  eos_token_id=chat.eos_id, attention_mask=mask)
+        for row, (_, _, answer) in zip(out.tolist(), chunk):
+            if chat.eos_id in row:
+                row = row[:row.index(chat.eos_id)]
+            predicted = chat.tokenizer.decode(row, skip_special_tokens=True)
+            predictions.append(predicted)
+            correct += normalise(predicted) == normalise(answer)
     n = len(prompts)
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)
-    return Accuracy(correct / max(n, 1), n, top_n / max(n, 1), top, skips.total)
+    return Accuracy(correct / max(n, 1), n, top_n / max(n, 1), top, skips.total, predictions)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                rotation: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim (the Meta-LLaMA complex form).
 
-    x: [B, T, H, D]; cos/sin: [T, D/2]; rotation: optionally cos + i sin precomputed (torch.complex(cos, sin)).
+    x: [B, T, H, D]; cos/sin: [T, D/2], or [B, T, D/2] when rows sit at different positions (left padding);
+    rotation: optionally cos + i sin precomputed (torch.complex(cos, sin)).
     Computed in fp32 and cast back. Eager mode multiplies each pair, read as x0 + i x1, by cos + i sin: one
     kernel forward and one backward instead of a dozen; the result is the same arithmetic. Under torch.compile
     the real form is used (inductor fuses it; it generates no code for complex operators).
@@ -54,17 +55,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if torch.compiler.is_compiling():
         xf = x.float().unflatten(-1, (-1, 2))
         x0, x1 = xf[..., 0], xf[..., 1]
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
         return out.flatten(-2).type_as(x)
     if rotation is None:
         rotation = torch.complex(cos.float(), sin.float())
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rotation[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * rotation.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer; `length` tokens are filled."""
+    """Pre-allocated keys and values for every layer; `length` tokens are filled.
+
+    key_mask is None while no cached position is padding, else bool [B, length]: which cached positions are
+    real tokens (run_blocks keeps it, so later steps need no attention_mask).
+    """
 
     def __init__(self, config: LMConfig, batch: int, max_len: int, device, dtype):
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
@@ -72,6 +77,54 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.key_mask: Optional[torch.Tensor] = None
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values [B, H, T, D] after the `length` cached ones; return all of them so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def key_padding(attention_mask: Optional[torch.Tensor], cache, batch: int, start: int,
+                end: int) -> Optional[torch.Tensor]:
+    """Which of the keys 0..end-1 are real tokens (bool [B, end]), or None when none is padding (the fast path).
+
+    attention_mask (1 = token, 0 = padding) covers either the new tokens (end - start columns; the cache's
+    key_mask supplies the rest) or the whole sequence so far (end columns, the transformers convention).
+    """
+    past = getattr(cache, "key_mask", None) if cache is not None else None
+    if attention_mask is None:
+        if past is None:
+            return None
+        keys = torch.cat([past[:, :start], past.new_ones(batch, end - start)], dim=1)
+    else:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or \
+                attention_mask.shape[1] not in (end - start, end):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, "
+                             f"{end - start}) for the new tokens or ({batch}, {end}) with the cached ones")
+        keys = attention_mask.bool()
+        if keys.shape[1] != end:
+            before = past[:, :start] if past is not None else keys.new_ones(batch, start)
+            keys = torch.cat([before, keys], dim=1)
+        if past is None and bool(keys.all()):
+            return None
+    if isinstance(cache, KVCache):
+        cache.key_mask = keys
+    return keys
+
+
+def padded_attention_mask(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """bool [B, 1, T, end]: causal attention restricted to real keys, for queries at positions start..end-1.
+
+    A padded query sees itself as well, so that no row is empty: an all-masked row would give NaN, which the
+    next layer's values would carry into real rows (0 weight times NaN is NaN).
+    """
+    q = torch.arange(start, end, device=keys.device)[:, None]
+    k = torch.arange(end, device=keys.device)[None, :]
+    allowed = ((k <= q)[None] & keys[:, None, :]) | (k == q)[None]
+    return allowed[:, None]
 
 
 class Attention(nn.Module):
@@ -88,8 +141,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
-                layer: int = 0) -> torch.Tensor:
-        """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.run_blocks)."""
+                layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.run_blocks).
+        attn_mask: None for plain causal attention, or bool [B, 1, T, keys] when rows hold padding
+        (padded_attention_mask)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -100,14 +155,13 @@ class Attention(nn.Module):
         mask, causal = None, T > 1
         if cache is not None:
             start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            k, v = cache.store(layer, k, v)
             if T == 1 and not self.training:
                 # One new token sees the whole cache, so the query heads sharing a kv head can stand in as
-                # that kv head's queries: [B, n_kv, group, D] against [B, n_kv, L, D], no mask, no kv repeat
-                # (head h uses kv head h // group, as enable_gqa does).
-                out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v)
+                # that kv head's queries: [B, n_kv, group, D] against [B, n_kv, L, D], no kv repeat (head h
+                # uses kv head h // group, as enable_gqa does); a padding mask [B, 1, 1, L] broadcasts.
+                out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
+                                                     attn_mask=attn_mask)
                 return self.resid_dropout(self.wo(out.reshape(B, 1, -1)))
             if start > 0 and T > 1:
                 # A chunk after a filled cache: query i sees keys up to start + i.
@@ -115,6 +169,8 @@ class Attention(nn.Module):
                 causal = False
             elif T == 1:
                 causal = False
+        if attn_mask is not None:
+            mask, causal = attn_mask, False
         dtype = q.dtype
         if dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
             # PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in fp32 (forward included,
@@ -217,8 +273,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, rope: tuple, cache: Optional[KVCache] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer_id)
+    def forward(self, x, rope: tuple, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer_id, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -266,17 +323,31 @@ class MiniMindLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.tok_embeddings(input_ids))
 
-    def run_blocks(self, h: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Run the blocks and the final norm on embeddings h [B, T, dim] (positions continue the cache)."""
+    def run_blocks(self, h: torch.Tensor, cache: Optional[KVCache] = None,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the blocks and the final norm on embeddings h [B, T, dim] (positions continue the cache).
+
+        attention_mask (1 = token, 0 = padding; see key_padding for its two accepted widths) keeps padded
+        positions out of attention; a row's RoPE positions count only its real tokens, so a left-padded row
+        is rotated exactly as it would be alone. Without padding this is the plain causal path.
+        """
+        B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
-        end = start + h.shape[1]
+        end = start + T
         if end > self._rope_len:  # longer than max_seq_len (e.g. long generation): grow the table
             self._extend_rope(max(end, 2 * self._rope_len), h.device)
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        keys = key_padding(attention_mask, cache, B, start, end)
+        attn_mask = None
+        if keys is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        else:
+            positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            attn_mask = padded_attention_mask(keys, start, end)
         # the complex table once for all layers (eager only: see apply_rope)
         rope = (cos, sin, None if torch.compiler.is_compiling() else torch.complex(cos.float(), sin.float()))
         for block in self.layers:
-            h = block(h, rope, cache)
+            h = block(h, rope, cache, attn_mask)
         if cache is not None:
             cache.length = end
         return self.norm(h)
@@ -287,8 +358,9 @@ class MiniMindLM(nn.Module):
         return sum(block.feed_forward.aux_loss for block in self.layers)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> ModelOutput:
-        return self.logits_and_loss(self.run_blocks(self.embed(input_ids), cache), labels)
+                cache: Optional[KVCache] = None, attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+        h = self.run_blocks(self.embed(input_ids), cache, attention_mask)
+        return self.logits_and_loss(h, mask_padding_labels(labels, attention_mask))
 
     def logits_and_loss(self, h: torch.Tensor, labels: Optional[torch.Tensor],
                         loss_only: bool = False) -> ModelOutput:
@@ -310,6 +382,14 @@ class MiniMindLM(nn.Module):
         if loss is not None and aux is not None:  # v1 computed the MoE balance loss but never used it
             loss = loss + aux
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+
+
+def mask_padding_labels(labels: Optional[torch.Tensor],
+                        attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """labels with padded positions set to -100, so padding is never a target of the loss."""
+    if labels is None or attention_mask is None:
+        return labels
+    return labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
 
 
 class VisionProj(nn.Module):
@@ -389,12 +469,16 @@ class MiniMindVLM(MiniMindLM):
 
     def forward(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                loss_only: bool = False, last_only: bool = False) -> ModelOutput:
+                loss_only: bool = False, last_only: bool = False,
+                attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
         """logits [B, T, vocab] for every position (and .loss given labels). Two shortcuts skip the output
         head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
-        last_only the last position ([B, 1, vocab], generation)."""
+        last_only the last position ([B, 1, vocab], generation). attention_mask (1 = token, 0 = padding):
+        left padding for generation, right padding for scoring; padded positions are neither attended to
+        nor targets of the loss."""
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        h = self.run_blocks(h, cache)
+        h = self.run_blocks(h, cache, attention_mask)
+        labels = mask_padding_labels(labels, attention_mask)
         return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
 
     # ----------------------------------------------------------------- generation
@@ -411,21 +495,26 @@ class MiniMindVLM(MiniMindLM):
         eos_token_id: Optional[int] = None,
         use_cache: bool = True,
         generator: Optional[torch.Generator] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token ids [B] one step at a time; stops at eos (not yielded) or max_new_tokens.
 
-        temperature <= 0 is greedy. Rows that reached eos keep yielding eos until all have.
+        temperature <= 0 is greedy. Rows that reached eos keep yielding eos until all have. Rows of different
+        lengths are left-padded, with attention_mask [B, T] marking the real tokens (pad_rows builds both).
         """
         ids = input_ids
         B = ids.shape[0]
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
         cache = None
         if use_cache:
             dtype = next(self.parameters()).dtype
             cache = KVCache(self.config, B, ids.shape[1] + max_new_tokens, ids.device, dtype)
-        logits = self(ids, image_features, cache=cache, last_only=True).logits[:, -1]
+        logits = self(ids, image_features, cache=cache, last_only=True, attention_mask=mask).logits[:, -1]
         for step in range(max_new_tokens):
-            next_ids = sample_next(logits.float(), ids, temperature, top_k, top_p, repetition_penalty, generator)
+            # padding is no earlier token of its row: the repetition penalty sees the row's last token there
+            seen = ids if mask is None else torch.where(mask, ids, ids[:, -1:])
+            next_ids = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
             if eos_token_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
                 finished |= next_ids.eq(eos_token_id)
@@ -433,12 +522,14 @@ class MiniMindVLM(MiniMindLM):
                     return
             yield next_ids
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             if step == max_new_tokens - 1:
                 return
-            if cache is not None:
+            if cache is not None:  # the cache remembers which of its positions are padding
                 logits = self(next_ids[:, None], cache=cache).logits[:, -1]
             else:  # recompute everything, image included
-                logits = self(ids, image_features, last_only=True).logits[:, -1]
+                logits = self(ids, image_features, last_only=True, attention_mask=mask).logits[:, -1]
 
     def generate(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
                  **kwargs) -> torch.Tensor:
@@ -447,6 +538,24 @@ class MiniMindVLM(MiniMindLM):
         if not steps:
             return input_ids.new_zeros(input_ids.shape[0], 0)
         return torch.stack(steps, dim=1)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left",
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T], attention_mask [B, T]) of token rows of different lengths: padded on the left for
+    generation (every row's next token comes at the end), on the right for scoring and training."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("pad_rows needs at least one row, and no empty row")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: Optional[int],

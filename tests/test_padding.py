@@ -1,0 +1,108 @@
+"""Padding masks: left padding for generation, right padding for scoring; batched equals row by row."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from model.model import MiniMindVLM, pad_rows
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return MiniMindVLM(tiny_config(tokenizer)).eval()
+
+
+def _rows(model):
+    """Rows of different lengths: two with an image placeholder span, two text-only."""
+    gen = torch.Generator().manual_seed(3)
+    span = list(model.config.image_ids)
+    text = lambda n: torch.randint(100, 6400, (n,), generator=gen).tolist()  # noqa: E731
+    rows = [text(3) + span + text(9), text(5), text(2) + span + text(2), text(17)]
+    features = torch.randn(2, 50, model.config.vision_dim, generator=gen)
+    return rows, features, [0, None, 1, None]
+
+
+def test_left_padded_logits_equal_unpadded(model):
+    rows, features, image_of = _rows(model)
+    ids, mask = pad_rows(rows, PAD, "left")
+    with torch.no_grad():
+        batched = model(ids, features, attention_mask=mask).logits
+        assert torch.isfinite(batched).all()  # padded queries do not produce NaN that leaks on
+        for i, row in enumerate(rows):
+            feats = None if image_of[i] is None else features[image_of[i]:image_of[i] + 1]
+            alone = model(torch.tensor([row]), feats).logits[0]
+            assert torch.allclose(batched[i, -len(row):], alone, atol=1e-5), i
+
+
+def test_right_padding_keeps_padding_out_of_the_loss(model):
+    rows, _, _ = _rows(model)
+    text_rows = [rows[1], rows[3]]
+    ids, mask = pad_rows(text_rows, PAD, "right")
+    with torch.no_grad():
+        out = model(ids, labels=ids, attention_mask=mask)
+        logits = out.logits
+        # the mean over the real targets of both rows, computed row by row
+        total, count = 0.0, 0
+        for i, row in enumerate(text_rows):
+            alone = model(torch.tensor([row]), labels=torch.tensor([row]))
+            assert torch.allclose(logits[i, :len(row)], alone.logits[0], atol=1e-5)
+            total += float(alone.loss) * (len(row) - 1)
+            count += len(row) - 1
+        assert abs(float(out.loss) - total / count) < 1e-5
+        # without the mask the padding would be a target, and the loss would differ
+        assert abs(float(model(ids, labels=ids).loss) - total / count) > 1e-3
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "nocache"])
+def test_batched_greedy_equals_row_by_row(model, use_cache):
+    rows, features, image_of = _rows(model)
+    ids, mask = pad_rows(rows, PAD, "left")
+    batched = model.generate(ids, features, attention_mask=mask, max_new_tokens=12, temperature=0.0,
+                             use_cache=use_cache)
+    for i, row in enumerate(rows):
+        feats = None if image_of[i] is None else features[image_of[i]:image_of[i] + 1]
+        alone = model.generate(torch.tensor([row]), feats, max_new_tokens=12, temperature=0.0)
+        assert batched[i].tolist() == alone[0].tolist(), i
+
+
+def test_batched_repetition_penalty_ignores_padding(model):
+    rows, features, _ = _rows(model)
+    ids, mask = pad_rows(rows, PAD, "left")
+    args = dict(max_new_tokens=8, temperature=0.0, repetition_penalty=1.3)
+    batched = model.generate(ids, features, attention_mask=mask, **args)
+    alone = model.generate(torch.tensor([rows[1]]), **args)
+    assert batched[1].tolist() == alone[0].tolist()
+
+
+def test_pad_rows_and_mask_errors(model):
+    ids, mask = pad_rows([[5, 6, 7], [8]], PAD, "left")
+    assert ids.tolist() == [[5, 6, 7], [PAD, PAD, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], PAD, "right")
+    assert ids.tolist() == [[5, 6, 7], [8, PAD, PAD]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(ids, attention_mask=mask[:, :2])
+
+
+def test_evaluation_batches_across_prompt_lengths(tmp_path, tokenizer, tiny_clip_dir):
+    from helpers import make_dataset
+    from model.chat import VLMChat
+    from model.evaluate import answer_accuracy
+    from model.vision_utils import load_vision_encoder
+
+    questions = ["What colour is it?", "Name the colour of this square, please.", "Colour?",
+                 "Which colour do you see in the picture in front of you?"]
+    extra = [{"id": f"q{i}", "image": f"img_{i % 4}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "red"}]} for i, q in enumerate(questions)]
+    data, images = make_dataset(tmp_path, 4, extra_records=extra)
+    torch.manual_seed(1)
+    chat = VLMChat(MiniMindVLM(tiny_config(tokenizer, vision_dim=64)), tokenizer, load_vision_encoder(str(tiny_clip_dir)))
+    lengths = {len(chat.build_prompt(q)) for q in questions}
+    assert len(lengths) == len(questions)  # the batch really mixes prompt lengths
+    batched = answer_accuracy(chat, str(data), str(images), max_new_tokens=6, batch_size=16)
+    one_by_one = answer_accuracy(chat, str(data), str(images), max_new_tokens=6, batch_size=1)
+    assert batched.n == 8 and batched.predictions == one_by_one.predictions
+    assert batched.accuracy == one_by_one.accuracy
