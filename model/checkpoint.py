@@ -5,10 +5,13 @@ the full config is written beside them as `<name>.config.json` (head counts cann
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import pickle
 import re
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -79,8 +82,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    refuse_special_file(path)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -103,7 +105,48 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         sd = sd["model"]  # a resume checkpoint
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    check_tensors(sd, path)
     return strip_prefixes(sd)
+
+
+def refuse_special_file(path: str) -> None:
+    """A checkpoint is a non-empty regular file: name a directory, FIFO or device for what it is."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file (give the .pth or .safetensors file)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else \
+            "a character device" if stat.S_ISCHR(st.st_mode) else "not a regular file"
+        raise CheckpointError(f"{path}: not a regular file ({kind})")
+    if st.st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensors(sd: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse tensors that are not plain float weights before anything is sized from them.
+
+    A stride-0 (expanded) or otherwise non-contiguous view can describe gigabytes with a few stored bytes, and a
+    model built from its shape would allocate them all; a storage smaller than the shape needs is a forged file;
+    integer, bool or complex weights are not MiniMind weights; NaN/inf weights would only fail at generation."""
+    for key, t in sd.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {key}: dtype {str(t.dtype).replace('torch.', '')} is not a float type "
+                                  f"(weights are float32, float16, bfloat16 or float64)")
+        if t.numel() == 0:
+            continue
+        if not t.is_contiguous() or any(st == 0 for st, n in zip(t.stride(), t.shape) if n > 1):
+            raise CheckpointError(f"{path}: {key}: stored as a non-contiguous or expanded view (shape "
+                                  f"{tuple(t.shape)}, stride {tuple(t.stride())}); refused")
+        needed = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        if t.untyped_storage().nbytes() < needed:
+            raise CheckpointError(f"{path}: {key}: shape {tuple(t.shape)} needs {needed} bytes but only "
+                                  f"{t.untyped_storage().nbytes()} are stored")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: {key}: {bad} non-finite value(s) (NaN or inf) in the weights")
 
 
 def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,16 +173,25 @@ def has_projection_bias(sd: dict[str, torch.Tensor]) -> bool:
 def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Model config fields read off tensor shapes; `stored` (the sidecar config) supplies head counts."""
     stored = dict(stored or {})
-    try:
-        vocab_size, dim = sd["tok_embeddings.weight"].shape
-    except KeyError:
-        raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight") from None
+    if "tok_embeddings.weight" not in sd:
+        raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight")
+    if sd["tok_embeddings.weight"].dim() != 2:
+        raise CheckpointError(f"tok_embeddings.weight has {sd['tok_embeddings.weight'].dim()} dimensions "
+                              f"(shape {tuple(sd['tok_embeddings.weight'].shape)}), not 2 (vocab_size x dim)")
+    vocab_size, dim = sd["tok_embeddings.weight"].shape
     layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
     n_layers = max(layer_ids) + 1 if layer_ids else 0
+    if len(layer_ids) != n_layers:  # ids are >= 0 with max n_layers - 1: equal counts means 0..n-1, no gap
+        first_gap = next(i for i in range(n_layers) if i not in layer_ids)
+        raise CheckpointError(f"layer indices are not contiguous: {len(layer_ids)} layers up to index "
+                              f"{n_layers - 1}, layer {first_gap} is missing")
+    check_config_fields(stored, what="stored config")
+    n_heads = stored.get("n_heads", 16 if dim % 16 == 0 else 8)
+    if not dim or dim % n_heads:
+        raise CheckpointError(f"dim {dim} (from tok_embeddings.weight) is not a multiple of n_heads {n_heads}")
     experts = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.0\.feed_forward\.experts\.(\d+)\.", k))}
     use_moe = bool(experts)
     w1 = sd.get("layers.0.feed_forward.experts.0.w1.weight" if use_moe else "layers.0.feed_forward.w1.weight")
-    n_heads = stored.get("n_heads", 16 if dim % 16 == 0 else 8)
     head_dim = dim // n_heads
     wk = sd.get("layers.0.attention.wk.weight")
     n_kv_heads = wk.shape[0] // head_dim if wk is not None else stored.get("n_kv_heads", 8)
@@ -154,7 +206,48 @@ def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] =
     proj = sd.get("vision_proj.vision_proj.0.weight")
     if proj is not None:
         cfg["vision_dim"] = int(proj.shape[1])
+    check_config_fields(cfg)
     return cfg
+
+
+# Sane bounds for every size-like config field (type, lowest, highest): values outside them come from a damaged
+# or forged file and would otherwise reach the constructor (a max_seq_len of 10^9 allocates its RoPE table).
+CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "dim": (int, 1, 16384), "n_layers": (int, 1, 256), "n_heads": (int, 1, 1024), "n_kv_heads": (int, 1, 1024),
+    "vocab_size": (int, 1, 1_048_576), "hidden_dim": (int, 1, 262_144), "multiple_of": (int, 1, 16384),
+    "max_seq_len": (int, 1, 131_072), "vision_dim": (int, 1, 16384), "n_routed_experts": (int, 1, 256),
+    "num_experts_per_tok": (int, 1, 256), "norm_eps": (float, 1e-12, 1.0), "dropout": (float, 0.0, 0.99),
+    "rope_theta": (float, 1.0, 1e9), "aux_loss_alpha": (float, 0.0, 1e3),
+}
+BOOL_FIELDS = ("use_moe", "vision_proj_bias", "flash_attn", "seq_aux", "norm_topk_prob")
+
+
+def check_config_fields(fields: dict[str, Any], what: str = "config") -> None:
+    """Raise CheckpointError (one line, naming the field) for a config value of the wrong type or out of bounds,
+    or head/expert counts that do not divide; fields that are absent or None (hidden_dim) are skipped."""
+    for name, (kind, low, high) in CONFIG_BOUNDS.items():
+        value = fields.get(name)
+        if value is None:
+            continue
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (kind is float or float(value).is_integer())
+        if not ok_type or not math.isfinite(value) or not low <= value <= high:
+            want = "an integer" if kind is int else "a number"
+            raise CheckpointError(f"{what}: {name} = {_brief(value)} is out of range ({want} in [{low:g}, {high:g}])")
+    for name in BOOL_FIELDS:
+        if name in fields and fields[name] is not None and not isinstance(fields[name], bool):
+            raise CheckpointError(f"{what}: {name} = {_brief(fields[name])} is not true/false")
+    heads, kv = fields.get("n_heads"), fields.get("n_kv_heads")
+    if heads is not None and kv is not None and heads % kv:
+        raise CheckpointError(f"{what}: n_heads {heads} is not a multiple of n_kv_heads {kv}")
+    if fields.get("use_moe") and fields.get("num_experts_per_tok", 2) > fields.get("n_routed_experts", 4):
+        raise CheckpointError(f"{what}: num_experts_per_tok {fields.get('num_experts_per_tok')} is more than "
+                              f"n_routed_experts {fields.get('n_routed_experts')}")
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shorten(keys: list[str], limit: int = 8) -> str:
@@ -165,6 +258,15 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "c
                  allow_new_projection: bool = False) -> LoadReport:
     """Strictly load sd into model. The one allowed gap is the projection (an LLM-only checkpoint
     starting a VLM) when allow_new_projection is set; it is reported in LoadReport.new_keys."""
+    sd, new_keys = fit_check(model, sd, source, allow_new_projection)
+    model.load_state_dict(sd, strict=False)  # every key checked above; only new_keys stay initialised
+    return LoadReport(new_keys=new_keys)
+
+
+def fit_check(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+              allow_new_projection: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(sd ready to load, keys the model must initialise itself), or CheckpointError naming every mismatch.
+    Works on a model built on the meta device, so a file can be checked before any memory is allocated."""
     sd = strip_prefixes(sd)
     expected = model.state_dict()
     if PROJ_BIAS in sd and PROJ_BIAS not in expected and not has_projection_bias(sd):
@@ -184,8 +286,7 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "c
         problems.append(f"shape mismatch: {_shorten(mismatched, 4)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model ({'; '.join(problems)})")
-    model.load_state_dict(sd, strict=False)  # every key checked above; only new_keys stay initialised
-    return LoadReport(new_keys=new_keys)
+    return sd, new_keys
 
 
 def read_stored_config(path: PathLike) -> dict[str, Any]:
@@ -204,11 +305,14 @@ def read_stored_config(path: PathLike) -> dict[str, Any]:
 
 def config_from_checkpoint(path: PathLike, **overrides: Any) -> tuple[LMConfig, dict[str, torch.Tensor]]:
     sd = read_state_dict(path)
+    stored = read_stored_config(path)
+    check_config_fields(stored, what=str(config_path_for(path)))
     try:
-        fields = infer_config(sd, read_stored_config(path))
+        fields = infer_config(sd, stored)
     except CheckpointError as e:
         raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    check_config_fields(fields, what=f"{path} (with the given options)")
     return LMConfig(**fields), sd
 
 
@@ -220,6 +324,8 @@ def load_model(path: PathLike, image_ids: Optional[list[int]] = None, device: Un
     config, sd = config_from_checkpoint(path, **overrides)
     if image_ids is not None:
         config.image_ids = list(image_ids)
+    with torch.device("meta"):  # check every key and shape against a model that allocates nothing
+        fit_check(MiniMindVLM(config), sd, source=str(path))
     model = MiniMindVLM(config)
     load_weights(model, sd, source=str(path))
     return model.to(device).eval()
@@ -266,6 +372,23 @@ def atomic_write(path: PathLike, write_fn) -> None:
             error.errno = e.errno
             raise error from e
         raise
+
+
+def remove_stale_temp_files(paths: list[PathLike]) -> list[str]:
+    """Delete the temp files (`.<name>.<random>.tmp`, made by atomic_write) that a killed save of one of `paths`
+    left behind; the files under the final names are never touched. Returns what was removed.
+
+    Call it only from the one process that writes these paths (a concurrent writer's temp file looks the same)."""
+    removed = []
+    for path in paths:
+        path = Path(path)
+        if not path.parent.is_dir():
+            continue
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp))
+    return removed
 
 
 def save_checkpoint(model: nn.Module, path: PathLike) -> None:

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import (CheckpointError, load_object, load_weights, read_state_dict, save_checkpoint,
-                         save_object, unwrap, has_projection_bias)
+from .checkpoint import (CheckpointError, config_path_for, load_object, load_weights, read_state_dict,
+                         remove_stale_temp_files, save_checkpoint, save_object, unwrap, has_projection_bias)
 from .dataset import DataError, VLMDataset, collate
 from .feature_cache import FeatureStore
 from .LMConfig import LMConfig
@@ -272,6 +272,9 @@ def _train(args, stage: Stage, device, rank: int, world: int, distributed: bool,
     metrics_path = os.path.join(args.out_dir, f"{stem}_vlm_{stage.name}_log.jsonl")
     if is_main and not args.resume and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    if is_main:  # temp files of saves that a kill interrupted: never resumed from, only taking space
+        for tmp in remove_stale_temp_files([out_path, config_path_for(out_path), resume_path]):
+            log.info("removed %s, left by an interrupted save", tmp)
 
     tokenizer = load_tokenizer(args.tokenizer_path)
     # ----- model and its starting weights

@@ -1,0 +1,142 @@
+"""Small crafted checkpoints that used to make the loader allocate without bound or crash deep inside torch:
+a huge layer index, a stride-0 expanded tensor, absurd sidecar values, non-float dtypes, NaN weights, odd
+embedding ranks, and a directory or FIFO given as the checkpoint. Each is refused with one line naming the file,
+before the model is built."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from model.checkpoint import CheckpointError, config_path_for, load_model, read_state_dict, save_checkpoint
+from model.model import MiniMindVLM
+
+
+@pytest.fixture(scope="module")
+def good_sd() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in MiniMindVLM(tiny_config()).state_dict().items()}
+
+
+def _refused(path: Path, phrase: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert phrase in message and "\n" not in message, message
+    assert path.name in message, message
+    assert time.perf_counter() - start < 10  # refused up front, not after building a huge model
+    return message
+
+
+def test_huge_layer_index_is_refused_before_building_layers(good_sd, tmp_path):
+    path = tmp_path / "extra_layer.pth"
+    torch.save({**good_sd, "layers.100000000.attention_norm.weight": torch.ones(64)}, path)
+    _refused(path, "layer indices are not contiguous")
+
+
+def test_stride_0_expanded_tensor_is_refused(good_sd, tmp_path):
+    path = tmp_path / "expanded.pth"
+    # 4 M x 64 floats (1 GB) described by 64 stored floats: it sized the vocabulary, and the model, from it
+    torch.save({**good_sd, "tok_embeddings.weight": torch.zeros(1, 64).expand(4_000_000, 64)}, path)
+    assert path.stat().st_size < 3_000_000  # the rest of the tiny model: 2 MB
+    _refused(path, "non-contiguous or expanded view")
+
+
+@pytest.mark.parametrize("field, value", [("max_seq_len", 10**9), ("n_heads", 0), ("n_heads", 2.5),
+                                          ("n_kv_heads", 3), ("rope_theta", 0), ("norm_eps", "tiny"),
+                                          ("use_moe", "yes"), ("dropout", 1.5)])
+def test_absurd_sidecar_values_are_refused(tmp_path, field, value):
+    path = tmp_path / "model.pth"
+    save_checkpoint(MiniMindVLM(tiny_config()), path)
+    sidecar = config_path_for(path)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), field: value}))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert "\n" not in message and sidecar.name in message and field in message, message
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_dtypes_are_refused(good_sd, tmp_path, dtype):
+    path = tmp_path / "int.pth"
+    torch.save({**good_sd, "norm.weight": torch.ones(64, dtype=dtype)}, path)
+    message = _refused(path, "is not a float type")
+    assert "norm.weight" in message
+
+
+def test_bool_safetensors_is_refused(good_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bool.safetensors"
+    save_file({**{k: v.contiguous() for k, v in good_sd.items()}, "norm.weight": torch.ones(64, dtype=torch.bool)},
+              str(path))
+    _refused(path, "dtype bool is not a float type")
+
+
+def test_nan_weights_are_refused_at_load(good_sd, tmp_path):
+    weight = good_sd["layers.1.feed_forward.w2.weight"].clone()
+    weight[3, 5] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save({**good_sd, "layers.1.feed_forward.w2.weight": weight}, path)
+    assert "layers.1.feed_forward.w2.weight: 1 non-finite value" in _refused(path, "NaN or inf")
+
+
+@pytest.mark.parametrize("shape", [(), (10, 8, 8)])
+def test_embedding_of_the_wrong_rank_names_the_file(good_sd, tmp_path, shape):
+    path = tmp_path / "rank.pth"
+    torch.save({**good_sd, "tok_embeddings.weight": torch.zeros(shape)}, path)
+    _refused(path, f"tok_embeddings.weight has {len(shape)} dimensions")
+
+
+def test_directory_and_fifo_are_named_for_what_they_are(tmp_path):
+    folder = tmp_path / "a_folder.pth"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="a_folder.pth: is a directory, not a checkpoint file"):
+        read_state_dict(folder)
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"pipe.pth: not a regular file \(a FIFO"):
+        read_state_dict(fifo)
+
+
+def test_eval_chat_reports_crafted_checkpoints_in_one_line(good_sd, tmp_path, tiny_clip_dir, capsys):
+    torch.save({**good_sd, "layers.7.attention_norm.weight": torch.ones(64)}, tmp_path / "gap.pth")
+    spec = importlib.util.spec_from_file_location("eval_chat_crafted", ROOT / "3-eval_chat.py")
+    eval_chat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_chat)
+    for ckpt, phrase in [(tmp_path / "gap.pth", "not contiguous"), (tmp_path, "is a directory")]:
+        code = eval_chat.main(["--ckpt", str(ckpt), "--clip_path", str(tiny_clip_dir), "--tokenizer_path",
+                               TOKENIZER_PATH, "--image", str(ROOT / "images"), "--max_new_tokens", "2",
+                               "--device", "cpu"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and len(lines) == 1 and phrase in lines[0] and "Traceback" not in err, lines
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path, tiny_clip_dir):
+    from helpers import make_dataset, train_argv
+    from model.trainer import PRETRAIN, build_parser, train
+
+    data, images = make_dataset(tmp_path / "data", n_images=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".64_vlm_pretrain.pth.k2j3h4.tmp", out / ".64_vlm_pretrain.config.json.zz81.tmp",
+             out / ".64_vlm_pretrain_resume.pth.q1w2.tmp"]
+    for tmp in stale:
+        tmp.write_bytes(b"half of a save")
+    unrelated = [out / ".64_vlm_sft.pth.a1b2.tmp", out / "notes.tmp"]  # another stage's, a user's file
+    for other in unrelated:
+        other.write_bytes(b"keep me")
+    args = build_parser(PRETRAIN).parse_args(train_argv(data, images, tiny_clip_dir, out, "--epochs", "1",
+                                                        "--max_steps", "1"))
+    train(args, PRETRAIN)
+    assert not any(tmp.exists() for tmp in stale)
+    assert all(other.read_bytes() == b"keep me" for other in unrelated)
+    assert not list(out.glob(".64_vlm_pretrain*.tmp"))  # and the run's own saves left none
