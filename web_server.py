@@ -42,7 +42,8 @@ from PIL import Image  # noqa: E402
 
 from model.chat import GenerationSettings, Turn, VLMChat  # noqa: E402
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
-from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, open_image  # noqa: E402
+from model.vision_utils import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in,  # noqa: E402
+                                is_stand_in, open_image)
 
 MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
@@ -104,17 +105,15 @@ def parse_args(argv: Sequence[str], env: Optional[dict[str, str]] = None) -> Ser
 
 def resolve_clip_path(clip_path: str) -> tuple[str, Optional[str]]:
     """The CLIP directory to load and a warning to show when it is the untrained stand-in."""
-    default, stand_in = ROOT / DEFAULT_CLIP_PATH, ROOT / STAND_IN_CLIP_PATH
-    is_default = Path(clip_path).resolve() == default
-    if is_default and not (default / "config.json").exists() and (stand_in / "config.json").exists():
-        return str(stand_in), (
-            f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
-            f"{STAND_IN_CLIP_PATH} is used: {STAND_IN_EFFECT} Get the real one with "
-            f"`python scripts/download.py --what clip`.")
-    if Path(clip_path).resolve() == stand_in.resolve() or (Path(clip_path) / "STAND_IN.md").exists():
-        return clip_path, (f"{clip_path} is the UNTRAINED stand-in CLIP: {STAND_IN_EFFECT} Get the real one "
-                           f"with `python scripts/download.py --what clip`.")
-    return clip_path, None
+    path = clip_or_stand_in(clip_path, str(ROOT))
+    if path != clip_path:
+        return path, (f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
+                      f"{STAND_IN_CLIP_PATH} is used: {STAND_IN_EFFECT} Get the real one with "
+                      f"`python scripts/download.py --what clip`.")
+    if is_stand_in(path):
+        return path, (f"{clip_path} is the UNTRAINED stand-in CLIP: {STAND_IN_EFFECT} Get the real one "
+                      f"with `python scripts/download.py --what clip`.")
+    return path, None
 
 
 def list_checkpoints(out_dir: str) -> list[CheckpointInfo]:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from model.trainer import matmul_peak_flops  # noqa: E402,F401  (one peak measurement for logs and benchmarks)
+from model.metrics import peak_memory_mb  # noqa: E402,F401  (the trainer's log and the benches report the same)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_DIR = ROOT / ".cache" / "bench"  # git-ignored: the 12-layer stand-in CLIP and the feature store
@@ -103,6 +103,25 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ measured peaks
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
+                      reps: int = 5, rounds: int = 3) -> float:
+    """Dense matmul peak in FLOP/s: best-of `rounds` timings of `reps` n x n matmuls (2 n^3 FLOPs each)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm up (and pick the kernel)
+    sync(device)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best
+
+
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 5) -> float:
     """Read bandwidth in bytes/s: best-of `rounds` timings of summing an fp32 tensor of `nbytes`."""
     x = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
@@ -116,14 +135,6 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 5)
         best = min(best, time.perf_counter() - t0)
     del x
     return nbytes / best
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # ------------------------------------------------------------------------------------------ output

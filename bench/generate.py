@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
 from model.LMConfig import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
 from model.model import KVCache, MiniMindVLM  # noqa: E402
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, render_chat  # noqa: E402
+from model.train_config import add_model_size_args, model_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--new_tokens", type=int, default=200)
     a("--device", default="cpu")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
-    a("--dim", type=int, default=512)
-    a("--n_layers", type=int, default=8)
-    a("--n_heads", type=int, default=16)
-    a("--n_kv_heads", type=int, default=8)
-    a("--max_seq_len", type=int, default=200)
+    add_model_size_args(p)  # the trainer's size flags: --preset (default minimind-v-small), --dim, ...
     a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
     a("--prompt", default="Describe the image in detail.")
     a("--reps", type=int, default=3, help="best-of repetitions (prefill, decode with cache)")
@@ -89,8 +86,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = machine_info(device)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                      max_seq_len=args.max_seq_len, image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)
+    config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)
     torch.manual_seed(args.seed)
     model = MiniMindVLM(config).to(device, dtype).eval()
     if args.compile:

@@ -1,8 +1,8 @@
 """Training throughput and MFU of the MiniMind-V training step (pretrain and SFT, demo data).
 
-Runs the trainer's step (model/trainer.py): MiniMindVLM forward with loss_only=True, backward, gradient
-clipping at 1.0, AdamW, zero_grad(set_to_none) and the v1 lr schedule, on batches built by the trainer's
-VLMDataset + collate from the demo data, in four settings per stage:
+Times the trainer's own step, `model.train_step.train_step` (features from the cache or the CLIP tower,
+MiniMindVLM forward with loss_only=True, backward, gradient clipping at 1.0, AdamW, zero_grad, the v1 lr
+schedule), on batches built by the trainer's VLMDataset + collate from the demo data, in four settings per stage:
   online  : pixels decoded each step and encoded by the CLIP tower each step (the trainer without
             --feature_cache). Default tower: a 12-layer ViT-B/32-shaped *stand-in* (random weights, real
             shape, so real cost), built once into .cache/bench/clip_b32_12l.
@@ -14,20 +14,12 @@ Timed: `--steps` steps after `--warmup` untimed ones, from fetching the batch (d
 `--num_workers` 0 by default: on a 2-core machine workers only steal cores from the step) to the end of
 the optimizer step (device synchronised).
 
-Useful FLOPs of one batch (padding never counts; only matmuls are counted):
-  rows r with n_r real tokens, S supervised positions (labels[:, 1:] != -100), R images (50 tokens each),
-  d = dim, L = n_layers, kv = n_kv_heads * head_dim, f = ffn hidden, V = vocab, v = vision_dim,
-  P = L * (2 d^2 + 2 d kv + 3 d f)                          matmul weights of the blocks
-  F = sum_r 6 P n_r                                         blocks: forward 2, backward 4 per weight and token
-    + sum_r 6 L d n_r (n_r + 1)                             causal attention QK^T and AV: n(n+1)/2 pairs,
-                                                            2 FLOPs x (QK + AV) x 3 (fwd + bwd), width d
-    + 6 d V S                                               output head at supervised positions only (loss_only)
-    + 4 v d 50 R                                            vision projection: forward + weight grad (the
-                                                            features need no grad)
-  MFU = F / step time / peak. The peak is this machine's dense matmul peak in the same dtype, measured in
-  this run (bench/common.py: best-of n x n matmuls) on CPU; on CUDA the card's datasheet dense peak
-  (model/trainer.py peak_flops: H100/H200 989 TFLOPS bf16) and the measured one is reported beside it.
-  The frozen CLIP tower's FLOPs (online runs) are not counted: MFU is the language model's work.
+Useful FLOPs of a step: `LMConfig.train_flops`, the one FLOP model the trainer's log uses too (matmuls on real
+tokens only: padding never counts; the output head at supervised positions; the projection's forward and weight
+gradient; the frozen CLIP tower is not counted). MFU = useful FLOPs / step time / peak. The peak is this machine's
+dense matmul peak in the same dtype, measured in this run (bench/common.py: best-of n x n matmuls) on CPU; on
+CUDA the card's datasheet dense peak (model/metrics.py: H100/H200 989 TFLOPS bf16) and the measured one is
+reported beside it.
 
 The last printed line is JSON: samples_per_s_online, samples_per_s_cached, useful_tokens_per_s_cached,
 mfu_cached (pretrain stage, batch-longest padding), matmul_peak_gflops, dtype, and every run under "runs".
@@ -35,7 +27,7 @@ mfu_cached (pretrain stage, batch-longest padding), matmul_peak_gflops, dtype, a
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import gc
 import math
 import os
@@ -55,38 +47,13 @@ from bench.common import (  # noqa: E402
     peak_memory_mb, ROOT, setup_threads, sync, write_results)
 from model.dataset import VLMDataset, collate  # noqa: E402
 from model.feature_cache import FeatureStore  # noqa: E402
-from model.LMConfig import IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.LMConfig import LMConfig  # noqa: E402
+from model.metrics import peak_flops  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer  # noqa: E402
-from model.trainer import apply_freeze, lr_at, peak_flops  # noqa: E402
+from model.train_config import add_model_size_args, model_size  # noqa: E402
+from model.train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
 from model.vision_utils import load_vision_encoder  # noqa: E402
-
-
-def useful_flops(config: LMConfig, lengths: list[int], supervised: int, images: int) -> float:
-    """Matmul FLOPs of one training step on real tokens only (formula in the module docstring)."""
-    d, L, V, v = config.dim, config.n_layers, config.vocab_size, config.vision_dim
-    kv = config.n_kv_heads * config.head_dim
-    if config.use_moe:
-        experts = config.num_experts_per_tok + (config.n_shared_experts is not None)
-        ffn = 3 * d * config.ffn_hidden_dim * experts + d * config.n_routed_experts  # + the gate
-    else:
-        ffn = 3 * d * config.ffn_hidden_dim
-    P = L * (2 * d * d + 2 * d * kv + ffn)
-    n = np.asarray(lengths, dtype=np.float64)
-    return float(6 * P * n.sum() + 6 * L * d * (n * (n + 1)).sum() + 6 * d * V * supervised
-                 + 4 * v * d * IMAGE_TOKENS * images)
-
-
-class Collate:
-    """The trainer's collate plus the per-row real lengths (for the FLOP count); picklable for workers."""
-
-    def __init__(self, pad_to: Optional[int]):
-        self.pad_to = pad_to
-
-    def __call__(self, items):
-        batch = collate(items, self.pad_to)
-        batch["lengths"] = [len(it["input_ids"]) for it in items if "error" not in it]
-        return batch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--settings", default="online,cached,cached_max",
       help="comma list of online (batch-longest), cached (batch-longest), cached_max (pad to max_seq_len), "
            "online_max")
-    # model (default: the minimind-v-small preset, 512/8)
-    a("--dim", type=int, default=512)
-    a("--n_layers", type=int, default=8)
-    a("--n_heads", type=int, default=16)
-    a("--n_kv_heads", type=int, default=8)
-    a("--max_seq_len", type=int, default=200, help="the trainer's default")
+    add_model_size_args(p)  # the trainer's size flags: --preset (default minimind-v-small), --dim, ...
     # data
     a("--pretrain_data", default="dataset/demo/pretrain.json")
     a("--sft_data", default="dataset/demo/sft.json")
@@ -148,21 +110,15 @@ class Bench:
         self.tokenizer = load_tokenizer(args.tokenizer_path)
         self.encoder = load_vision_encoder(clip_path, self.device)
         self.encoder_layers = self.encoder.clip.config.num_hidden_layers
-        self.config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                               n_kv_heads=args.n_kv_heads, max_seq_len=args.max_seq_len,
-                               image_ids=image_token_ids(self.tokenizer), vision_dim=self.encoder.hidden_size)
+        self.config = LMConfig(**model_size(args), image_ids=image_token_ids(self.tokenizer),
+                               vision_dim=self.encoder.hidden_size)
         torch.manual_seed(args.seed)
         self.model = MiniMindVLM(self.config)
         apply_freeze(self.model, 0)
         self.model.to(self.device).train()
         self.train_model = torch.compile(self.model) if args.compile else self.model
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            self.autocast = lambda: torch.autocast("cuda", dtype=self.dtype)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-        else:
-            self.autocast = contextlib.nullcontext
+        autocast, _ = autocast_for(self.device, args.dtype, cpu_bf16=self.dtype == torch.bfloat16)
+        self.ctx = StepContext(self.encoder, self.device, autocast, accumulation_steps=1, grad_clip=1.0)
         self.datasets: dict[str, VLMDataset] = {}
         self.store = FeatureStore(args.cache_dir, self.encoder.fingerprint)
 
@@ -188,7 +144,7 @@ class Bench:
         else:
             ds.feature_store = None
         loader = DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=self.args.num_workers,
-                            collate_fn=Collate(self.args.max_seq_len if pad_max else None),
+                            collate_fn=functools.partial(collate, pad_to=self.args.max_seq_len if pad_max else None),
                             pin_memory=self.device.type == "cuda", drop_last=False)
         if self.args.preload:
             return list(loader)
@@ -197,11 +153,10 @@ class Bench:
     def run(self, stage: str, setting: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
         cached, pad_max = setting.startswith("cached"), setting.endswith("_max")
         data = self.loader(stage, batch, steps + warmup, cached, pad_max)
-        dev, model = self.device, self.train_model
-        fused = dev.type == "cuda" or self.args.fused_adamw
-        optimizer = torch.optim.AdamW(self.trainable, lr=4e-4, weight_decay=0.0, **({"fused": True} if fused else {}))
+        dev = self.device
+        state = new_train_state(self.model, dev, torch.float32, lr=4e-4, fused=self.args.fused_adamw)
         total = steps + warmup
-        acc = dict(samples=0, tokens=0, padded=0, supervised=0, images=0, flops=0.0, wait=0.0, encode=0.0)
+        acc = dict(samples=0, tokens=0, padded=0, supervised=0, flops=0.0, wait=0.0)
         batches = iter(data)
         t0 = time.perf_counter()
         for i in range(total):
@@ -214,48 +169,27 @@ class Bench:
             tw = time.perf_counter()
             b = next(batches)
             acc["wait"] += time.perf_counter() - tw
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(i, total, 4e-4, 0)
-            input_ids = b["input_ids"].to(dev, non_blocking=True)
-            labels = b["labels"].to(dev, non_blocking=True)
-            if "features" in b:
-                features = b["features"].to(dev, non_blocking=True).float()
-            else:
-                te = time.perf_counter()
-                features = self.encoder.encode_pixels(b["pixels"].to(dev, non_blocking=True))
-                if dev.type == "cuda":
-                    sync(dev)
-                acc["encode"] += time.perf_counter() - te
-            with self.autocast():
-                loss = model(input_ids, features, labels=labels, loss_only=True).loss
-            loss.backward()
-            loss_value = loss.item()
-            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value}")
-            sup = int((b["labels"][:, 1:] != -100).sum())
-            acc["samples"] += input_ids.shape[0]
-            acc["tokens"] += b["n_tokens"]
-            acc["padded"] += input_ids.numel()
-            acc["supervised"] += sup
-            acc["images"] += input_ids.shape[0]
-            acc["flops"] += useful_flops(self.config, b["lengths"], sup, input_ids.shape[0])
+            m = train_step(self.train_model, [b], state, lr_at(i, total, 4e-4, 0), self.ctx)
+            if m.non_finite:
+                raise FloatingPointError(f"non-finite loss {m.loss}")
+            acc["samples"] += m.images
+            acc["tokens"] += m.tokens
+            acc["padded"] += b.input_ids.numel()
+            acc["supervised"] += b.supervised
+            acc["flops"] += m.flops
         sync(dev)
         elapsed = time.perf_counter() - t0
-        del optimizer, data, batches
+        del state, data, batches
         gc.collect()
         return {"stage": stage, "setting": setting, "batch_size": batch, "steps": steps,
                 "step_ms": 1000 * elapsed / steps,
-                "samples_per_s": acc["samples"] / elapsed, "images_per_s": acc["images"] / elapsed,
+                "samples_per_s": acc["samples"] / elapsed, "images_per_s": acc["samples"] / elapsed,
                 "useful_tokens_per_s": acc["tokens"] / elapsed, "padded_tokens_per_s": acc["padded"] / elapsed,
                 "useful_tflops": acc["flops"] / elapsed / 1e12,
                 "pad_fraction": 1 - acc["tokens"] / max(acc["padded"], 1),
                 "mean_len": acc["tokens"] / max(acc["samples"], 1),
                 "supervised_per_sample": acc["supervised"] / max(acc["samples"], 1),
-                "data_wait_pct": 100 * acc["wait"] / elapsed, "clip_encode_pct": 100 * acc["encode"] / elapsed,
-                "loss": loss_value, "peak_mem_mb": peak_memory_mb(dev)}
+                "data_wait_pct": 100 * acc["wait"] / elapsed, "loss": m.loss, "peak_mem_mb": peak_memory_mb(dev)}
 
 
 def is_oom(e: BaseException) -> bool:
@@ -316,12 +250,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"{stage:8s} {setting:10s} batch {batch}: {r['samples_per_s']:8.1f} samples/s "
                   f"{r['useful_tokens_per_s']:10,.0f} useful tok/s {r['images_per_s']:8.1f} img/s "
                   f"{r['useful_tflops'] * 1e3:8.1f} useful GFLOP/s | step {r['step_ms']:.0f} ms | pad "
-                  f"{100 * r['pad_fraction']:.0f}% | data-wait {r['data_wait_pct']:.1f}% | clip "
-                  f"{r['clip_encode_pct']:.0f}%", flush=True)
+                  f"{100 * r['pad_fraction']:.0f}% | data-wait {r['data_wait_pct']:.1f}%", flush=True)
 
     # the peak again at the end, best-of both: load from other processes only ever lowers it
     measured_peak = max(measured_peak, matmul_peak_flops(dev, bench.dtype, args.peak_n))
-    peak = peak_flops(dev, bench.dtype) if dev.type == "cuda" else measured_peak
+    peak = peak_flops(dev, bench.dtype) or measured_peak  # a known GPU's datasheet peak, else the measured one
     for r in runs:
         r["mfu"] = r["useful_tflops"] * 1e12 / peak
         r["mfu_vs_measured_peak"] = r["useful_tflops"] * 1e12 / measured_peak

@@ -6,7 +6,7 @@ exported `config.json` files read back unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from transformers import PretrainedConfig
 
@@ -100,3 +100,29 @@ class LMConfig(PretrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def train_flops(self, lengths: Sequence[int], supervised: int, images: int) -> float:
+        """Matmul FLOPs of one training step (forward + backward) on real tokens: padding never counts.
+
+        `lengths` are the rows' real token counts, `supervised` the positions with a label (the output head runs
+        only there: loss_only), `images` the images spliced in. With d = dim, L = n_layers, kv = n_kv_heads x
+        head_dim, f = ffn width, E = routed experts, k = experts per token (+1 for the shared expert), V = vocab,
+        v = vision_dim, and 6 FLOPs per weight and token (forward 2, backward 4):
+          blocks      6 P n per row,  P = L (2 d^2 + 2 d kv + 3 d f k + d E)  (dense: k = 1 and no gate d E)
+          attention   6 L d n (n + 1) per row: QK^T and AV over the n (n + 1) / 2 causal pairs, fwd + bwd
+          head        6 d V per supervised position
+          projection  4 v d per image token: forward + weight gradient (the frozen features need no gradient)
+        The frozen CLIP tower is not counted: it is not part of the model being trained.
+        """
+        d, L = self.dim, self.n_layers
+        kv = self.n_kv_heads * self.head_dim
+        if self.use_moe:
+            experts = self.num_experts_per_tok + (self.n_shared_experts is not None)
+            ffn = 3 * d * self.ffn_hidden_dim * experts + d * self.n_routed_experts
+        else:
+            ffn = 3 * d * self.ffn_hidden_dim
+        block_weights = L * (2 * d * d + 2 * d * kv + ffn)
+        n = sum(lengths)
+        pairs = sum(x * (x + 1) for x in lengths)
+        return float(6 * block_weights * n + 6 * L * d * pairs + 6 * d * self.vocab_size * supervised
+                     + 4 * self.vision_dim * d * IMAGE_TOKENS * images)

@@ -18,8 +18,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
-from .LMConfig import IMAGE_SPECIAL_TOKEN
-from .tokenizer_utils import render_chat
+from .LMConfig import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from .model import find_image_spans
+from .tokenizer_utils import image_token_ids, render_chat
 from .vision_utils import ImageError, ImagePreprocessor, open_image
 
 log = logging.getLogger("minimind")
@@ -181,7 +182,7 @@ class VLMDataset(Dataset):
         self.preprocess = preprocess or ImagePreprocessor()
         self.feature_store = feature_store
         self.samples: list[Sample] = []
-        image_ids = tokenizer(IMAGE_SPECIAL_TOKEN, add_special_tokens=False)["input_ids"]
+        image_ids = torch.tensor(image_token_ids(tokenizer))
         for n, record in enumerate(read_records(data_path)):
             rid = record_id(record, n)
             try:
@@ -194,7 +195,7 @@ class VLMDataset(Dataset):
                     raise ValueError(f"missing image: {path}")
                 ids, labels = tokenize_conversation(tokenizer, messages)
                 if len(ids) > max_seq_len:
-                    span_end = _find(ids, image_ids) + len(image_ids)
+                    span_end = image_span_end(ids, image_ids)
                     if span_end > max_seq_len:
                         raise ValueError(f"too long: {len(ids)} tokens and the image span ends past "
                                          f"max_seq_len {max_seq_len}")
@@ -227,31 +228,56 @@ class VLMDataset(Dataset):
         return item
 
 
-def _find(seq: list[int], sub: list[int]) -> int:
-    for i in range(len(seq) - len(sub) + 1):
-        if seq[i:i + len(sub)] == sub:
-            return i
-    return len(seq)
+def image_span_end(ids: list[int], image_ids: torch.Tensor) -> int:
+    """The position just past the record's image placeholder span."""
+    _, starts = find_image_spans(torch.tensor([ids]), image_ids)
+    return int(starts[0]) + IMAGE_TOKENS if starts.numel() else len(ids)
 
 
-def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> dict[str, Any]:
+@dataclass
+class Batch:
+    """What the model eats: padded token ids and labels, and the images as cached CLIP features or as pixels
+    (the encoder turns those into features on the device; see feature_cache.batch_features)."""
+
+    ids: list[str]  # record ids of the rows
+    skipped: list[tuple[str, str]]  # (record id, reason) of items dropped because their image failed
+    input_ids: Optional[torch.Tensor] = None  # [B, T] long; None when every image of the batch failed
+    labels: Optional[torch.Tensor] = None  # [B, T] long, IGNORE_INDEX where not supervised
+    features: Optional[torch.Tensor] = None  # [B, 50, hidden] fp16, read from the feature store
+    pixels: Optional[torch.Tensor] = None  # [B, 3, H, W], to be encoded
+    lengths: list[int] = field(default_factory=list)  # real (unpadded) tokens of each row
+
+    @property
+    def empty(self) -> bool:
+        return self.input_ids is None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def supervised(self) -> int:
+        """Positions with a next-token label: where the output head runs in training."""
+        return 0 if self.labels is None else int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
     """Pad to the longest row of the batch (or to pad_to); drop items whose image failed, reporting them."""
     bad = [(it["id"], it["error"]) for it in items if "error" in it]
     items = [it for it in items if "error" not in it]
-    batch: dict[str, Any] = {"skipped": bad, "ids": [it["id"] for it in items]}
+    batch = Batch(ids=[it["id"] for it in items], skipped=bad)
     if not items:
         return batch
     length = pad_to or max(len(it["input_ids"]) for it in items)
-    input_ids = torch.zeros(len(items), length, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    batch.input_ids = torch.zeros(len(items), length, dtype=torch.long)
+    batch.labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
     for row, it in enumerate(items):
         n = len(it["input_ids"])
-        input_ids[row, :n] = torch.tensor(it["input_ids"])
-        labels[row, :n] = torch.tensor(it["labels"])
-    batch["input_ids"], batch["labels"] = input_ids, labels
-    batch["n_tokens"] = sum(len(it["input_ids"]) for it in items)
+        batch.input_ids[row, :n] = torch.tensor(it["input_ids"])
+        batch.labels[row, :n] = torch.tensor(it["labels"])
+    batch.lengths = [len(it["input_ids"]) for it in items]
     if "features" in items[0]:
-        batch["features"] = torch.stack([torch.as_tensor(it["features"]) for it in items])
+        batch.features = torch.stack([torch.as_tensor(it["features"]) for it in items])
     else:
-        batch["pixels"] = torch.stack([it["pixels"] for it in items])
+        batch.pixels = torch.stack([it["pixels"] for it in items])
     return batch

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -19,7 +19,18 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import atomic_write
 from .vision_utils import ImageError, VisionEncoder, open_image
 
+if TYPE_CHECKING:
+    from .dataset import Batch
+
 log = logging.getLogger("minimind")
+
+
+def batch_features(batch: "Batch", encoder: VisionEncoder, device: torch.device) -> torch.Tensor:
+    """The one path from a batch's images to the features the model eats: the cached features when the batch
+    carries them (read from a FeatureStore by the dataset), otherwise the frozen encoder run on its pixels."""
+    if batch.features is not None:
+        return batch.features.to(device, non_blocking=True).float()
+    return encoder.encode_pixels(batch.pixels.to(device, non_blocking=True))
 
 
 def _stat_key(path: str) -> tuple[str, int, int]:
@@ -42,14 +53,21 @@ class _Pixels(Dataset):
 
 
 class FeatureStore:
+    """Public API: `ensure` (encode what is missing), `reload` (re-read the index another process wrote),
+    `get` (one image's features), `len()` (images stored)."""
+
     def __init__(self, root: str, fingerprint: str):
         self.dir = os.path.join(root, fingerprint)
         os.makedirs(self.dir, exist_ok=True)
         self.index_file = os.path.join(self.dir, "index.json")
         self._shards: dict[int, np.ndarray] = {}
-        self._load_index()
+        self.reload()
 
-    def _load_index(self) -> None:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def reload(self) -> None:
+        """Read the index from disk (after another rank filled the store)."""
         if os.path.exists(self.index_file):
             data = json.loads(open(self.index_file).read())
         else:

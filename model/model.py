@@ -407,6 +407,28 @@ class ImageSpliceError(ValueError):
     pass
 
 
+def find_image_spans(input_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, start) of every complete image placeholder span (`image_ids`, 50 ids) in input_ids [B, T], in
+    row-major order. An opening half that does not start a full span means the placeholder was cut short: an
+    ImageSpliceError. The one span search, used by the model's splice and by the dataset's truncation check."""
+    B, T = input_ids.shape
+    n, half = IMAGE_TOKENS, IMAGE_TOKENS // 2
+    if T < half:
+        empty = input_ids.new_zeros(0)
+        return empty, empty
+    image_ids = image_ids.to(input_ids.device)
+    first = input_ids.unfold(1, half, 1).eq(image_ids[:half]).all(-1)  # [B, T-24]: 25 opening ids
+    full = torch.zeros_like(first)
+    if T >= n:
+        full[:, : T - n + 1] = input_ids.unfold(1, n, 1).eq(image_ids).all(-1)
+    if bool((first & ~full).any()):
+        row = int((first & ~full).nonzero()[0, 0])
+        raise ImageSpliceError(f"row {row}: an image placeholder span is cut short "
+                               f"(needs {n} tokens); it was probably truncated")
+    rows, starts = full.nonzero(as_tuple=True)
+    return rows, starts
+
+
 class MiniMindVLM(MiniMindLM):
     """MiniMindLM plus a projection whose outputs replace each 50-token image placeholder span."""
 
@@ -425,22 +447,7 @@ class MiniMindVLM(MiniMindLM):
         if self.config.image_ids is None:
             raise ImageSpliceError("config.image_ids is not set: fill it from the tokenizer "
                                    "(model.tokenizer_utils.image_token_ids)")
-        B, T = input_ids.shape
-        n, half = IMAGE_TOKENS, IMAGE_TOKENS // 2
-        if T < half:
-            empty = input_ids.new_zeros(0)
-            return empty, empty
-        first = input_ids.unfold(1, half, 1).eq(self.image_ids[:half]).all(-1)  # [B, T-24]: 25 opening ids
-        full = torch.zeros_like(first)
-        if T >= n:
-            full[:, : T - n + 1] = input_ids.unfold(1, n, 1).eq(self.image_ids).all(-1)
-        # An opening half that does not start a full span means the placeholder was cut short.
-        if bool((first & ~full).any()):
-            row = int((first & ~full).nonzero()[0, 0])
-            raise ImageSpliceError(f"row {row}: an image placeholder span is cut short "
-                                   f"(needs {n} tokens); it was probably truncated")
-        rows, starts = full.nonzero(as_tuple=True)
-        return rows, starts
+        return find_image_spans(input_ids, self.image_ids)
 
     def splice_images(self, h: torch.Tensor, input_ids: torch.Tensor,
                       image_features: Optional[torch.Tensor]) -> torch.Tensor:

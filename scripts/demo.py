@@ -11,7 +11,7 @@ Steps (each one a real entry point a user would run):
                                   held-out easy-vqa test questions beside the majority baseline
   6. scripts/plot_loss.py         the loss curves -> images/demo_loss.png
 
-    python scripts/demo.py [--profile full|ci] [--out_dir out]
+    python scripts/demo.py [--profile full|ci] [--preset minimind-v-small|minimind-v] [--out_dir out]
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_CLIP = "model/clip_model/clip-vit-base-patch32"
-STAND_IN_CLIP = "model/clip_model/stand_in_clip_vit_b32"
+sys.path.insert(0, ROOT)
+
+from model.LMConfig import PRESETS  # noqa: E402
+from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, is_stand_in  # noqa: E402
 
 # Model and schedule per profile; `full` is what `make demo` runs and the README reports.
 PROFILES = {
@@ -66,8 +68,12 @@ def main() -> None:
     p.add_argument("--data_root", default="dataset")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--loss_plot", default="images/demo_loss.png")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="train a published size instead of the profile's small model (heads 16/8)")
     args = p.parse_args()
-    cfg = PROFILES[args.profile]
+    cfg = dict(PROFILES[args.profile])
+    if args.preset:
+        cfg.update(PRESETS[args.preset], n_heads=16, n_kv_heads=8)
     py = sys.executable
     demo = os.path.join(args.data_root, "demo")
     times: dict[str, float] = {}
@@ -82,12 +88,12 @@ def main() -> None:
     data_log, times["data"] = run(data_cmd, "data", args.out_dir)
 
     # 2. vision encoder: the real CLIP when the user has it, else the stand-in (said loudly)
-    if os.path.exists(os.path.join(ROOT, REAL_CLIP, "config.json")):
-        clip = REAL_CLIP
+    if os.path.exists(os.path.join(ROOT, DEFAULT_CLIP_PATH, "config.json")):
+        clip = DEFAULT_CLIP_PATH
         print(f"\nusing the real CLIP ViT-B/32 at {clip}")
         times["encoder"] = 0.0
     else:
-        clip = STAND_IN_CLIP
+        clip = STAND_IN_CLIP_PATH
         print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
               f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} layer(s) ({clip}).")
         marker = os.path.join(ROOT, clip, "config.json")
@@ -96,8 +102,9 @@ def main() -> None:
             _, times["encoder"] = run([py, "scripts/build_stand_in_clip.py", "--out", clip, "--layers",
                                        str(cfg["clip_layers"])], "encoder", args.out_dir)
 
-    common = ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"]), "--n_heads", str(cfg["n_heads"]),
-              "--n_kv_heads", str(cfg["n_kv_heads"]), "--max_seq_len", "128", "--clip_path", clip,
+    size = (["--preset", args.preset] if args.preset else ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"])])
+    common = [*size, "--n_heads", str(cfg["n_heads"]), "--n_kv_heads", str(cfg["n_kv_heads"]), "--max_seq_len", "128",
+              "--clip_path", clip,
               "--out_dir", args.out_dir, "--device", "cpu", "--num_workers", str(args.num_workers),
               "--batch_size", str(cfg["batch_size"]), "--feature_cache", os.path.join(args.out_dir, "feature_cache"),
               "--save_interval", "100000"] + (["--cpu_bf16"] if cfg["cpu_bf16"] else [])
@@ -139,13 +146,13 @@ def main() -> None:
     total = time.perf_counter() - started
     n_answers = chat_log.count("[A]:")
     summary = {"profile": args.profile, "accuracy": accuracy, "n": n, "majority_baseline": majority,
-               "eval_images_answered": n_answers, "vision_encoder": clip, "stand_in_encoder": clip == STAND_IN_CLIP,
+               "eval_images_answered": n_answers, "vision_encoder": clip, "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}}
     with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
-    print(f"vision encoder : {clip}{'  (UNTRAINED STAND-IN, random weights)' if clip == STAND_IN_CLIP else ''}")
+    print(f"vision encoder : {clip}{'  (UNTRAINED STAND-IN, random weights)' if summary['stand_in_encoder'] else ''}")
     print(f"model          : dim {cfg['dim']}, {cfg['n_layers']} layers -> {ckpt}")
     print(f"eval images    : {n_answers} answered (see {args.out_dir}/logs/eval_chat.log)")
     print(f"held-out test  : accuracy: {accuracy:.3f} (n={n}, majority baseline {majority:.3f})")

@@ -67,27 +67,26 @@ def test_gpu_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")]).returncode == 0
 
 
-def test_useful_flops_ignore_padding_and_count_the_head_where_supervised():
-    sys.path.insert(0, str(ROOT))
-    from bench.train_throughput import useful_flops
+def test_train_flops_match_a_hand_count_dense_and_moe():
+    """LMConfig.train_flops, the one FLOP model of the trainer's log and the benches, against numbers worked out
+    by hand for the tiny config: d 64, 2 layers, kv 2 heads x 16 = 32, SwiGLU width 192, vocab 6400, vision 64."""
+    import torch
 
-    cfg = tiny_config()
-    d, L, kv, f, V, v = 64, 2, 2 * 16, cfg.ffn_hidden_dim, 6400, 64
-    P = L * (2 * d * d + 2 * d * kv + 3 * d * f)
-    expected = 6 * P * 30 + 6 * L * d * 30 * 31 + 6 * d * V * 5 + 4 * v * d * 50
-    assert useful_flops(cfg, [30], supervised=5, images=1) == expected
-    # two rows: attention is per row (not over the padded batch)
-    assert useful_flops(cfg, [30, 10], 5, 2) == expected + 6 * P * 10 + 6 * L * d * 10 * 11 + 4 * v * d * 50
+    from model.model import MiniMindVLM
 
-
-def test_results_block_is_replaced_not_duplicated(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    from bench.common import write_results
-
-    info = {"machine": "Test CPU", "device": "cpu", "threads": 1, "torch": "x", "commit": "abc", "date": "d"}
-    path = tmp_path / "R.md"
-    write_results(str(path), info, "t", ["figure", "value"], [["x", 1.5]], "cmd a")
-    write_results(str(path), info, "t", ["figure", "value"], [["x", 2.5]], "cmd b")
-    write_results(str(path), {**info, "machine": "Other"}, "t", ["figure", "value"], [["x", 3.5]], "cmd c")
-    text = path.read_text()
-    assert "cmd a" not in text and text.count("cmd b") == 1 and text.count("cmd c") == 1
+    # per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12,288; SwiGLU 3 x 64 x 192 = 36,864
+    dense = tiny_config()
+    assert dense.ffn_hidden_dim == 192
+    block_weights = 2 * (12_288 + 36_864)  # 98,304
+    blocks = MiniMindVLM(dense).layers
+    assert sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear)) == block_weights
+    # one row of 30 tokens, 5 supervised positions, 1 image:
+    #   blocks 6 x 98,304 x 30 = 17,694,720; attention 6 x 2 x 64 x 30 x 31 = 714,240;
+    #   head 6 x 64 x 6400 x 5 = 12,288,000; projection 4 x 64 x 64 x 50 = 819,200
+    assert dense.train_flops([30], supervised=5, images=1) == 31_516_160
+    # a second row of 10 tokens with its image: attention is per row, not over the padded batch
+    assert dense.train_flops([30, 10], 5, 2) == 31_516_160 + 6 * 98_304 * 10 + 6 * 2 * 64 * 10 * 11 + 819_200
+    # MoE: 2 routed experts per token + the shared one, and the gate (64 x 4 routed experts) per layer:
+    #   2 x (12,288 + 3 x 36,864 + 256) = 246,272 active block weights per token
+    moe = tiny_config(use_moe=True)
+    assert moe.train_flops([30], 5, 1) == 6 * 246_272 * 30 + 714_240 + 12_288_000 + 819_200 == 58_150_400

@@ -99,7 +99,7 @@ def test_all_kinds_together_training_skips_and_counts_them(tmp_path, tiny_clip_d
     summary = train(build_parser(PRETRAIN).parse_args(
         train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--epochs", "1")), PRETRAIN)
     assert summary["skipped_records"] == len(BAD) and summary["skipped_images"] == 0
-    assert summary["global_step"] == 1 and len(summary["losses"]) == 1  # the 4 good records: one batch
+    assert summary["step"] == 1 and len(summary["losses"]) == 1  # the 4 good records: one batch
 
 
 def test_strict_data_through_the_command_line_is_one_line(tmp_path, tiny_clip_dir, capsys):

@@ -184,8 +184,8 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
         else:
             assert CASES[name] in item["error"] and name in item["error"] and "\n" not in item["error"]
     batch = collate(list(items.values()))
-    assert sorted(rid for rid, _ in batch["skipped"]) == sorted(f"rec_{Path(n).stem}" for n in BAD)
-    assert batch["pixels"].shape[0] == len(GOOD)
+    assert sorted(rid for rid, _ in batch.skipped) == sorted(f"rec_{Path(n).stem}" for n in BAD)
+    assert batch.pixels.shape[0] == len(GOOD)
     # --strict_data: the first bad image is an error naming the record and the file
     strict = VLMDataset(str(data), str(images), tokenizer, 96, strict=True)
     for i, s in enumerate(strict.samples):
@@ -197,7 +197,7 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
     # training over them: runs to the end, every bad image counted
     argv = train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--epochs", "1", "--batch_size", "5")
     summary = train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)
-    assert summary["skipped_images"] == len(BAD) and summary["global_step"] == -(-len(CASES) // 5)
+    assert summary["skipped_images"] == len(BAD) and summary["step"] == -(-len(CASES) // 5)
     assert all(np.isfinite(summary["losses"]))
 
 

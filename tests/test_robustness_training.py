@@ -93,7 +93,7 @@ def test_nan_loss_stops_after_saving_the_last_good_weights(tmp_path, data, tiny_
     assert not equal_weights(saved, nan.before[3])  # (and the steps before it did train)
     load_model(out / f"{STEM}.pth")
     state = load_object(out / f"{STEM}_resume.pth")
-    assert state["global_step"] == 3 and equal_weights(state["model"], nan.before[4])
+    assert state["step"] == 3 and equal_weights(state["model"], nan.before[4])
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
     # once the cause is gone, --resume redoes the failed step and ends where a clean run ends
@@ -110,7 +110,7 @@ def test_nan_policy_skip_skips_and_counts(tmp_path, data, tiny_clip_dir, monkeyp
     nan = NaNAt(monkeypatch, {2, 5})
     summary = run(train_argv(*data, tiny_clip_dir, tmp_path / "out", "--max_steps", "6", "--epochs", "2",
                              "--nan_policy", "skip"))
-    assert summary["nan_skips"] == 2 and summary["global_step"] == 6 and not summary["stopped"]
+    assert summary["nan_skips"] == 2 and summary["step"] == 6 and not summary["stopped"]
     assert len(summary["losses"]) == 4 and all(map(lambda x: x == x, summary["losses"]))  # no NaN recorded
     for step in (2, 5):  # a skipped step leaves the weights as they were
         assert equal_weights(nan.before[step + 1], nan.before[step])
@@ -144,16 +144,16 @@ def test_sigterm_mid_epoch_saves_exits_0_and_resume_is_exact(tmp_path, tiny_clip
     assert proc.returncode == 0, log[-3000:]
     assert "Traceback" not in log and "received signal 15" in log
     state = load_object(out / f"{STEM}_resume.pth")
-    stopped_at = state["global_step"]
+    stopped_at = state["step"]
     assert 1 <= stopped_at < 6, log[-2000:]  # stopped inside the first epoch, at a step boundary
     assert f"stopped by signal 15 at step {stopped_at}; resume with --resume" in log
-    assert state["epoch"] == 0 and state["step_in_epoch"] == stopped_at
+    assert state["epoch"] == 0 and state["batches_in_epoch"] == stopped_at
     load_model(out / f"{STEM}.pth")
     assert [m["step"] for m in metrics(out)] == list(range(1, stopped_at + 1))
 
     resumed = run(train_argv(data, images, tiny_clip_dir, out, *args, "--resume"))
     full = run(train_argv(data, images, tiny_clip_dir, tmp_path / "full", *args))
-    assert resumed["global_step"] == full["global_step"] == 12
+    assert resumed["step"] == full["step"] == 12
     trace, reference = metrics(out), metrics(tmp_path / "full")
     assert [m["step"] for m in trace] == list(range(1, 13))
     assert [(m["step"], m["loss"], m["lr"]) for m in trace] == [(m["step"], m["loss"], m["lr"]) for m in reference]
@@ -192,10 +192,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data, ti
     monkeypatch.undo()
     assert not list(out.glob(".*.tmp"))  # the partial temp file is removed
     # the previous checkpoint is intact: the step-2 resume state, and the weights last written in full
-    assert load_object(out / f"{STEM}_resume.pth")["global_step"] == 2
+    assert load_object(out / f"{STEM}_resume.pth")["step"] == 2
     weights = read_state_dict(out / f"{STEM}.pth")
     assert equal_weights(weights, calls["objects"][1 if failing_write == 3 else 3])
     load_model(out / f"{STEM}.pth")
     # with room again, --resume continues from step 2 to the end
     summary = run(argv + ["--resume"])
-    assert summary["global_step"] == 6 and len(summary["losses"]) == 4
+    assert summary["step"] == 6 and len(summary["losses"]) == 4

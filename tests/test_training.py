@@ -30,13 +30,13 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path, tokenizer, tiny_clip_dir):
     encoder = load_vision_encoder(str(tiny_clip_dir))
     ds = VLMDataset(str(data), str(images), tokenizer, 96, preprocess=encoder.preprocess)
     batch = collate([ds[i] for i in range(4)])
-    features = encoder.encode_pixels(batch["pixels"])
+    features = encoder.encode_pixels(batch.pixels)
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = model(batch["input_ids"], features, labels=batch["labels"]).loss
+        loss = model(batch.input_ids, features, labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,8 +59,8 @@ def test_batch_padding_is_batch_longest(tokenizer, tmp_path):
     ds = VLMDataset(str(data), str(images), tokenizer, 96)
     batch = collate([ds[0], ds[1]])
     longest = max(len(ds.samples[0].input_ids), len(ds.samples[1].input_ids))
-    assert batch["input_ids"].shape[1] == longest < 96
-    assert collate([ds[0], ds[2]])["input_ids"].shape[1] == len(ds.samples[2].input_ids)
+    assert batch.input_ids.shape[1] == longest < 96
+    assert collate([ds[0], ds[2]]).input_ids.shape[1] == len(ds.samples[2].input_ids)
 
 
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
@@ -127,7 +127,7 @@ def test_bad_records_are_skipped_counted_and_strict_fails(tmp_path, tiny_clip_di
     data, images = make_dataset(tmp_path, 6, extra_records=bad, jsonl=True)
     (images / "corrupt.png").write_bytes((images / "img_0.png").read_bytes()[:50])
     summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--epochs", "1"))
-    assert summary["global_step"] == 2  # 7 usable records in batches of 4: trained to the end
+    assert summary["step"] == 2  # 7 usable records in batches of 4: trained to the end
     assert summary["skipped_records"] == 8 and summary["skipped_images"] == 1
     with pytest.raises(DataError, match="record no_image_file: missing image"):
         run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--strict_data"))

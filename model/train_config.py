@@ -1,0 +1,136 @@
+"""What a training run is asked to do: the two stages' defaults and the command-line flags.
+
+The model-size flags (--preset, --dim, --n_layers, ...) are defined once here, in `add_model_size_args`, and read
+back by `model_size` for the trainer, the benchmarks and the demo.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .LMConfig import PRESETS
+from .tokenizer_utils import DEFAULT_TOKENIZER_PATH
+from .vision_utils import DEFAULT_CLIP_PATH
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    name: str  # "pretrain" or "sft": names the output files
+    data_path: str
+    images_path: str
+    image_prefix: str
+    learning_rate: float
+    log_interval: int
+    init_suffix: str  # the checkpoint this stage starts from: out/{dim}{_moe}{init_suffix}.pth
+    allow_new_projection: bool  # the LLM-only checkpoint has no projection yet
+    init_hint: str  # how to get the start checkpoint when it is missing
+
+
+PRETRAIN = Stage(name="pretrain", data_path="./dataset/LLaVA-Pretrain/chat-translated.json",
+                 images_path="./dataset/pretrain_images", image_prefix="", learning_rate=4e-4, log_interval=10,
+                 init_suffix="_llm", allow_new_projection=True,
+                 init_hint="download the MiniMind LLM weights with `python scripts/download.py --what llm`")
+SFT = Stage(name="sft", data_path="./dataset/LLaVA-Instruct/llava_instruct_230k.json",
+            images_path="./dataset/sft_images", image_prefix="COCO_train2014_", learning_rate=1e-6,
+            log_interval=100, init_suffix="_vlm_pretrain", allow_new_projection=False,
+            init_hint="run 1-pretrain_vlm.py first")
+
+
+def add_model_size_args(parser: argparse.ArgumentParser, default_preset: str = "minimind-v-small") -> None:
+    """--preset picks a published size; --dim/--n_layers (and the head counts) override it."""
+    a = parser.add_argument
+    a("--preset", default=default_preset, choices=sorted(PRESETS),
+      help=", ".join(f"{k}: dim {v['dim']}, {v['n_layers']} layers" for k, v in PRESETS.items()))
+    a("--dim", type=int, default=None, help="overrides the preset's width")
+    a("--n_layers", type=int, default=None, help="overrides the preset's depth")
+    a("--n_heads", type=int, default=16)
+    a("--n_kv_heads", type=int, default=8)
+    a("--use_moe", action="store_true")
+    a("--max_seq_len", type=int, default=200)
+
+
+def model_size(args: argparse.Namespace) -> dict[str, Any]:
+    """The LMConfig size fields the flags ask for (the preset, then any explicit override). Also writes the
+    resolved dim and n_layers back into `args`, so file names and logs read them from one place."""
+    size = dict(PRESETS[args.preset])
+    if args.dim is not None:
+        size["dim"] = args.dim
+    if args.n_layers is not None:
+        size["n_layers"] = args.n_layers
+    args.dim, args.n_layers = size["dim"], size["n_layers"]
+    return {**size, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "use_moe": args.use_moe,
+            "max_seq_len": args.max_seq_len}
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"MiniMind-V {stage.name} (run with torchrun for several GPUs)")
+    a = p.add_argument
+    # v1 arguments
+    a("--out_dir", default="out")
+    a("--epochs", type=int, default=19)
+    a("--batch_size", type=int, default=32)
+    a("--learning_rate", type=float, default=stage.learning_rate)
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+      help="autocast dtype on CUDA (CPU trains in float32 unless --cpu_bf16)")
+    a("--use_wandb", action="store_true")
+    a("--wandb_project", default="MiniMind-V")
+    a("--num_workers", type=int, default=8)
+    a("--data_path", default=stage.data_path)
+    # v1 compatibility: v1 scripts pass --ddp and --local_rank; DDP is detected from torchrun's environment
+    a("--ddp", action="store_true", help="accepted for v1 compatibility; DDP is detected from torchrun's env")
+    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad_clip", type=float, default=1.0)
+    a("--warmup_iters", type=int, default=0, help="optimizer steps of linear warmup")
+    a("--log_interval", type=int, default=stage.log_interval, help="optimizer steps between log lines")
+    a("--save_interval", type=int, default=100, help="optimizer steps between checkpoints")
+    a("--local_rank", type=int, default=-1, help="accepted for v1 compatibility")
+    add_model_size_args(p)
+    # paths
+    a("--clip_path", default=DEFAULT_CLIP_PATH)
+    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    a("--images_path", default=stage.images_path)
+    a("--image_prefix", default=stage.image_prefix, help="prepended to each record's image file name")
+    a("--init", default=None, help=f"start from this checkpoint (default out/{{dim}}{{_moe}}{stage.init_suffix}.pth)")
+    a("--from_scratch", action="store_true", help="start from random weights (no init checkpoint)")
+    a("--resume", action="store_true", help="continue exactly from this stage's resume checkpoint")
+    # data
+    a("--multi_turn", action="store_true", help="keep every turn (v1 SFT keeps the first only)")
+    a("--strict_data", action="store_true", help="a bad record is an error instead of a counted skip")
+    a("--feature_cache", default=None, metavar="DIR", help="encode each image once into a fp16 store here")
+    a("--pad_to_max", action="store_true", help="pad every batch to max_seq_len (v1 behaviour; slower)")
+    # training
+    a("--optimizer", default="adamw", choices=["adamw", "adam"])
+    a("--weight_decay", type=float, default=0.0)
+    a("--freeze_llm", type=int, default=0, choices=[0, 1, 2],
+      help="0: train projection + LLM (v1); 1: projection only; 2: projection + last LLM block")
+    a("--max_steps", type=int, default=None,
+      help="stop after this many optimizer steps in total (each is --accumulation_steps micro-batches)")
+    a("--seed", type=int, default=1337)
+    a("--nan_policy", default="stop", choices=["stop", "skip"],
+      help="a non-finite loss stops the run after saving (stop) or skips that step (skip)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--cpu_bf16", action="store_true", help="bf16 autocast on CPU")
+    return p
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files one stage writes under --out_dir."""
+
+    weights: str  # out/{stem}_vlm_{stage}.pth: the v1-layout checkpoint
+    resume: str  # ..._resume.pth: weights, optimizer, scaler, position and RNG states
+    metrics: str  # ..._log.jsonl: one JSON line per log interval
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, stage: Stage) -> "RunPaths":
+        base = os.path.join(args.out_dir, f"{checkpoint_stem(args)}_vlm_{stage.name}")
+        return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl")
+
+
+def checkpoint_stem(args: argparse.Namespace) -> str:
+    return f"{args.dim}{'_moe' if args.use_moe else ''}"

@@ -1,0 +1,76 @@
+"""Everything an exact resume needs, saved and loaded in one place.
+
+`step` counts optimizer updates (nanoGPT's iter_num, the Hugging Face Trainer's global_step); `batches_in_epoch`
+counts the micro-batches of the current epoch already trained, which is where the sampler restarts. A resume
+file is only written at an optimizer-step boundary, so the two always agree.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
+from .distributed import Distributed
+
+log = logging.getLogger("minimind")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": np.random.get_state()[1].tolist(),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class TrainState:
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of this epoch already trained
+    nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
+
+    def save(self, model: torch.nn.Module, weights_path: str, resume_path: str, dist: Distributed) -> None:
+        """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
+        rngs = dist.gather_objects(rng_state())
+        if dist.is_main:
+            save_checkpoint(model, weights_path)
+            save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                         "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "rng": rngs},
+                        resume_path)
+        dist.barrier()
+
+    def load(self, model: torch.nn.Module, resume_path: str, rank: int) -> None:
+        """Restore the weights, optimizer, scaler, position and this rank's RNG states from a resume file."""
+        state = load_object(resume_path)
+        load_weights(model, state["model"], source=resume_path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_in_epoch, self.nan_skips = state["batches_in_epoch"], state.get("nan_skips", 0)
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        log.info("resumed from %s at epoch %d, batch %d of the epoch (step %d)", resume_path, self.epoch,
+                 self.batches_in_epoch, self.step)
