@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_config
 from helpers import make_dataset, train_argv
-from model.checkpoint import load_model, read_state_dict
+from model.checkpoint import load_model, load_object, read_state_dict
 from model.dataset import DataError, VLMDataset, collate
 from model.model import MiniMindVLM
 from model.trainer import PRETRAIN, SFT, build_parser, lr_at, train
@@ -103,6 +103,22 @@ def test_resume_gives_the_same_loss_trace(tmp_path, tiny_clip_dir):
                                       "--resume"))
     assert len(full["losses"]) == 7
     assert first["losses"] + second["losses"] == full["losses"]  # exact, CPU fp32
+
+
+def test_steps_count_optimizer_updates_under_accumulation(tmp_path, tiny_clip_dir):
+    data, images = make_dataset(tmp_path, 12)  # 6 micro-batches of 2 per epoch
+    out = tmp_path / "o"
+    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--batch_size", "2",
+                                       "--accumulation_steps", "2", "--max_steps", "3"))
+    assert summary["step"] == 3 and summary["micro_batches"] == 6 and len(summary["losses"]) == 3
+    metrics = [json.loads(line) for line in (out / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    state = load_object(out / "64_vlm_pretrain_resume.pth")
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3, 1, 0)  # the epoch is done
+    # an epoch ends a step early: 6 micro-batches in steps of 4 are 2 optimizer steps (4 + 2)
+    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "p", "--batch_size", "2",
+                                       "--accumulation_steps", "4", "--epochs", "1"))
+    assert summary["step"] == 2 and summary["micro_batches"] == 6
 
 
 def test_bad_records_are_skipped_counted_and_strict_fails(tmp_path, tiny_clip_dir):
