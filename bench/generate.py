@@ -18,6 +18,13 @@ model/chat.py and the servers use).
   decode_bw_fraction  decode_tok_s_cache x weight_bytes_per_token / mem_read_gbs (1.0 = every decode step
                       streams the weights at full read bandwidth)
   peak_rss_mb         peak resident memory of this process (CUDA: peak allocated GPU memory)
+With --hf, the same weights are also exported with export_model.py to a temporary directory, loaded back with
+AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True), and decoded with transformers' generate()
+(greedy, its DynamicCache, same prompt, image and token count):
+  decode_tok_s_hf     (new_tokens - 1) / time from the first token to the last (best-of --reps; a streamer
+                      timestamps the tokens)
+  hf_slowdown         decode_tok_s_cache / decode_tok_s_hf (1.0 = as fast as the native path)
+  same_tokens_hf      generate() produced exactly the native greedy tokens
 The last printed line is JSON with these keys.
 """
 from __future__ import annotations
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None)
     a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     a("--skip_nocache", action="store_true")
+    a("--hf", action="store_true", help="also time the transformers export's generate() (see above)")
     a("--seed", type=int, default=0)
     a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
     a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
@@ -77,6 +85,47 @@ def timed_generate(model, ids, feats, n: int, use_cache: bool, device) -> tuple[
     sync(device)
     t_end = time.perf_counter()
     return t_first - t0, t_end - t_first, torch.stack(out, 1)
+
+
+class _TokenClock:
+    """A generate() streamer that timestamps each new token (the first put() is the prompt)."""
+
+    def __init__(self, device):
+        self.device, self.times, self.tokens = device, [], []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.times or self.tokens:  # not the prompt
+            sync(self.device)
+            self.tokens.append(value.reshape(-1)[0].item())
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def load_hf_export(model, tokenizer_path: str, dtype: str, tmp: str):
+    """Export `model` with export_model.py into tmp and load it back as a transformers model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import export_model
+    from model.checkpoint import save_checkpoint
+
+    hf_logging.disable_progress_bar()
+    save_checkpoint(model.float(), os.path.join(tmp, "bench.pth"))
+    out = export_model.export(os.path.join(tmp, "bench.pth"), os.path.join(tmp, "hf"), tokenizer_path,
+                              dtype=dtype, verify=False)
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=DTYPES[dtype]).eval()
+
+
+def timed_hf_generate(hf, ids, feats, n: int, device) -> tuple[float, list[int]]:
+    """(seconds from the first token to the last, the tokens) for transformers generate()."""
+    clock = _TokenClock(device)
+    sync(device)
+    hf.generate(ids, image_features=feats, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                eos_token_id=None, streamer=clock)
+    sync(device)
+    return clock.times[-1] - clock.times[1], clock.tokens
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -130,6 +179,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         same = bool(torch.equal(tokens_cache, tokens_nocache))
     peak_mb = peak_memory_mb(device)
 
+    decode_hf, same_hf = None, None
+    if args.hf:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = load_hf_export(model, args.tokenizer_path, args.dtype, tmp).to(device)
+            model.to(device, dtype)
+            with torch.inference_mode():
+                timed_hf_generate(hf, ids, feats, min(n, 8), device)  # warm-up
+                best_hf, tokens_hf = float("inf"), []
+                for _ in range(args.reps):
+                    t_rest, tokens_hf = timed_hf_generate(hf, ids, feats, n, device)
+                    best_hf = min(best_hf, t_rest)
+        decode_hf = (n - 1) / best_hf if n > 1 else float("nan")
+        same_hf = tokens_hf == tokens_cache[0].tolist()
+
     bw = read_bandwidth(device, args.bw_mb << 20)
     result: dict[str, Any] = {
         "name": args.name or f"decode {args.dim}/{args.n_layers} {args.dtype}",
@@ -139,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "peak_rss_mb": peak_mb, "weight_bytes": weight_bytes, "weight_bytes_per_token": per_token,
         "mem_read_gbs": bw / 1e9, "decode_bw_fraction": decode_cache * per_token / bw,
         "new_tokens": n, "same_tokens_cache_nocache": same, "dtype": args.dtype, "compile": args.compile,
+        "decode_tok_s_hf": decode_hf, "hf_slowdown": decode_cache / decode_hf if decode_hf else None,
+        "same_tokens_hf": same_hf,
         "model": f"{args.dim}/{args.n_layers}",
     }
     result.update(info)
@@ -147,6 +214,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           f"{result['prefill_ms']:.1f} ms | decode {decode_cache:.1f} tok/s with cache, "
           f"{decode_nocache or float('nan'):.1f} without | {per_token / 1e6:.1f} MB weights/token, read bw "
           f"{bw / 1e9:.1f} GB/s -> {100 * result['decode_bw_fraction']:.0f}% | peak {peak_mb:.0f} MB", flush=True)
+    if args.hf:
+        print(f"transformers generate() of the export: {decode_hf:.1f} tok/s with its DynamicCache, "
+              f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: {same_hf}", flush=True)
     if args.results:
         rows = [["prefill (prompt %d tokens incl. 50 image), ms" % ids.shape[1], result["prefill_ms"]],
                 ["decode tok/s, KV cache (%d new tokens)" % n, decode_cache],
@@ -156,6 +226,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, bw / 1e9],
                 ["decode_bw_fraction", result["decode_bw_fraction"]],
                 ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", peak_mb]]
+        if args.hf:
+            rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", decode_hf],
+                     ["native / transformers decode tok/s", result["hf_slowdown"]],
+                     ["same greedy tokens as native", same_hf]]
         write_results(args.results, info, bench_title(device), ["figure", "value"], rows, result["command"])
     emit(result)
     return result

@@ -26,6 +26,9 @@ CLIP_DIM = 768
 
 class LMConfig(PretrainedConfig):
     model_type = "minimind"
+    # The standard names transformers reads (e.g. DynamicCache(config=...) counts layers) for the v1 fields.
+    attribute_map = {"num_hidden_layers": "n_layers", "hidden_size": "dim", "num_attention_heads": "n_heads",
+                     "num_key_value_heads": "n_kv_heads"}
 
     def __init__(
         self,

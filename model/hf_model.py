@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .LMConfig import IMAGE_TOKENS, LMConfig
-from .model import KVCache, MiniMindLM, MiniMindVLM, MoEGate, RMSNorm, rope_tables
+from .model import KVCache, MiniMindLM, MiniMindVLM, MoEGate, RMSNorm, mask_padding_labels, rope_tables
 
 # The config field naming the bundled vision-tower subfolder (absent or None when nothing was bundled).
 VISION_SUBFOLDER_FIELD = "vision_encoder_subfolder"
@@ -32,9 +32,10 @@ VISION_SUBFOLDER_FIELD = "vision_encoder_subfolder"
 class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
     """MiniMindVLM behind the transformers interfaces (from_pretrained, forward -> CausalLMOutputWithPast, generate).
 
-    `generate()` recomputes the whole sequence at every step (transformers' Cache does not fit the native
-    attention); `generate_stream()` is the native sampler with its KV cache, for long outputs. A wrapper built
-    directly from a config gets transformers-style random init: train with MiniMindVLM, then export.
+    `generate()` keeps keys and values in a transformers `DynamicCache` (`cache`): the prompt and the image run
+    once, then one new token per step. Left-padded batches work through `attention_mask`. `generate_stream()`
+    is the native sampler with its pre-allocated KV cache. A wrapper built directly from a config gets
+    transformers-style random init: train with MiniMindVLM, then export.
     """
 
     config_class = LMConfig
@@ -140,14 +141,15 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
         raise FileNotFoundError(f"vision tower folder not found: {local}")
 
     # ------------------------------------------------------------------ generate
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no transformers Cache: every generate() step runs the full sequence
-
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, image_features: Optional[torch.Tensor] = None,
-                                      attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> dict[str, Any]:
-        # The full sequence each step (no cache), with the image spliced in again at its placeholder.
-        return {"input_ids": input_ids, "image_features": image_features, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' own preparation (after the prefill only the new token is fed, with the cache); the image
+        is spliced in at the prefill alone: later steps have no placeholder to replace."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get("cache")
+        if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            inputs.pop("image_features", None)
+            inputs.pop("pixel_values", None)
+        return inputs
 
     def generate(self, inputs: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                  **kwargs: Any):
@@ -166,23 +168,50 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
         pixel_values: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[Any] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits for every position (and the shifted next-token loss when labels are given, -100 ignored).
+        """Logits (and the shifted next-token loss when labels are given, -100 ignored).
 
-        `cache` (a model.model.KVCache) may be passed as a keyword for incremental decoding; other transformers
-        keywords (use_cache, return_dict, ...) are accepted and ignored.
+        attention_mask: 1 = token, 0 = padding (left padding to generate, right padding to score); padded
+        positions are kept out of attention and of the loss, and positions count real tokens only (so
+        position_ids, if passed, are not needed). cache: a transformers Cache (what generate() passes; with
+        use_cache=True and none given a DynamicCache is made and returned as `.cache`), or the native KVCache.
+        logits_to_keep > 0 computes logits for the last that many positions only (generate() asks for 1).
+        Other transformers keywords (return_dict, position_ids, ...) are accepted and ignored.
         """
         if image_features is not None and pixel_values is not None:
             raise ValueError("pass either image_features or pixel_values, not both")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            # The decoder has no padding mask: padded rows would silently attend to padding.
-            raise ValueError("padding is not supported: attention_mask must be all ones (run rows one at a time)")
         if pixel_values is not None:
             image_features = self.vision_encoder().encode_pixels(pixel_values)
-        cache = kwargs.get("cache")
-        if not isinstance(cache, KVCache):  # only the native cache (generate_stream); not a transformers Cache
-            cache = None
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+        blocks_cache = _TransformersCacheView(cache) if isinstance(cache, Cache) else cache
+        if blocks_cache is not None and not isinstance(blocks_cache, (KVCache, _TransformersCacheView)):
+            raise TypeError(f"cache must be a transformers Cache or a model.model.KVCache, got {type(cache).__name__}")
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        out = self.logits_and_loss(self.run_blocks(h, cache), labels)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        h = self.run_blocks(h, blocks_cache, attention_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        out = self.logits_and_loss(h, mask_padding_labels(labels, attention_mask))
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits,
+                                      cache=cache if isinstance(cache, Cache) else None)
+
+
+class _TransformersCacheView:
+    """A transformers Cache through the interface the native attention uses (`length`, `store`).
+
+    It holds no padding mask (key_mask None): with a transformers cache the attention_mask covers the whole
+    sequence at every step, as generate() passes it.
+    """
+
+    key_mask = None
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.length = cache.get_seq_length()
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)

@@ -63,6 +63,13 @@ def test_generate_tiny(tmp_path):
     assert out["new_tokens"] == 6 and out["same_tokens_cache_nocache"] is True
 
 
+def test_generate_hf_tiny():
+    out = run_json(["bench/generate.py", *TINY_MODEL, "--new_tokens", "6", "--reps", "1", "--bw_mb", "16",
+                    "--skip_nocache", "--hf"])
+    positive(out, ["decode_tok_s_hf", "hf_slowdown"])
+    assert out["same_tokens_hf"] is True
+
+
 def test_gpu_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")]).returncode == 0
 

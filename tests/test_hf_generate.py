@@ -1,0 +1,98 @@
+"""The export's generate(): a transformers DynamicCache fed one token at a time, padded batches, the image at prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TOKENIZER_PATH, tiny_config
+import export_model
+from model.checkpoint import save_checkpoint
+from model.model import MiniMindVLM, pad_rows
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer, tiny_clip_dir):
+    """(native model, the export loaded through AutoModelForCausalLM, export dir)."""
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("hfgen")
+    torch.manual_seed(0)
+    native = MiniMindVLM(tiny_config(tokenizer)).eval()
+    save_checkpoint(native, tmp / "tiny.pth")
+    out = export_model.export(str(tmp / "tiny.pth"), str(tmp / "hf"), TOKENIZER_PATH, str(tiny_clip_dir))
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    return native, model, out
+
+
+def _rows(config):
+    gen = torch.Generator().manual_seed(5)
+    text = lambda n: torch.randint(100, 6400, (n,), generator=gen).tolist()  # noqa: E731
+    span = list(config.image_ids)
+    rows = [text(4) + span + text(7), text(6), text(1) + span + text(3), text(13)]
+    return rows, torch.randn(2, 50, config.vision_dim, generator=gen), [0, None, 1, None]
+
+
+def _record_calls(model):
+    """Each forward's input length and whether it received image features."""
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((kwargs["input_ids"].shape[1], kwargs.get("image_features") is not None,
+                                              type(kwargs.get("cache")).__name__)), with_kwargs=True)
+    return calls, handle
+
+
+def test_generate_uses_a_cache_one_token_per_step_and_matches_native_greedy(exported):
+    native, model, _ = exported
+    rows, features, _ = _rows(native.config)
+    ids = torch.tensor([rows[0]])
+    expected = native.generate(ids, features[:1], max_new_tokens=8, temperature=0)
+    calls, handle = _record_calls(model)
+    try:
+        out = model.generate(ids, image_features=features[:1], max_new_tokens=8, do_sample=False,
+                             eos_token_id=None)
+    finally:
+        handle.remove()
+    assert out[0, ids.shape[1]:].tolist() == expected[0].tolist()
+    # the prompt (with its image) once, then one token per step with a DynamicCache and no image
+    assert calls[0] == (ids.shape[1], True, "DynamicCache")
+    assert calls[1:] == [(1, False, "DynamicCache")] * 7
+    # and without the cache the same tokens (every step recomputes, image included)
+    again = model.generate(ids, image_features=features[:1], max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           use_cache=False)
+    assert torch.equal(again, out)
+
+
+def test_forward_returns_its_cache_for_the_next_step(exported):
+    native, model, _ = exported
+    rows, features, _ = _rows(native.config)
+    ids = torch.tensor([rows[0]])
+    with torch.no_grad():
+        first = model(input_ids=ids, image_features=features[:1], use_cache=True)
+        assert first.cache.get_seq_length() == ids.shape[1]
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, cache=first.cache)
+        full = native(torch.cat([ids, nxt], 1), features[:1]).logits[:, -1]
+    assert torch.allclose(step.logits[:, -1], full, atol=1e-5)
+
+
+def test_left_padded_batch_equals_row_by_row(exported):
+    native, model, _ = exported
+    rows, features, image_of = _rows(native.config)
+    ids, mask = pad_rows(rows, 0, "left")
+    out = model.generate(ids, attention_mask=mask, image_features=features, max_new_tokens=10, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    for i, row in enumerate(rows):
+        feats = None if image_of[i] is None else features[image_of[i]:image_of[i] + 1]
+        alone = native.generate(torch.tensor([row]), feats, max_new_tokens=10, temperature=0)
+        assert out[i, ids.shape[1]:].tolist() == alone[0].tolist(), i
+
+
+def test_right_padded_scoring_masks_padding_in_the_loss(exported):
+    native, model, _ = exported
+    rows, _, _ = _rows(native.config)
+    ids, mask = pad_rows([rows[1], rows[3]], 0, "right")
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        ref = native(ids, labels=ids, attention_mask=mask).loss
+        unmasked = native(ids, labels=ids).loss
+    assert torch.allclose(got, ref, atol=1e-6) and not torch.allclose(got, unmasked, atol=1e-3)
