@@ -6,8 +6,9 @@ Export a `.pth`/`.safetensors` checkpoint to a directory that loads with
     python export_model.py --ckpt out/sft_vlm_512.pth --out out/minimind-v-hf [--clip_path DIR]
 
 The directory holds config.json (model_type "minimind", auto_map to the bundled code), model.safetensors
-(v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), the model code
-(LMConfig.py, model.py, hf_model.py, vision_utils.py) and, with --clip_path, the CLIP vision tower in
+(v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), processor_config.json
+(MiniMindVProcessor for AutoProcessor), the model code (LMConfig.py, model.py, hf_model.py, vision_utils.py,
+processing_minimind_v.py) and, with --clip_path, the CLIP vision tower in
 vision_encoder/ so that the model also accepts pixel_values. The export is checked by loading it back
 through AutoModelForCausalLM and comparing logits with the native model (skip with --no_verify).
 
@@ -34,9 +35,10 @@ from model.checkpoint import (CheckpointError, infer_config, load_model, load_we
                               save_checkpoint)
 from model.LMConfig import IMAGE_TOKENS, LMConfig
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer
+from model.processing_minimind_v import MiniMindVProcessor
 from model.vision_utils import ImagePreprocessor
 
-CODE_FILES = ("LMConfig.py", "model.py", "hf_model.py", "vision_utils.py")
+CODE_FILES = ("LMConfig.py", "model.py", "hf_model.py", "vision_utils.py", "processing_minimind_v.py")
 VISION_SUBFOLDER = "vision_encoder"
 AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,10 +77,11 @@ def copy_model_code(out: Path) -> None:
     from transformers.dynamic_module_utils import get_relative_import_files
 
     src = Path(__file__).resolve().parent / "model"
-    needed = {Path(p).name for p in get_relative_import_files(src / "hf_model.py")} | {"hf_model.py"}
-    missing = needed - set(CODE_FILES)
+    entry_points = ("hf_model.py", "processing_minimind_v.py")  # what auto_map names
+    needed = {Path(p).name for name in entry_points for p in get_relative_import_files(src / name)}
+    missing = (needed | set(entry_points)) - set(CODE_FILES)
     if missing:  # a new relative import in the model code must be shipped too
-        raise ExportError(f"model/hf_model.py imports {sorted(missing)}, which CODE_FILES does not copy")
+        raise ExportError(f"the model code imports {sorted(missing)}, which CODE_FILES does not copy")
     for name in CODE_FILES:
         shutil.copy2(src / name, out / name)
 
@@ -119,8 +122,9 @@ def export(ckpt: str, out: str, tokenizer_path: str = DEFAULT_TOKENIZER_PATH, cl
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
     preprocess = ImagePreprocessor.from_dir(clip_path) if clip_path else ImagePreprocessor()
+    # the tokenizer, plus processor_config.json registering MiniMindVProcessor for AutoProcessor
+    MiniMindVProcessor(tokenizer, preprocess).save_pretrained(out_dir)
     preprocess_cfg = preprocessor_config(preprocess)
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
     copy_model_code(out_dir)

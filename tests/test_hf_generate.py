@@ -96,3 +96,65 @@ def test_right_padded_scoring_masks_padding_in_the_loss(exported):
         ref = native(ids, labels=ids, attention_mask=mask).loss
         unmasked = native(ids, labels=ids).loss
     assert torch.allclose(got, ref, atol=1e-6) and not torch.allclose(got, unmasked, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+def _images():
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (64, 40), (10, 200, 30, 128))
+    noise = Image.frombytes("RGB", (97, 131), bytes((i * 37) % 256 for i in range(97 * 131 * 3)))
+    return [Image.new("RGB", (300, 170), (200, 40, 90)), noise, rgba, Image.new("L", (50, 50), 77)]
+
+
+def test_auto_processor_loads_and_generate_runs_on_its_output(exported, tiny_clip_dir):
+    from transformers import AutoProcessor
+
+    from model.vision_utils import load_vision_encoder, to_rgb
+
+    native, model, out = exported
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == "MiniMindVProcessor"
+    image = _images()[1]
+    messages = [{"role": "user", "content": "What is in the picture?"}]
+    inputs = processor(images=[image], text=messages, return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    ids = inputs["input_ids"]
+    assert ids[0].tolist().count(native.config.image_ids[0]) >= 25  # the placeholder span is in the prompt
+    encoder = load_vision_encoder(str(tiny_clip_dir))
+    assert torch.equal(inputs["pixel_values"][0], encoder.preprocess(to_rgb(image)))
+
+    new = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    expected = native.generate(ids, encoder.encode_images([image]), max_new_tokens=6, temperature=0)
+    assert new[0, ids.shape[1]:].tolist() == expected[0].tolist()
+    assert isinstance(processor.batch_decode(new[:, ids.shape[1]:])[0], str)
+
+
+def test_processor_batches_prompts_and_messages_with_left_padding(exported):
+    from transformers import AutoProcessor
+
+    native, _, out = exported
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": "A much longer question about nothing."}])
+    batch = processor(images=_images()[:1], text=[chat, prompt], return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+    mask = batch["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all()  # left padding: every row ends at the last column
+    with pytest.raises(ValueError, match="image marker"):
+        processor(images=_images()[:2], text=prompt)
+
+
+def test_exported_clip_image_processor_is_pixel_identical_to_the_native_preprocessing(exported, tiny_clip_dir):
+    """preprocessor_config.json configures CLIPImageProcessor to reproduce model.vision_utils.ImagePreprocessor."""
+    from transformers import AutoImageProcessor
+
+    from model.vision_utils import load_vision_encoder, to_rgb
+
+    _, _, out = exported
+    clip_processor = AutoImageProcessor.from_pretrained(out)
+    encoder = load_vision_encoder(str(tiny_clip_dir))
+    images = _images()
+    pixels = clip_processor(images=images, return_tensors="pt")["pixel_values"]
+    for image, got in zip(images, pixels):
+        assert torch.allclose(got, encoder.preprocess(to_rgb(image)), atol=1e-5, rtol=0)
