@@ -125,11 +125,20 @@ class RunPaths:
     weights: str  # out/{stem}_vlm_{stage}.pth: the v1-layout checkpoint
     resume: str  # ..._resume.pth: weights, optimizer, scaler, position and RNG states
     metrics: str  # ..._log.jsonl: one JSON line per log interval
+    run: str  # ..._run.json: what the run trained on and how (the model card of an export reads it)
 
     @classmethod
     def of(cls, args: argparse.Namespace, stage: Stage) -> "RunPaths":
         base = os.path.join(args.out_dir, f"{checkpoint_stem(args)}_vlm_{stage.name}")
-        return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl")
+        return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl",
+                   run=base + "_run.json")
+
+
+def run_record(args: argparse.Namespace, stage: Stage, n_samples: int) -> dict:
+    """The facts about a training run that its checkpoint's model card states."""
+    fields = ("data_path", "images_path", "epochs", "batch_size", "accumulation_steps", "learning_rate",
+              "max_seq_len", "dtype", "max_steps")
+    return {"stage": stage.name, "samples": n_samples, **{k: getattr(args, k) for k in fields if hasattr(args, k)}}
 
 
 def checkpoint_stem(args: argparse.Namespace) -> str:

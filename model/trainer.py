@@ -11,6 +11,7 @@ boundary and exit; --resume continues exactly.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -23,8 +24,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import (CheckpointError, config_path_for, has_projection_bias, load_weights, read_state_dict,
-                         remove_stale_temp_files)
+from .checkpoint import (CheckpointError, atomic_write, config_path_for, has_projection_bias, load_weights,
+                         read_state_dict, remove_stale_temp_files)
 from .dataset import Batch, DataError, VLMDataset, collate
 from .distributed import Distributed
 from .feature_cache import FeatureStore
@@ -32,7 +33,8 @@ from .LMConfig import LMConfig
 from .metrics import ProgressWindow, StepMetrics, append_jsonl, peak_flops, peak_memory_mb, progress_line
 from .model import MiniMindVLM, count_parameters
 from .tokenizer_utils import image_token_ids, load_tokenizer
-from .train_config import PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size  # noqa: F401
+from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
+                           run_record)
 from .train_state import TrainState, seed_everything
 from .train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: F401
 from .vision_utils import VisionEncoder, load_vision_encoder, stand_in_warning
@@ -167,6 +169,9 @@ class Run:
             log.warning(stand_in_warning(args.clip_path))
         self.model = build_model(args, stage, tokenizer, self.encoder).to(dist.device)
         self.data = build_data(args, tokenizer, self.encoder, dist)
+        if dist.is_main:
+            record = json.dumps(run_record(args, stage, len(self.data.dataset)), indent=2) + "\n"
+            atomic_write(self.paths.run, lambda f: f.write(record.encode()))
         autocast, self.amp_dtype = autocast_for(dist.device, args.dtype, args.cpu_bf16)
         self.state = new_train_state(self.model, dist.device, self.amp_dtype, args.optimizer, args.learning_rate,
                                      args.weight_decay)

@@ -113,6 +113,10 @@ def test_steps_count_optimizer_updates_under_accumulation(tmp_path, tiny_clip_di
     assert summary["step"] == 3 and summary["micro_batches"] == 6 and len(summary["losses"]) == 3
     metrics = [json.loads(line) for line in (out / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    # the run record beside the checkpoint (read by export_model.py's model card)
+    record = json.loads((out / "64_vlm_pretrain_run.json").read_text())
+    assert record["stage"] == "pretrain" and record["samples"] == 12 and record["data_path"] == str(data)
+    assert record["batch_size"] == 2 and record["accumulation_steps"] == 2
     state = load_object(out / "64_vlm_pretrain_resume.pth")
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3, 1, 0)  # the epoch is done
     # an epoch ends a step early: 6 micro-batches in steps of 4 are 2 optimizer steps (4 + 2)
