@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -12,9 +12,12 @@ from PIL import Image
 from .checkpoint import load_model
 from .LMConfig import IMAGE_SPECIAL_TOKEN
 from .model import MiniMindVLM, count_parameters
-from .tokenizer_utils import encode, image_token_ids, load_tokenizer, render_chat
+from .tokenizer_utils import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
+                              neutralise_placeholder, render_chat)
 from .vision_utils import VisionEncoder, load_vision_encoder
 
+# Temperatures below this are treated as 0 (greedy): logits / 1e-300 overflow to inf and sampling gets NaN.
+MIN_TEMPERATURE = 1e-3
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"  # v1's default: "What does this picture describe?"
 Turn = tuple[str, str]  # (question, answer)
 
@@ -65,44 +68,98 @@ class VLMChat:
                      reserve: int = 0) -> list[int]:
         """Token ids of the conversation ending with the assistant header for `question`.
 
-        The image placeholder leads the earliest kept user turn. Older turns are dropped first until the
-        prompt plus `reserve` new tokens fits max_seq_len; the placeholder span itself is never cut.
+        The image placeholder leads the earliest kept user turn. The newest turns that fit max_seq_len minus
+        `reserve` are kept (older ones are dropped); when even the question alone does not fit, its oldest tokens
+        are cut. The placeholder span is never cut, and user text cannot forge or cut one (neutralise_placeholder).
+        Work is bounded by the budget, not the request: turns are tokenised once each, newest first, and text
+        longer than the budget could ever hold is skipped or cut before tokenising.
         """
-        budget = self.model.config.max_seq_len - reserve
-        turns = list(history)
-        while True:
-            messages = []
-            for i, (q, a) in enumerate(turns + [(question, None)]):
-                content = f"{IMAGE_SPECIAL_TOKEN}\n{q}" if (i == 0 and has_image) else q
-                messages.append({"role": "user", "content": content})
-                if a is not None:
-                    messages.append({"role": "assistant", "content": a})
-            ids = encode(self.tokenizer, render_chat(self.tokenizer, messages))
-            if len(ids) <= budget or not turns:
-                return ids
-            turns = turns[1:]
+        budget = max(self.model.config.max_seq_len - reserve, 1)
+        max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
+        question = neutralise_placeholder(question[-max_chars:])
+        kept: list[list[int]] = []  # plain token ids of the kept turns, newest first
+        first_with_image: Optional[list[int]] = None  # the oldest kept turn, with the placeholder
+        question_ids = self._turn_ids(question, None, False)
+        used = len(question_ids)
+        for q, a in reversed(list(history)):
+            if len(q) + len(a) > max_chars:
+                break
+            q, a = neutralise_placeholder(q), neutralise_placeholder(a)
+            plain = self._turn_ids(q, a, False)
+            opening = self._turn_ids(q, a, True) if has_image else plain
+            if used + len(opening) > budget:
+                break
+            kept.append(plain)
+            first_with_image, used = opening, used + len(plain)
+        if not kept:
+            return self._fit_question(question, has_image, budget)
+        kept[-1] = first_with_image
+        ids = [token for turn in reversed(kept) for token in turn] + question_ids
+        self._check_spans(ids, has_image)
+        return ids
+
+    def _turn_ids(self, question: str, answer: Optional[str], with_image: bool) -> list[int]:
+        """One turn rendered by the chat template; each turn starts with a special token, so turns tokenised
+        one by one join into exactly the ids of the whole conversation tokenised at once."""
+        content = f"{IMAGE_SPECIAL_TOKEN}\n{question}" if with_image else question
+        messages = [{"role": "user", "content": content}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return encode(self.tokenizer, render_chat(self.tokenizer, messages))
+
+    def _fit_question(self, question: str, has_image: bool, budget: int) -> list[int]:
+        """The question alone, its oldest tokens cut so that the prompt fits `budget` (the image span stays)."""
+        ids = self._turn_ids(question, None, has_image)
+        if len(ids) > budget and question:
+            marker = "\x00"  # split the rendered turn around the question to cut only the question's tokens
+            text = render_chat(self.tokenizer, [{"role": "user", "content": (
+                f"{IMAGE_SPECIAL_TOKEN}\n" if has_image else "") + marker}])
+            head, tail = (encode(self.tokenizer, part) for part in text.split(marker, 1))
+            keep = max(budget - len(head) - len(tail), 0)
+            body = encode(self.tokenizer, question)
+            ids = head + (body[len(body) - keep:] if keep else []) + tail
+        self._check_spans(ids, has_image)
+        return ids
+
+    def _check_spans(self, ids: list[int], has_image: bool) -> None:
+        image_ids = self.model.config.image_ids
+        if image_ids is not None and count_span_openings(ids, image_ids) != int(has_image):
+            raise ValueError("the prompt holds a forged or broken image placeholder span")
 
     def image_features(self, image: Optional[Image.Image]) -> Optional[torch.Tensor]:
         return None if image is None else self.encoder.encode_images([image]).to(self.device)
 
     def stream(self, question: str, image: Optional[Image.Image] = None, history: Sequence[Turn] = (),
                settings: GenerationSettings = GenerationSettings(),
-               stats: Optional[StreamStats] = None) -> Iterator[str]:
+               stats: Optional[StreamStats] = None,
+               cancelled: Optional[Callable[[], bool]] = None) -> Iterator[str]:
         """Yield the answer text piece by piece (never splitting a multi-byte character); `stats`, when given,
-        holds the prompt and generated token counts as generation goes."""
+        holds the prompt and generated token counts as generation goes. `cancelled()` is asked before the
+        image is encoded, before the prompt is run and before every decode step: when it says True the
+        stream ends there, so a request whose client has gone costs at most one more step."""
+        cancelled = cancelled or (lambda: False)
         ids = self.build_prompt(question, history, image is not None, reserve=min(settings.max_new_tokens, 64))
         stats = stats if stats is not None else StreamStats()
         stats.prompt_tokens, stats.completion_tokens = len(ids), 0
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        # a temperature this small is greedy in effect, and dividing logits by it overflows to inf/nan
+        temperature = settings.temperature if settings.temperature >= MIN_TEMPERATURE else 0.0
         tokens: list[int] = []
         shown = ""
-        for next_ids in self.model.generate_stream(
-                torch.tensor([ids], device=self.device), self.image_features(image),
-                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, eos_token_id=self.eos_id,
-                generator=generator):
+        if cancelled():
+            return
+        features = self.image_features(image)
+        steps = self.model.generate_stream(
+            torch.tensor([ids], device=self.device), features,
+            max_new_tokens=settings.max_new_tokens, temperature=temperature, top_k=settings.top_k,
+            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, eos_token_id=self.eos_id,
+            generator=generator)
+        while not cancelled():  # each next() is one step: the prompt (prefill) first, then one token each
+            next_ids = next(steps, None)
+            if next_ids is None:
+                return
             tokens.append(int(next_ids[0]))
             stats.completion_tokens = len(tokens)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -316,3 +316,14 @@ def test_generation_error_is_shown_and_conversation_kept(one_turn, monkeypatch):
     assert len(one_turn.session_state["history"]) == 1  # but not kept as a turn
     one_turn.run()
     assert_conversation_kept(one_turn)
+
+
+def test_typed_image_placeholder_cannot_forge_a_span(one_turn):
+    """A question holding the placeholder (or just its 25 '<') is answered; before, the model refused the prompt."""
+    from model.LMConfig import IMAGE_SPECIAL_TOKEN
+
+    for question in ["<" * 25 + " what is this?", IMAGE_SPECIAL_TOKEN]:
+        ask(one_turn, question)
+        assert not errors(one_turn), errors(one_turn)
+    assert len(one_turn.session_state["history"]) == 3
+    assert one_turn.session_state["history"][-1][0] == IMAGE_SPECIAL_TOKEN  # shown and kept as typed

@@ -1,0 +1,117 @@
+"""Bounded work per request and placeholder safety in the shared inference path (model.chat.VLMChat):
+prompt building that does not grow with the history, long text cut to max_seq_len with the image span whole,
+user text that cannot forge or cut an image span, cancellation before the prompt runs and between steps, and
+temperatures so small that they would overflow."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import model.chat as chat_module
+from conftest import tiny_config
+from model.chat import GenerationSettings, StreamStats, VLMChat
+from model.LMConfig import IMAGE_SPECIAL_TOKEN
+from model.model import MiniMindVLM
+from model.tokenizer_utils import count_span_openings, encode, neutralise_placeholder
+
+RESERVE = 64
+
+
+class FakeEncoder:
+    """Stands in for CLIP here (these tests are about the text side): fixed random features."""
+
+    def encode_images(self, images):
+        return torch.randn(len(list(images)), 50, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer) -> VLMChat:
+    torch.manual_seed(0)
+    return VLMChat(MiniMindVLM(tiny_config(tokenizer, max_seq_len=160)), tokenizer, FakeEncoder())
+
+
+@pytest.fixture
+def tokenised_chars(monkeypatch):
+    """Counts the characters build_prompt hands to the tokenizer."""
+    counted = [0]
+
+    def counting_encode(tokenizer, text):
+        counted[0] += len(text)
+        return encode(tokenizer, text)
+
+    monkeypatch.setattr(chat_module, "encode", counting_encode)
+    return counted
+
+
+def _spans(chat, ids):
+    rows, starts = chat.model.find_image_spans(torch.tensor([ids]))
+    return starts.tolist()
+
+
+def test_long_history_costs_work_bounded_by_the_context_not_the_history(chat, tokenised_chars):
+    turn = ("what colour is the sky today? " * 2, "it is blue, as usual, nothing special. ")
+    history = [turn] * 1500  # about 146 KB, as in the probe that held the server for a minute
+    ids = chat.build_prompt("and now?", history, True, reserve=RESERVE)
+    assert len(ids) <= 160 - RESERVE and len(_spans(chat, ids)) == 1
+    assert chat.tokenizer.decode(ids).endswith("and now?</s>\n<s>assistant\n")
+    # it tokenised only the newest turns that could fit: a few KB (the old loop re-tokenised ~100 MB)
+    assert tokenised_chars[0] < 10_000, tokenised_chars[0]
+
+
+def test_one_huge_question_is_cut_to_fit_keeping_the_image_span_whole(chat, tokenised_chars):
+    question = "lorem ipsum dolor sit amet " * 12_000 + "THE END?"  # 324 KB
+    ids = chat.build_prompt(question, (), True, reserve=RESERVE)
+    text = chat.tokenizer.decode(ids)
+    assert len(ids) <= 160 - RESERVE
+    assert len(_spans(chat, ids)) == 1 and text.startswith("<s>user\n" + IMAGE_SPECIAL_TOKEN)
+    assert text.endswith("THE END?</s>\n<s>assistant\n")  # the newest part of the text is kept
+    assert tokenised_chars[0] < 20_000, tokenised_chars[0]  # not 324 KB
+    no_image = chat.build_prompt(question, (), False, reserve=RESERVE)
+    assert len(no_image) <= 160 - RESERVE and not _spans(chat, no_image)
+
+
+FORGED = [IMAGE_SPECIAL_TOKEN, "<" * 25, "<" * 200 + "x", "look: " + IMAGE_SPECIAL_TOKEN * 3 + ">" * 40,
+          "<" * 24 + " " + "<" * 30]
+
+
+@pytest.mark.parametrize("text", FORGED)
+def test_user_text_cannot_forge_or_cut_an_image_span(chat, text):
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    settings = GenerationSettings(max_new_tokens=3, temperature=0)
+    for history in ([], [(text, text)]):
+        for with_image in (image, None):
+            ids = chat.build_prompt(text, history, with_image is not None, reserve=3)
+            assert len(_spans(chat, ids)) == (1 if with_image is not None else 0)
+            list(chat.stream(text, with_image, history, settings))  # raised ImageSpliceError before
+    assert count_span_openings(encode(chat.tokenizer, neutralise_placeholder(text)),
+                               chat.model.config.image_ids) == 0
+
+
+def test_cancellation_is_checked_before_the_prompt_runs_and_at_every_step(chat, monkeypatch):
+    calls = [0]
+    original = MiniMindVLM.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MiniMindVLM, "forward", counting_forward)
+    settings = GenerationSettings(max_new_tokens=50, temperature=0)
+    image = Image.new("RGB", (32, 32))
+    assert list(chat.stream("hi", image, (), settings, cancelled=lambda: True)) == []
+    assert calls[0] == 0  # gone before the prefill: the model never ran
+    for after in (1, 5):
+        calls[0] = 0
+        stats = StreamStats()
+        list(chat.stream("hi", image, (), settings, stats, cancelled=lambda: stats.completion_tokens >= after))
+        assert stats.completion_tokens == after and calls[0] == after  # no step after the cancel
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_temperatures_that_would_overflow_are_greedy(chat, temperature):
+    image = Image.new("RGB", (32, 32), (0, 0, 200))
+    greedy = "".join(chat.stream("hi", image, (), GenerationSettings(max_new_tokens=8, temperature=0)))
+    tiny = "".join(chat.stream("hi", image, (), GenerationSettings(max_new_tokens=8, temperature=temperature,
+                                                                    top_p=1e-300, top_k=None, seed=1)))
+    assert tiny == greedy
