@@ -20,11 +20,14 @@ from torch.utils.data import Dataset
 
 from .LMConfig import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
 from .model import find_image_spans
-from .tokenizer_utils import image_token_ids, render_chat
+from .tokenizer_utils import count_span_openings, image_token_ids, render_chat
 from .vision_utils import ImageError, ImagePreprocessor, open_image
 
 log = logging.getLogger("minimind")
 IGNORE_INDEX = -100
+# A record larger than this is skipped before it is tokenised (v1 records are a few KB; tokenising holds ~200
+# bytes per character of text at once, so one 50 MB answer would take ~10 GB).
+MAX_RECORD_CHARS = 1 << 20
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 
@@ -88,16 +91,32 @@ def read_records(path: str) -> list[Any]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
+        except ValueError as e:  # e.g. an integer longer than Python's int-string conversion limit
+            raise DataError(f"{path}: unreadable JSON ({str(e).splitlines()[0][:120]})") from None
     else:
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            if len(line) > MAX_RECORD_CHARS:  # bounded before parsing: one 50 MB line would cost gigabytes
+                records.append(BrokenLine(lineno, f"record too large: {len(line):,} characters (limit "
+                                                  f"{MAX_RECORD_CHARS:,})"))
+                continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 records.append(BrokenLine(lineno, f"malformed JSON: {e.msg}"))
+            except RecursionError:
+                records.append(BrokenLine(lineno, "malformed JSON: nested too deeply"))
+            except ValueError as e:
+                records.append(BrokenLine(lineno, f"malformed JSON: {str(e).splitlines()[0][:120]}"))
     return records
+
+
+def record_chars(messages: list[dict[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
 
 
 @dataclass
@@ -183,17 +202,19 @@ class VLMDataset(Dataset):
         self.feature_store = feature_store
         self.samples: list[Sample] = []
         image_ids = torch.tensor(image_token_ids(tokenizer))
+        images_root = os.path.realpath(images_path)
         for n, record in enumerate(read_records(data_path)):
             rid = record_id(record, n)
             try:
                 messages = record_to_messages(record, multi_turn)
-                image = record.get("image")
-                if not isinstance(image, str) or not image:
-                    raise ValueError("no image file named")
-                path = os.path.join(images_path, image_prefix + image)
-                if not os.path.exists(path):
-                    raise ValueError(f"missing image: {path}")
+                if record_chars(messages) > MAX_RECORD_CHARS:
+                    raise ValueError(f"record too large: {record_chars(messages):,} characters of text (limit "
+                                     f"{MAX_RECORD_CHARS:,})")
+                path = image_file(record.get("image"), images_path, images_root, image_prefix)
                 ids, labels = tokenize_conversation(tokenizer, messages)
+                if count_span_openings(ids, image_ids.tolist()) != 1:  # text beside <image> that reads as placeholder ids
+                    raise ValueError("forged image placeholder: text outside <image> holds a run of '<' that "
+                                     "would start an image span")
                 if len(ids) > max_seq_len:
                     span_end = image_span_end(ids, image_ids)
                     if span_end > max_seq_len:
@@ -232,6 +253,22 @@ def image_span_end(ids: list[int], image_ids: torch.Tensor) -> int:
     """The position just past the record's image placeholder span."""
     _, starts = find_image_spans(torch.tensor([ids]), image_ids)
     return int(starts[0]) + IMAGE_TOKENS if starts.numel() else len(ids)
+
+
+def image_file(image: Any, images_path: str, images_root: str, image_prefix: str = "") -> str:
+    """The record's image path, which must exist and lie under images_path once `..` and symlinks are resolved."""
+    if not isinstance(image, str) or not image:
+        raise ValueError("no image file named")
+    path = os.path.join(images_path, image_prefix + image)
+    try:
+        real = os.path.realpath(path)
+    except ValueError as e:  # an embedded NUL byte
+        raise ValueError(f"bad image path {image!r} ({e})") from None
+    if os.path.commonpath([images_root, real]) != images_root:
+        raise ValueError(f"image outside --images_path: {image!r} resolves to {real}")
+    if not os.path.exists(real):
+        raise ValueError(f"missing image: {path}")
+    return path
 
 
 @dataclass
