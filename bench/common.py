@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -103,6 +103,20 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ measured peaks
+def best_time(fn: Callable[[], Any], device: torch.device, reps: int = 1, rounds: int = 3) -> float:
+    """Seconds per call of fn: best of `rounds` timings of `reps` calls, after one warm-up call (device synced)."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
                       reps: int = 5, rounds: int = 3) -> float:
     """Dense matmul peak in FLOP/s: best-of `rounds` timings of `reps` n x n matmuls (2 n^3 FLOPs each)."""
@@ -110,34 +124,33 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: Optional[int]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm up (and pick the kernel)
-    sync(device)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b, out=out)
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best_time(lambda: torch.matmul(a, b, out=out), device, reps, rounds)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 5) -> float:
     """Read bandwidth in bytes/s: best-of `rounds` timings of summing an fp32 tensor of `nbytes`."""
     x = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
-    x.sum()
-    sync(device)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    del x
-    return nbytes / best
+    return nbytes / best_time(x.sum, device, rounds=rounds)
 
 
 # ------------------------------------------------------------------------------------------ output
+def start(parser, argv: Optional[list[str]]):
+    """Parse a bench's arguments, run from the repository root, and set the thread count (--threads)."""
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    setup_threads(args.threads)
+    return args
+
+
+def report(results_path: str, info: dict[str, Any], title: str, header: list[str], rows: list[list[Any]],
+           notes: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Write the table into `results_path` (when given), print the JSON line, and return the result."""
+    if results_path:
+        write_results(results_path, info, title, header, rows, result["command"], notes=notes)
+    emit(result)
+    return result
+
+
 def command_line() -> str:
     """The command that produced a figure, as typed from the repository root."""
     script = os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]

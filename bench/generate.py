@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    bench_title, command_line, DTYPES, emit, machine_info, peak_memory_mb, read_bandwidth, ROOT,
-    setup_threads, sync, write_results)
+    bench_title, command_line, DTYPES, machine_info, peak_memory_mb, read_bandwidth, report,
+    start, sync)
 from model.LMConfig import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
 from model.model import KVCache, MiniMindVLM  # noqa: E402
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, render_chat  # noqa: E402
@@ -130,9 +130,7 @@ def timed_hf_generate(hf, ids, feats, n: int, device) -> tuple[float, list[int]]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    os.chdir(ROOT)
-    setup_threads(args.threads)
+    args = start(build_parser(), argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = machine_info(device)
     tokenizer = load_tokenizer(args.tokenizer_path)
@@ -221,22 +219,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.hf:
         print(f"transformers generate() of the export: {decode_hf:.1f} tok/s with its DynamicCache, "
               f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: {same_hf}", flush=True)
-    if args.results:
-        rows = [["prefill (prompt %d tokens incl. 50 image), ms" % ids.shape[1], result["prefill_ms"]],
-                ["decode tok/s, KV cache (%d new tokens)" % n, decode_cache],
-                ["decode tok/s, no cache", decode_nocache if decode_nocache else "not run"],
-                ["KV cache speed-up", result["cache_speedup"] or "not run"],
-                ["weights read per decode token, MB", per_token / 1e6],
-                ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, bw / 1e9],
-                ["decode_bw_fraction", result["decode_bw_fraction"]],
-                ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", peak_mb]]
-        if args.hf:
-            rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", decode_hf],
-                     ["native / transformers decode tok/s", result["hf_slowdown"]],
-                     ["same greedy tokens as native", same_hf]]
-        write_results(args.results, info, bench_title(device), ["figure", "value"], rows, result["command"])
-    emit(result)
-    return result
+    rows = [["prefill (prompt %d tokens incl. 50 image), ms" % ids.shape[1], result["prefill_ms"]],
+            ["decode tok/s, KV cache (%d new tokens)" % n, decode_cache],
+            ["decode tok/s, no cache", decode_nocache if decode_nocache else "not run"],
+            ["KV cache speed-up", result["cache_speedup"] or "not run"],
+            ["weights read per decode token, MB", per_token / 1e6],
+            ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, bw / 1e9],
+            ["decode_bw_fraction", result["decode_bw_fraction"]],
+            ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", peak_mb]]
+    if args.hf:
+        rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", decode_hf],
+                 ["native / transformers decode tok/s", result["hf_slowdown"]],
+                 ["same greedy tokens as native", same_hf]]
+    return report(args.results, info, bench_title(device), ["figure", "value"], rows, "", result)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ if [ "$TINY" = 1 ]; then
   GEN=(--new_tokens 8 --reps 1 --bw_mb 64)
   T_TRAIN=300; T_GEN=120
 else
-  M512=(--dim 512 --n_layers 8 --n_heads 16 --n_kv_heads 8)
-  M768=(--dim 768 --n_layers 16 --n_heads 16 --n_kv_heads 8)
+  M512=(--preset minimind-v-small)
+  M768=(--preset minimind-v)
   SEARCH=(--batch_size 64 --max_batch 8192 --steps 10 --warmup 3)
   ONLINE=(--batch_size 256 --steps 10 --warmup 3)
   GEN=(--new_tokens 200 --reps 3 --bw_mb 1024)

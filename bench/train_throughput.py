@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, emit, machine_info, matmul_peak_flops,
-    peak_memory_mb, ROOT, setup_threads, sync, write_results)
+    bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, machine_info, matmul_peak_flops, peak_memory_mb,
+    report, start, sync)
 from model.dataset import VLMDataset, collate  # noqa: E402
 from model.feature_cache import FeatureStore  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
@@ -196,42 +196,37 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    os.chdir(ROOT)
-    setup_threads(args.threads)
-    bench = Bench(args)
-    dev = bench.device
-    info = machine_info(dev)
-    measured_peak = matmul_peak_flops(dev, bench.dtype, args.peak_n)
-    print(f"{info['machine']} | torch {info['torch']} | {info['threads']} threads | model {args.dim}/{args.n_layers} "
-          f"| {args.dtype} | measured matmul peak {measured_peak / 1e9:,.0f} GFLOP/s | clip {args.clip_path} "
-          f"({bench.encoder_layers} layers)", flush=True)
+def free_memory(bench: Bench) -> None:
+    bench.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    runs: list[dict[str, Any]] = []
-    batch = args.batch_size
-    if args.find_max_batch:
-        fits, b = None, batch
-        while b <= args.max_batch:
-            try:
-                bench.run("pretrain", "cached", b, 1, 1)
-                fits = b
-                print(f"batch {b}: fits", flush=True)
-                b *= 2
-            except Exception as e:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
-                if not is_oom(e):
-                    raise
-                print(f"batch {b}: out of memory", flush=True)
-                break
-            finally:
-                bench.model.zero_grad(set_to_none=True)
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        if fits is None:
-            raise RuntimeError(f"batch {batch} does not fit")
-        batch = fits
 
+def largest_batch(bench: Bench, batch: int, limit: int) -> int:
+    """Double the batch (cached pretrain) until out of memory; the largest that fits."""
+    fits = None
+    while batch <= limit:
+        try:
+            bench.run("pretrain", "cached", batch, 1, 1)
+            fits = batch
+            print(f"batch {batch}: fits", flush=True)
+            batch *= 2
+        except Exception as e:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
+            if not is_oom(e):
+                raise
+            print(f"batch {batch}: out of memory", flush=True)
+            break
+        finally:
+            free_memory(bench)
+    if fits is None:
+        raise RuntimeError(f"batch {batch} does not fit")
+    return fits
+
+
+def time_settings(bench: Bench, args: argparse.Namespace, batch: int) -> tuple[list[dict[str, Any]], int]:
+    """One timed run per stage and setting; after a batch search, an OOM halves the batch and retries."""
+    runs = []
     for stage in [s for s in args.stages.split(",") if s]:
         for setting in [s for s in args.settings.split(",") if s]:
             while True:
@@ -241,9 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 except Exception as e:  # noqa: BLE001 - a searched batch can fail later (fragmentation)
                     if not (args.find_max_batch and is_oom(e) and batch > 1):
                         raise
-                    bench.model.zero_grad(set_to_none=True)
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    free_memory(bench)
                     batch //= 2
                     print(f"out of memory when timing: batch {batch} instead", flush=True)
             runs.append(r)
@@ -251,59 +244,69 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   f"{r['useful_tokens_per_s']:10,.0f} useful tok/s {r['images_per_s']:8.1f} img/s "
                   f"{r['useful_tflops'] * 1e3:8.1f} useful GFLOP/s | step {r['step_ms']:.0f} ms | pad "
                   f"{100 * r['pad_fraction']:.0f}% | data-wait {r['data_wait_pct']:.1f}%", flush=True)
+    return runs, batch
 
-    # the peak again at the end, best-of both: load from other processes only ever lowers it
-    measured_peak = max(measured_peak, matmul_peak_flops(dev, bench.dtype, args.peak_n))
-    peak = peak_flops(dev, bench.dtype) or measured_peak  # a known GPU's datasheet peak, else the measured one
+
+def summarize(args: argparse.Namespace, bench: Bench, runs: list[dict[str, Any]], batch: int,
+              measured_peak: float, peak: float) -> dict[str, Any]:
+    """The headline figures (pretrain stage unless only SFT ran) and every run."""
     for r in runs:
         r["mfu"] = r["useful_tflops"] * 1e12 / peak
         r["mfu_vs_measured_peak"] = r["useful_tflops"] * 1e12 / measured_peak
-
-    def pick(stage, setting, key):
-        for r in runs:
-            if r["stage"] == stage and r["setting"] == setting:
-                return r[key]
-        return None
-
     main_stage = "pretrain" if any(r["stage"] == "pretrain" for r in runs) else (runs[0]["stage"] if runs else None)
-    result: dict[str, Any] = {
-        "name": args.name or f"train {args.dim}/{args.n_layers} {args.dtype}",
-        "samples_per_s_online": pick(main_stage, "online", "samples_per_s"),
-        "samples_per_s_cached": pick(main_stage, "cached", "samples_per_s"),
-        "useful_tokens_per_s_cached": pick(main_stage, "cached", "useful_tokens_per_s"),
-        "images_per_s_cached": pick(main_stage, "cached", "images_per_s"),
-        "mfu_cached": pick(main_stage, "cached", "mfu"),
-        "matmul_peak_gflops": measured_peak / 1e9,
-        "mfu_peak_gflops": peak / 1e9,
-        "dtype": args.dtype, "batch_size": batch, "stage": main_stage, "fused_adamw": args.fused_adamw,
-        "model": f"{args.dim}/{args.n_layers}", "clip_layers": bench.encoder_layers,
-    }
-    on, ca = result["samples_per_s_online"], result["samples_per_s_cached"]
-    result["cached_over_online"] = ca / on if on and ca else None
-    cm = pick(main_stage, "cached_max", "samples_per_s")
-    result["longest_over_max_padding"] = ca / cm if ca and cm else None
-    result.update(info)
-    result["command"] = command_line()
-    result["runs"] = runs
 
-    if args.results:
-        rows = [[r["stage"], "online" if r["setting"].startswith("online") else "cached",
-                 "max_seq_len" if r["setting"].endswith("_max") else "batch-longest", r["batch_size"],
-                 r["samples_per_s"], r["useful_tokens_per_s"], r["images_per_s"], r["useful_tflops"] * 1e3,
-                 f"{100 * r['mfu']:.1f}%", r["step_ms"], f"{100 * r['pad_fraction']:.0f}%"] for r in runs]
-        summary = [f"{args.dtype} dense matmul peak measured in this run: {measured_peak / 1e9:,.0f} GFLOP/s"
-                   + (f"; MFU against the datasheet {peak / 1e12:,.0f} TFLOPS" if dev.type == "cuda" else "")]
-        if result["cached_over_online"]:
-            summary.append(f"cached / online: {result['cached_over_online']:.2f}x samples/s ({main_stage})")
-        if result["longest_over_max_padding"]:
-            summary.append(f"batch-longest / max_seq_len padding: {result['longest_over_max_padding']:.2f}x")
-        write_results(args.results, info, bench_title(dev),
-                      ["stage", "features", "padding", "batch", "samples/s", "useful tok/s", "images/s",
-                       "useful GFLOP/s", "useful-token MFU", "step ms", "padding share"], rows, result["command"],
-                      notes=f"online = the {bench.encoder_layers}-layer CLIP tower encodes every batch; cached = fp16 "
-                            f"FeatureStore; max_seq_len = {args.max_seq_len}. " + "; ".join(summary) + ".")
-    emit(result)
-    return result
+    def pick(setting: str, key: str):
+        return next((r[key] for r in runs if r["stage"] == main_stage and r["setting"] == setting), None)
+
+    on, ca, cm = pick("online", "samples_per_s"), pick("cached", "samples_per_s"), pick("cached_max", "samples_per_s")
+    return {"name": args.name or f"train {args.dim}/{args.n_layers} {args.dtype}",
+            "samples_per_s_online": on, "samples_per_s_cached": ca,
+            "useful_tokens_per_s_cached": pick("cached", "useful_tokens_per_s"),
+            "images_per_s_cached": pick("cached", "images_per_s"), "mfu_cached": pick("cached", "mfu"),
+            "matmul_peak_gflops": measured_peak / 1e9, "mfu_peak_gflops": peak / 1e9,
+            "dtype": args.dtype, "batch_size": batch, "stage": main_stage, "fused_adamw": args.fused_adamw,
+            "model": f"{args.dim}/{args.n_layers}", "clip_layers": bench.encoder_layers,
+            "cached_over_online": ca / on if on and ca else None,
+            "longest_over_max_padding": ca / cm if ca and cm else None}
+
+
+def table(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> tuple[list, list, str]:
+    """Header, rows and notes of this run's RESULTS.md table."""
+    header = ["stage", "features", "padding", "batch", "samples/s", "useful tok/s", "images/s", "useful GFLOP/s",
+              "useful-token MFU", "step ms", "padding share"]
+    rows = [[r["stage"], "online" if r["setting"].startswith("online") else "cached",
+             "max_seq_len" if r["setting"].endswith("_max") else "batch-longest", r["batch_size"],
+             r["samples_per_s"], r["useful_tokens_per_s"], r["images_per_s"], r["useful_tflops"] * 1e3,
+             f"{100 * r['mfu']:.1f}%", r["step_ms"], f"{100 * r['pad_fraction']:.0f}%"] for r in result["runs"]]
+    summary = [f"{args.dtype} dense matmul peak measured in this run: {result['matmul_peak_gflops']:,.0f} GFLOP/s"
+               + (f"; MFU against the datasheet {result['mfu_peak_gflops'] / 1e3:,.0f} TFLOPS"
+                  if bench.device.type == "cuda" else "")]
+    if result["cached_over_online"]:
+        summary.append(f"cached / online: {result['cached_over_online']:.2f}x samples/s ({result['stage']})")
+    if result["longest_over_max_padding"]:
+        summary.append(f"batch-longest / max_seq_len padding: {result['longest_over_max_padding']:.2f}x")
+    notes = (f"online = the {bench.encoder_layers}-layer CLIP tower encodes every batch; cached = fp16 "
+             f"FeatureStore; max_seq_len = {args.max_seq_len}. " + "; ".join(summary) + ".")
+    return header, rows, notes
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = start(build_parser(), argv)
+    bench = Bench(args)
+    dev = bench.device
+    info = machine_info(dev)
+    measured_peak = matmul_peak_flops(dev, bench.dtype, args.peak_n)
+    print(f"{info['machine']} | torch {info['torch']} | {info['threads']} threads | model {args.dim}/{args.n_layers} "
+          f"| {args.dtype} | measured matmul peak {measured_peak / 1e9:,.0f} GFLOP/s | clip {args.clip_path} "
+          f"({bench.encoder_layers} layers)", flush=True)
+    batch = largest_batch(bench, args.batch_size, args.max_batch) if args.find_max_batch else args.batch_size
+    runs, batch = time_settings(bench, args, batch)
+    # the peak again at the end, best-of both: load from other processes only ever lowers it
+    measured_peak = max(measured_peak, matmul_peak_flops(dev, bench.dtype, args.peak_n))
+    peak = peak_flops(dev, bench.dtype) or measured_peak  # a known GPU's datasheet peak, else the measured one
+    result = summarize(args, bench, runs, batch, measured_peak, peak)
+    result.update(info, command=command_line(), runs=runs)
+    return report(args.results, info, bench_title(dev), *table(args, bench, result), result)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ class LMConfig(PretrainedConfig):
         self.norm_eps = norm_eps
         self.max_seq_len = max_seq_len
         self.dropout = dropout
-        self.flash_attn = flash_attn
-        self.image_special_token = image_special_token
+        self.flash_attn = flash_attn  # v1 compatibility: read back from v1 configs; SDPA is always used
+        self.image_special_token = image_special_token  # v1 compatibility: the placeholder text v1 configs record
         # None until a tokenizer fills it in (see model.tokenizer_utils.image_token_ids);
         # never hard-coded, because different tokenizers give different ids.
         self.image_ids = list(image_ids) if image_ids is not None else None
@@ -80,7 +80,7 @@ class LMConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.n_routed_experts = n_routed_experts
         self.n_shared_experts = n_shared_experts
-        self.scoring_func = scoring_func
+        self.scoring_func = scoring_func  # v1 compatibility: v1 supports only softmax gate scores, as here
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob

@@ -35,7 +35,7 @@ from .model import MiniMindVLM, count_parameters
 from .tokenizer_utils import image_token_ids, load_tokenizer
 from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
                            run_record)
-from .train_state import TrainState, seed_everything
+from .train_state import seed_everything
 from .train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: F401
 from .vision_utils import VisionEncoder, load_vision_encoder, stand_in_warning
 

@@ -61,7 +61,7 @@ def run(cmd: list[str], log_name: str, out_dir: str, echo: bool = True) -> tuple
     return "".join(lines), time.perf_counter() - t0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="full", choices=sorted(PROFILES))
     p.add_argument("--out_dir", default="out", help="checkpoints, logs, the feature cache and demo_summary.json")
@@ -70,61 +70,62 @@ def main() -> None:
     p.add_argument("--loss_plot", default="images/demo_loss.png")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="train a published size instead of the profile's small model (heads 16/8)")
-    args = p.parse_args()
-    cfg = dict(PROFILES[args.profile])
-    if args.preset:
-        cfg.update(PRESETS[args.preset], n_heads=16, n_kv_heads=8)
-    py = sys.executable
-    demo = os.path.join(args.data_root, "demo")
-    times: dict[str, float] = {}
-    started = time.perf_counter()
+    return p.parse_args()
 
-    # 1. data
-    data_cmd = [py, "scripts/build_demo_data.py", "--out", args.data_root]
+
+def build_data(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> None:
+    """1. the demo data"""
+    data_cmd = [sys.executable, "scripts/build_demo_data.py", "--out", args.data_root]
     if cfg["max_train_images"]:
         data_cmd += ["--max_train_images", str(cfg["max_train_images"])]
     if cfg["max_test_questions"]:
         data_cmd += ["--max_test_questions", str(cfg["max_test_questions"])]
-    data_log, times["data"] = run(data_cmd, "data", args.out_dir)
+    _, times["data"] = run(data_cmd, "data", args.out_dir)
 
-    # 2. vision encoder: the real CLIP when the user has it, else the stand-in (said loudly)
+
+def vision_encoder(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> str:
+    """2. the real CLIP when the user has it, else the stand-in (said loudly, built when missing)"""
     if os.path.exists(os.path.join(ROOT, DEFAULT_CLIP_PATH, "config.json")):
-        clip = DEFAULT_CLIP_PATH
-        print(f"\nusing the real CLIP ViT-B/32 at {clip}")
+        print(f"\nusing the real CLIP ViT-B/32 at {DEFAULT_CLIP_PATH}")
         times["encoder"] = 0.0
-    else:
-        clip = STAND_IN_CLIP_PATH
-        print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
-              f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} layer(s) ({clip}).")
-        marker = os.path.join(ROOT, clip, "config.json")
-        layers_ok = os.path.exists(marker) and json.load(open(marker)).get("num_hidden_layers") == cfg["clip_layers"]
-        if not layers_ok:
-            _, times["encoder"] = run([py, "scripts/build_stand_in_clip.py", "--out", clip, "--layers",
-                                       str(cfg["clip_layers"])], "encoder", args.out_dir)
+        return DEFAULT_CLIP_PATH
+    clip = STAND_IN_CLIP_PATH
+    print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
+          f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} layer(s) ({clip}).")
+    marker = os.path.join(ROOT, clip, "config.json")
+    layers_ok = os.path.exists(marker) and json.load(open(marker)).get("num_hidden_layers") == cfg["clip_layers"]
+    if not layers_ok:
+        _, times["encoder"] = run([sys.executable, "scripts/build_stand_in_clip.py", "--out", clip, "--layers",
+                                   str(cfg["clip_layers"])], "encoder", args.out_dir)
+    return clip
 
-    size = (["--preset", args.preset] if args.preset else ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"])])
+
+def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str, float]) -> str:
+    """3. pretrain from scratch (no pretrained MiniMind LLM offline), 4. SFT; returns the SFT checkpoint"""
+    py, demo = sys.executable, os.path.join(args.data_root, "demo")
+    size = ["--preset", args.preset] if args.preset else ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"])]
     common = [*size, "--n_heads", str(cfg["n_heads"]), "--n_kv_heads", str(cfg["n_kv_heads"]), "--max_seq_len", "128",
-              "--clip_path", clip,
-              "--out_dir", args.out_dir, "--device", "cpu", "--num_workers", str(args.num_workers),
-              "--batch_size", str(cfg["batch_size"]), "--feature_cache", os.path.join(args.out_dir, "feature_cache"),
-              "--save_interval", "100000"] + (["--cpu_bf16"] if cfg["cpu_bf16"] else [])
-    images_train = os.path.join(demo, "images", "train")
-    # 3. pretrain (from scratch: no pretrained MiniMind LLM offline)
+              "--clip_path", clip, "--out_dir", args.out_dir, "--device", "cpu", "--num_workers",
+              str(args.num_workers), "--batch_size", str(cfg["batch_size"]), "--feature_cache",
+              os.path.join(args.out_dir, "feature_cache"), "--save_interval", "100000",
+              "--images_path", os.path.join(demo, "images", "train")] + (["--cpu_bf16"] if cfg["cpu_bf16"] else [])
     _, times["pretrain"] = run([py, "1-pretrain_vlm.py", *common, "--from_scratch",
-                                "--data_path", os.path.join(demo, "pretrain.json"), "--images_path", images_train,
+                                "--data_path", os.path.join(demo, "pretrain.json"),
                                 "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]),
                                 "--log_interval", "10"], "pretrain", args.out_dir)
-    # 4. SFT
-    sft_cmd = [py, "2-sft_vlm.py", *common, "--data_path", os.path.join(demo, "sft.json"),
-               "--images_path", images_train, "--image_prefix", "", "--epochs", str(cfg["sft_epochs"]),
-               "--learning_rate", str(cfg["sft_lr"]), "--log_interval", "50", "--warmup_iters", "20"]
+    sft_cmd = [py, "2-sft_vlm.py", *common, "--data_path", os.path.join(demo, "sft.json"), "--image_prefix", "",
+               "--epochs", str(cfg["sft_epochs"]), "--learning_rate", str(cfg["sft_lr"]), "--log_interval", "50",
+               "--warmup_iters", "20"]
     if cfg["sft_max_steps"]:
         sft_cmd += ["--max_steps", str(cfg["sft_max_steps"])]
     _, times["sft"] = run(sft_cmd, "sft", args.out_dir)
+    return os.path.join(args.out_dir, f"{cfg['dim']}_vlm_sft.pth")
 
-    ckpt = os.path.join(args.out_dir, f"{cfg['dim']}_vlm_sft.pth")
-    eval_common = [py, "3-eval_chat.py", "--ckpt", ckpt, "--clip_path", clip, "--device", "cpu"]
-    # 5. eval chat over the real photos, then accuracy on the held-out questions
+
+def evaluate(args: argparse.Namespace, cfg: dict, clip: str, ckpt: str, times: dict[str, float]) -> dict:
+    """5. chat over the real photos, then accuracy on the held-out questions"""
+    demo = os.path.join(args.data_root, "demo")
+    eval_common = [sys.executable, "3-eval_chat.py", "--ckpt", ckpt, "--clip_path", clip, "--device", "cpu"]
     chat_log, times["eval_chat"] = run([*eval_common, "--image", os.path.join(args.data_root, "eval_images"),
                                         "--prompt", "what color is the shape?", "--max_new_tokens", "16",
                                         "--temperature", "0", "--no_stream"], "eval_chat", args.out_dir)
@@ -136,17 +137,29 @@ def main() -> None:
     match = re.search(r"accuracy: ([\d.]+) \(n=(\d+), majority baseline ([\d.]+)\)", acc_log)
     if not match:
         sys.exit("demo: the accuracy evaluation printed no accuracy line")
-    accuracy, n, majority = float(match.group(1)), int(match.group(2)), float(match.group(3))
+    return {"accuracy": float(match.group(1)), "n": int(match.group(2)), "majority_baseline": float(match.group(3)),
+            "eval_images_answered": chat_log.count("[A]:")}
 
+
+def main() -> None:
+    args = parse_args()
+    cfg = dict(PROFILES[args.profile])
+    if args.preset:
+        cfg.update(PRESETS[args.preset], n_heads=16, n_kv_heads=8)
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    build_data(args, cfg, times)
+    clip = vision_encoder(args, cfg, times)
+    ckpt = train_stages(args, cfg, clip, times)
+    scores = evaluate(args, cfg, clip, ckpt, times)
     # 6. loss curves
     stem = os.path.join(args.out_dir, str(cfg["dim"]))
-    run([py, "scripts/plot_loss.py", f"{stem}_vlm_pretrain_log.jsonl", f"{stem}_vlm_sft_log.jsonl",
+    run([sys.executable, "scripts/plot_loss.py", f"{stem}_vlm_pretrain_log.jsonl", f"{stem}_vlm_sft_log.jsonl",
          "--out", args.loss_plot, "--title", f"demo ({args.profile}) training loss, log scale"], "plot", args.out_dir)
 
     total = time.perf_counter() - started
-    n_answers = chat_log.count("[A]:")
-    summary = {"profile": args.profile, "accuracy": accuracy, "n": n, "majority_baseline": majority,
-               "eval_images_answered": n_answers, "vision_encoder": clip, "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
+    summary = {"profile": args.profile, **scores, "vision_encoder": clip,
+               "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}}
     with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
@@ -154,8 +167,9 @@ def main() -> None:
     print("\n================ MiniMind-V demo summary ================")
     print(f"vision encoder : {clip}{'  (UNTRAINED STAND-IN, random weights)' if summary['stand_in_encoder'] else ''}")
     print(f"model          : dim {cfg['dim']}, {cfg['n_layers']} layers -> {ckpt}")
-    print(f"eval images    : {n_answers} answered (see {args.out_dir}/logs/eval_chat.log)")
-    print(f"held-out test  : accuracy: {accuracy:.3f} (n={n}, majority baseline {majority:.3f})")
+    print(f"eval images    : {scores['eval_images_answered']} answered (see {args.out_dir}/logs/eval_chat.log)")
+    print(f"held-out test  : accuracy: {scores['accuracy']:.3f} (n={scores['n']}, majority baseline "
+          f"{scores['majority_baseline']:.3f})")
     print(f"time           : {total / 60:.1f} min total; " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"loss curves    : {args.loss_plot}")
     print("chat with it   : python 3-eval_chat.py --ckpt", ckpt, "--clip_path", clip,

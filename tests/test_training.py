@@ -17,7 +17,9 @@ from helpers import make_dataset, train_argv
 from model.checkpoint import load_model, load_object, read_state_dict
 from model.dataset import DataError, VLMDataset, collate
 from model.model import MiniMindVLM
-from model.trainer import PRETRAIN, SFT, build_parser, lr_at, train
+from model.train_config import PRETRAIN, SFT, build_parser, checkpoint_stem, model_size
+from model.train_step import lr_at
+from model.trainer import train
 from model.vision_utils import load_vision_encoder
 
 
@@ -67,6 +69,16 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert lr_at(0, 100, 1.0, 10) == 0.0 and lr_at(5, 100, 1.0, 10) == 0.5
     assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(150, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_preset_picks_the_size_and_size_flags_override_it():
+    args = build_parser(PRETRAIN).parse_args(["--preset", "minimind-v"])
+    assert model_size(args) == {"dim": 768, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "use_moe": False,
+                                     "max_seq_len": 200}
+    assert checkpoint_stem(args) == "768"  # file names follow the preset
+    args = build_parser(SFT).parse_args(["--preset", "minimind-v", "--n_layers", "2", "--use_moe"])
+    assert (model_size(args)["dim"], model_size(args)["n_layers"], checkpoint_stem(args)) == (768, 2, "768_moe")
+    assert model_size(build_parser(SFT).parse_args([]))["dim"] == 512  # minimind-v-small by default
 
 
 def test_pretrain_checkpoint_is_v1_layout_and_loads_strictly(tmp_path, tiny_clip_dir):
