@@ -44,6 +44,11 @@ from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
 
 MAX_IMAGES = 1  # one placeholder span per prompt (VLMChat.build_prompt)
 DEFAULT_MAX_TOKENS_LIMIT = 2048
+DEFAULT_MAX_QUEUE = 32
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DECODE_SLOTS = 2  # images decoded at once: each holds its full decoded size until it is resized
+RETRY_AFTER_S = 2
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -56,12 +61,18 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.kind, self.param, self.code), status_code=self.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(error_body(self.message, self.kind, self.param, self.code), status_code=self.status,
+                            headers=headers)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 # ---------------------------------------------------------------------------------------------- request parsing
@@ -102,12 +113,22 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, integer: bool
     return value
 
 
+def valid_text(text: str, param: str) -> str:
+    """text, or a 400 when it cannot be encoded as UTF-8 (JSON allows lone UTF-16 surrogates like \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode text ({e.reason} at character {e.start})", param,
+                       "invalid_text") from None
+    return text
+
+
 def parse_content(content: Any, param: str) -> tuple[str, list[tuple[str, str]]]:
     """(text, [(image url, its param path)]) of one message's content."""
     if content is None:
         return "", []
     if isinstance(content, str):
-        return content, []
+        return valid_text(content, param), []
     if not isinstance(content, list):
         raise APIError(400, f"{param} must be a string or a list of content parts", param, "invalid_type")
     texts, images = [], []
@@ -119,7 +140,7 @@ def parse_content(content: Any, param: str) -> tuple[str, list[tuple[str, str]]]
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise APIError(400, f"{where}.text must be a string", f"{where}.text", "invalid_type")
-            texts.append(part["text"])
+            texts.append(valid_text(part["text"], f"{where}.text"))
         elif kind == "image_url":
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
@@ -194,8 +215,14 @@ def resolve_image_path(path: str, image_dir: Optional[str], param: str) -> str:
     return real
 
 
-def load_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image:
-    """Decode an image_url: a base64 data URI or a local path under image_dir."""
+def load_image(url: str, param: str, image_dir: Optional[str], size: Optional[int] = None) -> Image.Image:
+    """Decode an image_url (a base64 data URI or a local path under image_dir), resized to size x size with the
+    encoder's own bicubic resize when given: a queued request then holds 150 KB, not the full decoded image."""
+    image = _decode_image(url, param, image_dir)
+    return image if size is None else image.resize((size, size), Image.BICUBIC)
+
+
+def _decode_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image:
     try:
         if url.startswith("data:"):
             header, comma, data = url.partition(",")
@@ -220,7 +247,7 @@ def load_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image:
 
 
 def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSettings,
-                  max_tokens_limit: int) -> ChatJob:
+                  max_tokens_limit: int, image_size: Optional[int] = None) -> ChatJob:
     """Validate an OpenAI chat.completions body into a ChatJob (images decoded), or raise APIError."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_body")
@@ -255,7 +282,7 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
         repetition_penalty=defaults.repetition_penalty if penalty is None else float(penalty),
         seed=defaults.seed if seed is None else int(seed),
     )
-    image = load_image(*images[0], image_dir) if images else None
+    image = load_image(*images[0], image_dir, image_size) if images else None
     if not question.strip() and image is not None:
         question = DEFAULT_QUESTION  # an image alone asks what it shows, as in v1
     return ChatJob(question, image, history, settings, stream, bool(options.get("include_usage")))
@@ -265,8 +292,10 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
 class Runner:
     """Runs the model on one dedicated thread: requests queue up, one generates at a time."""
 
-    def __init__(self, chat: VLMChat):
+    def __init__(self, chat: VLMChat, max_queue: int = DEFAULT_MAX_QUEUE):
         self.chat = chat
+        self.max_queue = max_queue  # requests admitted (decoding, waiting or generating) at once; more get a 503
+        self.admitted = 0
         # A single worker is the lock: PyTorch already uses every core for one request, and the model and its
         # KV cache are not safe to share between concurrent generations.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
@@ -274,17 +303,25 @@ class Runner:
     def generate(self, job: ChatJob, emit: Callable[[str], None], cancel: threading.Event) -> Outcome:
         """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set."""
         stats = StreamStats()
-        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats):
+        # the client went away: stop before the prompt runs or at the next step, freeing the model
+        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats, cancel.is_set):
             emit(piece)
-            if cancel.is_set():  # the client went away: free the model for the next request
-                break
         finish = "length" if stats.completion_tokens >= job.settings.max_new_tokens else "stop"
         return Outcome(finish, stats.prompt_tokens, stats.completion_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- app
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed limit (header or bytes received)."""
+async def read_body(request: Request, limit: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed limit (header or bytes received),
+    and with 408 when it has not all arrived within timeout_s (a stalled body would hold its connection)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", None,
+                       "request_timeout") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     too_large = APIError(413, f"request body is larger than the limit of {limit} bytes (--max_body_mb)", None,
                          "request_too_large")
     declared = request.headers.get("content-length")
@@ -305,8 +342,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, max_body_bytes: int = 10 << 20,
                defaults: GenerationSettings = GenerationSettings(),
-               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> FastAPI:
+               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI application serving `runner`'s model under the name model_id."""
+    decode_slots = asyncio.Semaphore(DECODE_SLOTS)
+    image_size = getattr(getattr(runner.chat, "encoder", None), "preprocess", None)
+    image_size = getattr(image_size, "size", None)
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "minimind-v"}
@@ -342,26 +383,58 @@ def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, m
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await read_body(request, max_body_bytes)
+        if runner.admitted >= runner.max_queue:
+            raise APIError(503, f"the server is busy ({runner.admitted} requests queued or running); retry in "
+                                f"{RETRY_AFTER_S} s", None, "server_busy", "server_busy_error")
+        runner.admitted += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released, runner.admitted = True, runner.admitted - 1
+
+        try:
+            response = await _chat_completion(request, release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            release()  # a stream releases its slot when it ends, however it ends
+        return response
+
+    async def _chat_completion(request: Request, release: Callable[[], None]):
+        raw = await read_body(request, max_body_bytes, body_timeout_s)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply", None, "invalid_json") from None
-        # Images are decoded off the event loop: a large PNG takes a while and must not stall other requests.
-        job = await asyncio.to_thread(parse_request, body, image_dir, defaults, max_tokens_limit)
+        except ValueError as e:  # e.g. an integer longer than Python's int-string conversion limit
+            raise APIError(400, f"the request body is not acceptable JSON ({_first_line(e)})", None,
+                           "invalid_json") from None
+        # Images are decoded off the event loop (a large PNG takes a while and must not stall other requests),
+        # a few at a time, and resized before the request queues for the model: memory stays bounded.
+        async with decode_slots:
+            job = await asyncio.to_thread(parse_request, body, image_dir, defaults, max_tokens_limit, image_size)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if job.stream:
-            return StreamingResponse(stream_events(runner, job, completion_id, now, model_id),
+            return StreamingResponse(stream_events(runner, job, completion_id, now, model_id, release),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces: list[str] = []
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(runner.executor, runner.generate, job, pieces.append, cancel)
+            work = loop.run_in_executor(runner.executor, runner.generate, job, pieces.append, cancel)
+            while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # the client gave up: its queued or running work stops
+                    cancel.set()
+                    await asyncio.wait({work})
+                    raise APIError(499, "the client closed the connection", None, "client_closed")
+            outcome = work.result()
         finally:
             cancel.set()  # if this request was cancelled while queued or running, the worker stops early
         return {
@@ -379,8 +452,8 @@ def _sse(payload: Any) -> str:
 
 
 async def stream_events(runner: Runner, job: ChatJob, completion_id: str, created: int,
-                        model_id: str) -> AsyncIterator[str]:
-    """chat.completion.chunk events for job, then `data: [DONE]`."""
+                        model_id: str, on_close: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
+    """chat.completion.chunk events for job, then `data: [DONE]`; on_close runs when the stream ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -420,6 +493,7 @@ async def stream_events(runner: Runner, job: ChatJob, completion_id: str, create
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # also on client disconnect (the generator is closed): stop generating
+        on_close()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -435,6 +509,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_body_mb", type=float, default=10.0, help="largest accepted request body, in MiB")
     p.add_argument("--max_tokens_limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help="largest max_tokens a request may ask for")
+    p.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests admitted at once (decoding, queued or generating); more get 503 + Retry-After")
+    p.add_argument("--body_timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a request body may take to arrive (408 after that)")
     p.add_argument("--model_name", default=None, help="model id reported by the API (default: checkpoint name)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
@@ -454,8 +532,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import uvicorn
 
     model_id = args.model_name or Path(args.ckpt).stem
-    app = create_app(Runner(chat), model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
-                     max_tokens_limit=args.max_tokens_limit)
+    app = create_app(Runner(chat, args.max_queue), model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
+                     max_tokens_limit=args.max_tokens_limit, body_timeout_s=args.body_timeout)
     print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -18,6 +18,7 @@ from .vision_utils import VisionEncoder, load_vision_encoder
 
 # Temperatures below this are treated as 0 (greedy): logits / 1e-300 overflow to inf and sampling gets NaN.
 MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"  # v1's default: "What does this picture describe?"
 Turn = tuple[str, str]  # (question, answer)
 
@@ -144,8 +145,10 @@ class VLMChat:
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        # a temperature this small is greedy in effect, and dividing logits by it overflows to inf/nan
-        temperature = settings.temperature if settings.temperature >= MIN_TEMPERATURE else 0.0
+        # a temperature this small is greedy in effect, and dividing logits by it overflows to inf/nan; a top_p
+        # this small keeps only the likeliest token (greedy), and in float32 it would round to 0 and drop them all
+        greedy = settings.temperature < MIN_TEMPERATURE or (settings.top_p is not None and settings.top_p < MIN_TOP_P)
+        temperature = 0.0 if greedy else settings.temperature
         tokens: list[int] = []
         shown = ""
         if cancelled():

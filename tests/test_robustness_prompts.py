@@ -108,10 +108,28 @@ def test_cancellation_is_checked_before_the_prompt_runs_and_at_every_step(chat, 
         assert stats.completion_tokens == after and calls[0] == after  # no step after the cancel
 
 
-@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
-def test_temperatures_that_would_overflow_are_greedy(chat, temperature):
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, None), (5e-324, None), (1e-30, 0.9), (1.0, 1e-300),
+                                                (0.7, 1e-50)])
+def test_sampling_values_that_would_underflow_are_greedy(chat, temperature, top_p):
     image = Image.new("RGB", (32, 32), (0, 0, 200))
     greedy = "".join(chat.stream("hi", image, (), GenerationSettings(max_new_tokens=8, temperature=0)))
     tiny = "".join(chat.stream("hi", image, (), GenerationSettings(max_new_tokens=8, temperature=temperature,
-                                                                    top_p=1e-300, top_k=None, seed=1)))
+                                                                    top_p=top_p, top_k=None, seed=1)))
     assert tiny == greedy
+
+
+def test_api_runner_drops_a_request_cancelled_while_it_queued(chat, monkeypatch):
+    """The API worker passes its cancel flag into the stream: a request whose client left never runs the model."""
+    import threading
+
+    from serve_openai_api import ChatJob, Runner
+
+    calls = [0]
+    original = MiniMindVLM.forward
+    monkeypatch.setattr(MiniMindVLM, "forward", lambda self, *a, **k: calls.__setitem__(0, calls[0] + 1)
+                        or original(self, *a, **k))
+    cancel = threading.Event()
+    cancel.set()
+    job = ChatJob("hi", Image.new("RGB", (32, 32)), [], GenerationSettings(max_new_tokens=50, temperature=0))
+    outcome = Runner(chat).generate(job, lambda piece: None, cancel)
+    assert outcome.completion_tokens == 0 and calls[0] == 0
