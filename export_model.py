@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-from model.checkpoint import (CheckpointError, infer_config, load_model, load_weights, read_state_dict,
-                              save_checkpoint)
+from model.checkpoint import (CheckpointError, infer_config, load_model, load_weights, read_json_object,
+                              read_state_dict, save_checkpoint, shard_paths)
 from model.LMConfig import IMAGE_TOKENS, LMConfig
 from model.model import count_parameters
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer
@@ -265,10 +265,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = hf_dir / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                sd.update(read_state_dict(hf_dir / shard))
+            for shard in shard_paths(index):  # each inside hf_dir
+                sd.update(read_state_dict(shard))
             return sd
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (hf_dir / name).exists():
@@ -316,14 +315,14 @@ def import_hf(hf_dir: str, to: str, tokenizer_path: Optional[str] = None) -> Pat
     src = Path(hf_dir)
     if not (src / "config.json").exists():
         raise ExportError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
-    try:
-        raw = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+    raw = read_json_object(src / "config.json")
     if raw.get("model_type", "minimind") != "minimind":
         raise ExportError(f"{hf_dir}: model_type is {raw.get('model_type')!r}, not 'minimind'")
     sd = untie(read_hf_weights(src), hf_dir)
-    fields = infer_config(sd, config_fields(raw))
+    try:
+        fields = infer_config(sd, config_fields(raw))
+    except CheckpointError as e:
+        raise CheckpointError(f"{src / 'config.json'}: {e}") from None
     fields["image_ids"] = image_token_ids(reverse_tokenizer(src, tokenizer_path))
     model = MiniMindVLM(LMConfig(**fields))
     load_weights(model, sd, source=hf_dir)

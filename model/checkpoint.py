@@ -374,6 +374,38 @@ def atomic_write(path: PathLike, write_fn) -> None:
         raise
 
 
+def read_json_object(path: PathLike) -> dict[str, Any]:
+    """A JSON file holding an object, or CheckpointError with one line naming the file (malformed, nested too
+    deeply, integers past Python's int-string limit, not an object, not UTF-8)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError and the int-string limit included
+        raise CheckpointError(f"{path}: unreadable JSON ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
+
+
+def shard_paths(index_path: PathLike) -> list[Path]:
+    """The shard files a Hugging Face `*.index.json` names, each checked to lie inside the index's directory
+    (after resolving `..` and symlinks): an index must not make the loader read files elsewhere."""
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+    root = os.path.realpath(Path(index_path).parent)
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        real = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([root, real]) != root:
+            raise CheckpointError(f"{index_path}: shard {name!r} is outside the model directory")
+        shards.append(Path(real))
+    return shards
+
+
 def remove_stale_temp_files(paths: list[PathLike]) -> list[str]:
     """Delete the temp files (`.<name>.<random>.tmp`, made by atomic_write) that a killed save of one of `paths`
     left behind; the files under the final names are never touched. Returns what was removed.

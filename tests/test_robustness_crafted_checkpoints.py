@@ -140,3 +140,49 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path, tiny_cl
     assert not any(tmp.exists() for tmp in stale)
     assert all(other.read_bytes() == b"keep me" for other in unrelated)
     assert not list(out.glob(".64_vlm_pretrain*.tmp"))  # and the run's own saves left none
+
+
+# ------------------------------------------------------------------------ export_model.py --from_hf inputs
+def _hf_dir(tmp_path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "minimind", "dim": 64, "n_layers": 2,
+                                                    "n_heads": 4, "n_kv_heads": 2, "vocab_size": 6400}))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in sd}}))
+    return folder
+
+
+HF_FAULTS = {  # what to write where -> phrase of the one-line error
+    "index not JSON": ("model.safetensors.index.json", "{not json", "unreadable JSON"),
+    "index nested too deeply": ("model.safetensors.index.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "index without weight_map": ("model.safetensors.index.json", '{"metadata": {}}', "'weight_map' must be"),
+    "index weight_map a list": ("model.safetensors.index.json", '{"weight_map": [1, 2]}', "'weight_map' must be"),
+    "shard outside the directory": ("model.safetensors.index.json",
+                                    '{"weight_map": {"tok_embeddings.weight": "../secret.safetensors"}}',
+                                    "is outside the model directory"),
+    "shard by absolute path": ("model.safetensors.index.json",
+                               '{"weight_map": {"tok_embeddings.weight": "/etc/passwd"}}',
+                               "is outside the model directory"),
+    "config a list": ("config.json", "[1, 2, 3]", "config.json: not a JSON object"),
+    "config with a huge integer": ("config.json", '{"dim": ' + "9" * 5000 + "}", "config.json: unreadable JSON"),
+    "config nested too deeply": ("config.json", '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    "config with zero heads": ("config.json", '{"model_type": "minimind", "n_heads": 0}', "n_heads = 0"),
+}
+
+
+@pytest.mark.parametrize("fault", list(HF_FAULTS))
+def test_malformed_hf_directory_is_one_line(good_sd, tmp_path, capsys, fault):
+    import export_model
+
+    folder = _hf_dir(tmp_path, good_sd)
+    name, text, phrase = HF_FAULTS[fault]
+    (folder / name).write_text(text)
+    (tmp_path / "secret.safetensors").write_bytes(b"")  # exists, outside: must never be opened
+    assert export_model.main(["--from_hf", str(folder), "--to", str(tmp_path / "out.pth")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and phrase in err, err
+    assert "Traceback" not in err and not (tmp_path / "out.pth").exists()
