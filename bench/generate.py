@@ -129,6 +129,83 @@ def timed_hf_generate(hf, ids, feats, n: int, device) -> tuple[float, list[int]]
     return clock.times[-1] - clock.times[1], clock.tokens
 
 
+def weight_bytes(model: MiniMindVLM) -> tuple[int, int]:
+    """(all unique weights, the weights one decode step reads: blocks, final norm, output head), in bytes."""
+    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    per_token = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    per_token += sum(p.numel() * p.element_size() for p in model.norm.parameters())
+    per_token += model.output.weight.numel() * model.output.weight.element_size()
+    return total, per_token
+
+
+def time_prefill(model, config: LMConfig, ids, feats, n: int, reps: int, device, dtype) -> float:
+    """Best-of seconds for the prompt with its image into a fresh cache."""
+    prefill = float("inf")
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            cache = KVCache(config, 1, ids.shape[1] + n, device, dtype)
+            sync(device)
+            t0 = time.perf_counter()
+            model(ids, feats, cache=cache, last_only=True)
+            sync(device)
+            prefill = min(prefill, time.perf_counter() - t0)
+    return prefill
+
+
+def time_decode(model, ids, feats, n: int, args: argparse.Namespace, device) -> dict[str, Any]:
+    """Decode with the KV cache (best-of reps; the first run also warms up) and, unless skipped, without it."""
+    timed_generate(model, ids, feats, min(n, 8), True, device)
+    best, tokens, first_ms = float("inf"), None, 0.0
+    for _ in range(args.reps):
+        t_first, t_rest, tokens = timed_generate(model, ids, feats, n, True, device)
+        if t_rest < best:
+            best, first_ms = t_rest, 1000 * t_first
+    out = {"best_cache_s": best, "tokens_cache": tokens, "first_token_ms": first_ms, "decode_tok_s_nocache": None,
+           "same_tokens_cache_nocache": None}
+    if not args.skip_nocache:
+        timed_generate(model, ids, feats, min(n, 4), False, device)
+        _, t_rest, tokens_nocache = timed_generate(model, ids, feats, n, False, device)
+        out["decode_tok_s_nocache"] = (n - 1) / t_rest if n > 1 else float("nan")
+        out["same_tokens_cache_nocache"] = bool(torch.equal(tokens, tokens_nocache))
+    return out
+
+
+def time_hf(model, ids, feats, n: int, args: argparse.Namespace, device, dtype, decode: dict[str, Any]) -> dict:
+    """transformers generate() of the export, alternated with the native path so both see the same load (the
+    native best time in `decode` is updated too)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = load_hf_export(model, args.tokenizer_path, args.dtype, tmp).to(device)
+        model.to(device, dtype)
+        with torch.inference_mode():
+            timed_hf_generate(hf, ids, feats, min(n, 8), device)  # warm-up
+            best_hf, tokens_hf = float("inf"), []
+            for _ in range(args.reps):
+                t_rest, tokens_hf = timed_hf_generate(hf, ids, feats, n, device)
+                best_hf = min(best_hf, t_rest)
+                decode["best_cache_s"] = min(decode["best_cache_s"], timed_generate(model, ids, feats, n, True,
+                                                                                    device)[1])
+    return {"decode_tok_s_hf": (n - 1) / best_hf if n > 1 else float("nan"),
+            "same_tokens_hf": tokens_hf == decode["tokens_cache"][0].tolist()}
+
+
+def table_rows(result: dict[str, Any], args: argparse.Namespace, device) -> list[list[Any]]:
+    rows = [["prefill (prompt %d tokens incl. 50 image), ms" % result["prompt_tokens"], result["prefill_ms"]],
+            ["decode tok/s, KV cache (%d new tokens)" % result["new_tokens"], result["decode_tok_s_cache"]],
+            ["decode tok/s, no cache", result["decode_tok_s_nocache"] or "not run"],
+            ["KV cache speed-up", result["cache_speedup"] or "not run"],
+            ["weights read per decode token, MB", result["weight_bytes_per_token"] / 1e6],
+            ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, result["mem_read_gbs"]],
+            ["decode_bw_fraction", result["decode_bw_fraction"]],
+            ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", result["peak_rss_mb"]]]
+    if args.hf:
+        rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", result["decode_tok_s_hf"]],
+                 ["native / transformers decode tok/s", result["hf_slowdown"]],
+                 ["same greedy tokens as native", result["same_tokens_hf"]]]
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = start(build_parser(), argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -143,95 +220,38 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
     feats = torch.randn(1, IMAGE_TOKENS, CLIP_DIM, device=device)
     n = args.new_tokens
-
-    params = {id(p): p for p in model.parameters()}.values()
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    per_token = sum(p.numel() * p.element_size() for p in model.layers.parameters())
-    per_token += sum(p.numel() * p.element_size() for p in model.norm.parameters())
-    per_token += model.output.weight.numel() * model.output.weight.element_size()
-
-    # prefill: the prompt with its image into a fresh cache
-    prefill = float("inf")
-    with torch.inference_mode():
-        for _ in range(args.reps + 1):
-            cache = KVCache(config, 1, ids.shape[1] + n, device, dtype)
-            sync(device)
-            t0 = time.perf_counter()
-            model(ids, feats, cache=cache, last_only=True)
-            sync(device)
-            prefill = min(prefill, time.perf_counter() - t0)
-
-    # decode with the KV cache: best-of reps (the first run also warms up)
-    timed_generate(model, ids, feats, min(n, 8), True, device)
-    best_cache, tokens_cache, first_ms = float("inf"), None, 0.0
-    for _ in range(args.reps):
-        t_first, t_rest, tokens_cache = timed_generate(model, ids, feats, n, True, device)
-        if t_rest < best_cache:
-            best_cache, first_ms = t_rest, 1000 * t_first
-    decode_cache = (n - 1) / best_cache if n > 1 else float("nan")
-
-    decode_nocache, same = None, None
-    if not args.skip_nocache:
-        timed_generate(model, ids, feats, min(n, 4), False, device)
-        _, t_rest, tokens_nocache = timed_generate(model, ids, feats, n, False, device)
-        decode_nocache = (n - 1) / t_rest if n > 1 else float("nan")
-        same = bool(torch.equal(tokens_cache, tokens_nocache))
+    total_bytes, per_token = weight_bytes(model)
+    prefill = time_prefill(model, config, ids, feats, n, args.reps, device, dtype)
+    decode = time_decode(model, ids, feats, n, args, device)
     peak_mb = peak_memory_mb(device)
-
-    decode_hf, same_hf = None, None
-    if args.hf:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            hf = load_hf_export(model, args.tokenizer_path, args.dtype, tmp).to(device)
-            model.to(device, dtype)
-            with torch.inference_mode():
-                timed_hf_generate(hf, ids, feats, min(n, 8), device)  # warm-up
-                best_hf, tokens_hf = float("inf"), []
-                # alternate with the native path, so that both see the same machine load
-                for _ in range(args.reps):
-                    t_rest, tokens_hf = timed_hf_generate(hf, ids, feats, n, device)
-                    best_hf = min(best_hf, t_rest)
-                    best_cache = min(best_cache, timed_generate(model, ids, feats, n, True, device)[1])
-        decode_hf = (n - 1) / best_hf if n > 1 else float("nan")
-        decode_cache = (n - 1) / best_cache if n > 1 else float("nan")
-        same_hf = tokens_hf == tokens_cache[0].tolist()
-
+    hf = time_hf(model, ids, feats, n, args, device, dtype, decode) if args.hf else {"decode_tok_s_hf": None,
+                                                                                    "same_tokens_hf": None}
+    decode_cache = (n - 1) / decode["best_cache_s"] if n > 1 else float("nan")
     bw = read_bandwidth(device, args.bw_mb << 20)
+    nocache, decode_hf = decode["decode_tok_s_nocache"], hf["decode_tok_s_hf"]
     result: dict[str, Any] = {
         "name": args.name or f"decode {args.dim}/{args.n_layers} {args.dtype}",
-        "prefill_ms": 1000 * prefill, "prompt_tokens": ids.shape[1], "first_token_ms": first_ms,
-        "decode_tok_s_cache": decode_cache, "decode_tok_s_nocache": decode_nocache,
-        "cache_speedup": decode_cache / decode_nocache if decode_nocache else None,
-        "peak_rss_mb": peak_mb, "weight_bytes": weight_bytes, "weight_bytes_per_token": per_token,
+        "prefill_ms": 1000 * prefill, "prompt_tokens": ids.shape[1], "first_token_ms": decode["first_token_ms"],
+        "decode_tok_s_cache": decode_cache, "decode_tok_s_nocache": nocache,
+        "cache_speedup": decode_cache / nocache if nocache else None,
+        "peak_rss_mb": peak_mb, "weight_bytes": total_bytes, "weight_bytes_per_token": per_token,
         "mem_read_gbs": bw / 1e9, "decode_bw_fraction": decode_cache * per_token / bw,
-        "new_tokens": n, "same_tokens_cache_nocache": same, "dtype": args.dtype, "compile": args.compile,
-        "decode_tok_s_hf": decode_hf, "hf_slowdown": decode_cache / decode_hf if decode_hf else None,
-        "same_tokens_hf": same_hf,
+        "new_tokens": n, "same_tokens_cache_nocache": decode["same_tokens_cache_nocache"], "dtype": args.dtype,
+        "compile": args.compile, "decode_tok_s_hf": decode_hf,
+        "hf_slowdown": decode_cache / decode_hf if decode_hf else None, "same_tokens_hf": hf["same_tokens_hf"],
         "model": f"{args.dim}/{args.n_layers}",
     }
-    result.update(info)
-    result["command"] = command_line()
+    result.update(info, command=command_line())
     print(f"{info['machine']} | {args.dim}/{args.n_layers} {args.dtype} | prompt {ids.shape[1]} tokens | prefill "
           f"{result['prefill_ms']:.1f} ms | decode {decode_cache:.1f} tok/s with cache, "
-          f"{decode_nocache or float('nan'):.1f} without | {per_token / 1e6:.1f} MB weights/token, read bw "
+          f"{nocache or float('nan'):.1f} without | {per_token / 1e6:.1f} MB weights/token, read bw "
           f"{bw / 1e9:.1f} GB/s -> {100 * result['decode_bw_fraction']:.0f}% | peak {peak_mb:.0f} MB", flush=True)
     if args.hf:
         print(f"transformers generate() of the export: {decode_hf:.1f} tok/s with its DynamicCache, "
-              f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: {same_hf}", flush=True)
-    rows = [["prefill (prompt %d tokens incl. 50 image), ms" % ids.shape[1], result["prefill_ms"]],
-            ["decode tok/s, KV cache (%d new tokens)" % n, decode_cache],
-            ["decode tok/s, no cache", decode_nocache if decode_nocache else "not run"],
-            ["KV cache speed-up", result["cache_speedup"] or "not run"],
-            ["weights read per decode token, MB", per_token / 1e6],
-            ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, bw / 1e9],
-            ["decode_bw_fraction", result["decode_bw_fraction"]],
-            ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", peak_mb]]
-    if args.hf:
-        rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", decode_hf],
-                 ["native / transformers decode tok/s", result["hf_slowdown"]],
-                 ["same greedy tokens as native", same_hf]]
-    return report(args.results, info, bench_title(device), ["figure", "value"], rows, "", result)
+              f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: "
+              f"{hf['same_tokens_hf']}", flush=True)
+    return report(args.results, info, bench_title(device), ["figure", "value"], table_rows(result, args, device), "",
+                  result)
 
 
 if __name__ == "__main__":
