@@ -134,6 +134,26 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, rounds: int = 5)
 
 
 # ------------------------------------------------------------------------------------------ output
+def bench_parser(doc: str):
+    """The flags every bench shares: device, model size (the trainer's --preset/--dim/...), tokenizer, threads,
+    seed, the results file and a label."""
+    import argparse
+
+    from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
+    from model.train_config import add_model_size_args
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    a = p.add_argument
+    a("--device", default="cpu")
+    add_model_size_args(p)  # --preset (default minimind-v-small), --dim, --n_layers, ...
+    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    a("--threads", type=int, default=None)
+    a("--seed", type=int, default=0)
+    a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
+    a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
+    return p
+
+
 def start(parser, argv: Optional[list[str]]):
     """Parse a bench's arguments, run from the repository root, and set the thread count (--threads)."""
     args = parser.parse_args(argv)

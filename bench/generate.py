@@ -42,32 +42,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    bench_title, command_line, DTYPES, machine_info, peak_memory_mb, read_bandwidth, report,
+    bench_parser, bench_title, command_line, DTYPES, machine_info, peak_memory_mb, read_bandwidth, report,
     start, sync)
 from model.LMConfig import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
 from model.model import KVCache, MiniMindVLM  # noqa: E402
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, render_chat  # noqa: E402
-from model.train_config import add_model_size_args, model_size  # noqa: E402
+from model.tokenizer_utils import image_token_ids, load_tokenizer, render_chat  # noqa: E402
+from model.train_config import model_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     a = p.add_argument
     a("--new_tokens", type=int, default=200)
-    a("--device", default="cpu")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
-    add_model_size_args(p)  # the trainer's size flags: --preset (default minimind-v-small), --dim, ...
-    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
     a("--prompt", default="Describe the image in detail.")
     a("--reps", type=int, default=3, help="best-of repetitions (prefill, decode with cache)")
     a("--bw_mb", type=int, default=1024, help="size of the tensor summed for the read bandwidth")
-    a("--threads", type=int, default=None)
     a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     a("--skip_nocache", action="store_true")
     a("--hf", action="store_true", help="also time the transformers export's generate() (see above)")
-    a("--seed", type=int, default=0)
-    a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
-    a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
     return p
 
 

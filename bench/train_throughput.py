@@ -43,44 +43,40 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, machine_info, matmul_peak_flops, peak_memory_mb,
+    bench_parser, bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, machine_info, matmul_peak_flops, peak_memory_mb,
     report, start, sync)
 from model.dataset import VLMDataset, collate  # noqa: E402
 from model.feature_cache import FeatureStore  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.metrics import peak_flops  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer  # noqa: E402
-from model.train_config import add_model_size_args, model_size  # noqa: E402
+from model.tokenizer_utils import image_token_ids, load_tokenizer  # noqa: E402
+from model.train_config import model_size  # noqa: E402
 from model.train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
 from model.vision_utils import load_vision_encoder  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     a = p.add_argument
     a("--batch_size", type=int, default=32)
     a("--steps", type=int, default=6, help="timed steps per setting")
     a("--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)")
     a("--dtype", default="float32", choices=["float32", "bfloat16"],
       help="bfloat16: autocast (CPU: the trainer's --cpu_bf16; CUDA: its default)")
-    a("--device", default="cpu")
     a("--stages", default="pretrain,sft")
     a("--settings", default="online,cached,cached_max",
       help="comma list of online (batch-longest), cached (batch-longest), cached_max (pad to max_seq_len), "
            "online_max")
-    add_model_size_args(p)  # the trainer's size flags: --preset (default minimind-v-small), --dim, ...
     # data
     a("--pretrain_data", default="dataset/demo/pretrain.json")
     a("--sft_data", default="dataset/demo/sft.json")
     a("--images_path", default="dataset/demo/images/train")
-    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
     a("--clip_path", default=str(CLIP12_PATH), help="vision tower (default: 12-layer stand-in, built if missing)")
     a("--cache_dir", default=str(CACHE_DIR / "features"), help="feature store root")
     a("--num_workers", type=int, default=0)
     a("--preload", action="store_true", help="collate every batch before timing (model throughput only)")
     # machine
-    a("--threads", type=int, default=None)
     a("--compile", action="store_true", help="torch.compile the model (the trainer's --compile)")
     a("--fused_adamw", action="store_true",
       help="AdamW(fused=True) on CPU too (the trainer fuses on CUDA only): measures that suggested change")
@@ -88,9 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
       help="double the batch (cached pretrain) until out of memory, then time the largest that fits")
     a("--max_batch", type=int, default=8192, help="upper bound of --find_max_batch")
     a("--peak_n", type=int, default=None, help="matmul size for the measured peak (CPU 2048, CUDA 8192)")
-    a("--seed", type=int, default=0)
-    a("--results", default="", help="write this run's table into this markdown file (e.g. bench/RESULTS.md)")
-    a("--name", default="", help="label of this measurement in the JSON line (gpu.sh)")
     return p
 
 
