@@ -12,8 +12,10 @@ kept in the prompt. Earlier user/assistant messages become the history; system m
 model was not trained with them). Sampling: temperature, top_p, max_tokens (or max_completion_tokens),
 seed, and the extensions top_k and repetition_penalty; unset fields use model.chat.GenerationSettings.
 
-The model runs one request at a time on a single worker thread, so the server keeps answering (/health,
-queued requests) while it generates. It binds 127.0.0.1 unless told otherwise.
+Concurrent requests are decoded together: a dynamic batcher (model/batcher.py) takes up to --max_batch
+waiting requests, waiting at most --batch_wait_ms for a batch to fill, and runs one forward per step for all of
+them (left padding with an attention mask; each request keeps its own sampling settings and seed). The model
+runs on the batcher's thread, so the server keeps answering (/health, new requests) while it generates. It binds 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.batcher import DynamicBatcher
 from model.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
@@ -290,21 +293,28 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
 
 # ---------------------------------------------------------------------------------------------- generation
 class Runner:
-    """Runs the model on one dedicated thread: requests queue up, one generates at a time."""
+    """Answers requests through a dynamic batcher: concurrent requests are decoded together.
 
-    def __init__(self, chat: VLMChat, max_queue: int = DEFAULT_MAX_QUEUE):
+    The batcher's thread alone runs the model (model.batcher.DynamicBatcher): it takes up to max_batch waiting
+    requests, waiting at most max_wait_ms for a batch to fill. Each request waits for its tokens on a worker
+    thread of `executor` (which also prepares its prompt and encodes its image), so a batch can form while
+    the previous one decodes. max_batch=1 decodes one request at a time.
+    """
+
+    def __init__(self, chat: VLMChat, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = 8,
+                 max_wait_ms: float = 10.0):
         self.chat = chat
         self.max_queue = max_queue  # requests admitted (decoding, waiting or generating) at once; more get a 503
         self.admitted = 0
-        # A single worker is the lock: PyTorch already uses every core for one request, and the model and its
-        # KV cache are not safe to share between concurrent generations.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
+        self.batcher = DynamicBatcher(chat.model, chat.eos_id, chat.eos_id, max_batch, max_wait_ms / 1000)
+        self.executor = ThreadPoolExecutor(max_workers=2 * max_batch, thread_name_prefix="minimind-request")
 
     def generate(self, job: ChatJob, emit: Callable[[str], None], cancel: threading.Event) -> Outcome:
         """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set."""
         stats = StreamStats()
-        # the client went away: stop before the prompt runs or at the next step, freeing the model
-        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats, cancel.is_set):
+        # the client went away: stop before the prompt runs or at the next step, and leave the batch
+        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats, cancel.is_set,
+                                      batcher=self.batcher):
             emit(piece)
         finish = "length" if stats.completion_tokens >= job.settings.max_new_tokens else "stop"
         return Outcome(finish, stats.prompt_tokens, stats.completion_tokens)
@@ -513,6 +523,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="requests admitted at once (decoding, queued or generating); more get 503 + Retry-After")
     p.add_argument("--body_timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                    help="seconds a request body may take to arrive (408 after that)")
+    p.add_argument("--max_batch", type=int, default=8,
+                   help="most requests decoded together in one batch (1: one at a time)")
+    p.add_argument("--batch_wait_ms", type=float, default=10.0,
+                   help="how long the first waiting request waits for others to join its batch")
     p.add_argument("--model_name", default=None, help="model id reported by the API (default: checkpoint name)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
@@ -532,7 +546,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     import uvicorn
 
     model_id = args.model_name or Path(args.ckpt).stem
-    app = create_app(Runner(chat, args.max_queue), model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
+    if args.max_batch < 1 or args.batch_wait_ms < 0:
+        print("serve_openai_api.py: error: --max_batch must be at least 1 and --batch_wait_ms at least 0",
+              file=sys.stderr)
+        return 1
+    runner = Runner(chat, args.max_queue, args.max_batch, args.batch_wait_ms)
+    app = create_app(runner, model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
                      max_tokens_limit=args.max_tokens_limit, body_timeout_s=args.body_timeout)
     print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1",
           flush=True)

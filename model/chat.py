@@ -3,12 +3,14 @@ and serve_openai_api.py (prompt building, history trimming, streaming text)."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
+from .batcher import DecodeRequest, DynamicBatcher
 from .checkpoint import load_model
 from .LMConfig import IMAGE_SPECIAL_TOKEN
 from .model import MiniMindVLM, count_parameters
@@ -48,6 +50,7 @@ class VLMChat:
         self.model, self.tokenizer, self.encoder = model.eval(), tokenizer, encoder
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id
+        self._encode_lock = threading.Lock()
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: str,
@@ -128,16 +131,23 @@ class VLMChat:
             raise ValueError("the prompt holds a forged or broken image placeholder span")
 
     def image_features(self, image: Optional[Image.Image]) -> Optional[torch.Tensor]:
-        return None if image is None else self.encoder.encode_images([image]).to(self.device)
+        if image is None:
+            return None
+        with self._encode_lock:  # the encoder's feature hook is per call: one call at a time
+            return self.encoder.encode_images([image]).to(self.device)
 
     def stream(self, question: str, image: Optional[Image.Image] = None, history: Sequence[Turn] = (),
                settings: GenerationSettings = GenerationSettings(),
                stats: Optional[StreamStats] = None,
-               cancelled: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+               cancelled: Optional[Callable[[], bool]] = None,
+               batcher: Optional[DynamicBatcher] = None) -> Iterator[str]:
         """Yield the answer text piece by piece (never splitting a multi-byte character); `stats`, when given,
         holds the prompt and generated token counts as generation goes. `cancelled()` is asked before the
         image is encoded, before the prompt is run and before every decode step: when it says True the
-        stream ends there, so a request whose client has gone costs at most one more step."""
+        stream ends there, so a request whose client has gone costs at most one more step.
+
+        With a batcher the request is decoded together with other concurrent ones (model.batcher), which asks
+        cancelled() at every step as well; closing this generator also takes the request out of its batch."""
         cancelled = cancelled or (lambda: False)
         ids = self.build_prompt(question, history, image is not None, reserve=min(settings.max_new_tokens, 64))
         stats = stats if stats is not None else StreamStats()
@@ -149,21 +159,38 @@ class VLMChat:
         # this small keeps only the likeliest token (greedy), and in float32 it would round to 0 and drop them all
         greedy = settings.temperature < MIN_TEMPERATURE or (settings.top_p is not None and settings.top_p < MIN_TOP_P)
         temperature = 0.0 if greedy else settings.temperature
-        tokens: list[int] = []
-        shown = ""
         if cancelled():
             return
         features = self.image_features(image)
+        if batcher is not None:
+            request = DecodeRequest(ids, features, settings.max_new_tokens, temperature, settings.top_k,
+                                    settings.top_p, settings.repetition_penalty, settings.seed, client_gone=cancelled)
+            try:
+                yield from self._text_pieces(batcher.submit(request).tokens(), stats)
+            finally:
+                request.cancel.set()
+            return
         steps = self.model.generate_stream(
             torch.tensor([ids], device=self.device), features,
             max_new_tokens=settings.max_new_tokens, temperature=temperature, top_k=settings.top_k,
             top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, eos_token_id=self.eos_id,
             generator=generator)
-        while not cancelled():  # each next() is one step: the prompt (prefill) first, then one token each
-            next_ids = next(steps, None)
-            if next_ids is None:
-                return
-            tokens.append(int(next_ids[0]))
+
+        def token_ids() -> Iterator[int]:
+            while not cancelled():  # each next() is one step: the prompt (prefill) first, then one token each
+                next_ids = next(steps, None)
+                if next_ids is None:
+                    return
+                yield int(next_ids[0])
+
+        yield from self._text_pieces(token_ids(), stats)
+
+    def _text_pieces(self, token_ids: Iterator[int], stats: StreamStats) -> Iterator[str]:
+        """The new text as each token arrives, holding back an incomplete UTF-8 sequence."""
+        tokens: list[int] = []
+        shown = ""
+        for token in token_ids:
+            tokens.append(token)
             stats.completion_tokens = len(tokens)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes

@@ -225,3 +225,22 @@ def test_local_paths_are_refused_without_image_dir():
     with pytest.raises(APIError) as e:
         resolve_image_path(str(ROOT / "images"), None, "p")
     assert e.value.status == 403 and "--image_dir" in e.value.message
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(client, server):
+    """The dynamic batcher decodes these together; greedy answers must not depend on the batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = _data_uri(_png((20, 160, 90)))
+    questions = [_image_question(image, "What is it?"), [{"role": "user", "content": "Hi"}],
+                 _image_question(image, "Describe the colours and shapes in this picture, please."),
+                 [{"role": "user", "content": "Tell me a long story about a small robot and a cat."}]]
+
+    def ask(messages):
+        r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    alone = [ask(m) for m in questions]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, questions * 2))
+    assert together == alone * 2

@@ -1,0 +1,154 @@
+"""A small dynamic batcher: concurrent generation requests are decoded together, one forward per step.
+
+One decode thread owns the model. It takes the first waiting request, waits up to `max_wait_s` for more (at most
+`max_batch` in all), left-pads their prompts with an attention mask (model.model.pad_rows) and runs one prefill,
+then one forward per new token for the whole batch. Each row samples with its own settings and seed and streams
+its tokens to its own queue. A row leaves the batch as soon as it ends (end token, its max_new_tokens, or its
+cancel event): its keys and values are dropped from the cache, so the others decode at the smaller size.
+Requests that arrive while a batch is decoding wait for the next one. Greedy rows give exactly the tokens they
+would give alone (tests/test_padding.py, tests/test_batcher.py).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .model import KVCache, MiniMindVLM, pad_rows, sample_next
+
+_END = object()  # pushed after a request's last token
+
+
+@dataclass
+class DecodeRequest:
+    """One prompt to continue; tokens arrive on `out` (then the end marker, or an exception)."""
+
+    prompt: list[int]
+    image_features: Optional[torch.Tensor]  # [1, 50, vision_dim] for the prompt's one placeholder span, or None
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: leave the batch
+    client_gone: Optional[Callable[[], bool]] = None  # asked at every step as well
+    out: "queue.Queue" = field(default_factory=queue.Queue)
+    generated: list[int] = field(default_factory=list)
+
+    def tokens(self) -> Iterator[int]:
+        """The new token ids as they are decoded (blocks); re-raises a failure of the decode thread."""
+        while True:
+            item = self.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def ended(self) -> bool:
+        return self.cancel.is_set() or (self.client_gone is not None and self.client_gone())
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 and self.repetition_penalty == 1.0
+
+
+class DynamicBatcher:
+    """Decodes the requests given to submit() in batches of up to max_batch, on its own thread."""
+
+    def __init__(self, model: MiniMindVLM, eos_id: int, pad_id: int, max_batch: int = 8, max_wait_s: float = 0.01):
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {max_batch} and {max_wait_s}")
+        self.model, self.eos_id, self.pad_id = model.eval(), eos_id, pad_id
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.pending: "queue.Queue[DecodeRequest]" = queue.Queue()
+        self.batch_sizes: list[int] = []  # the size of every batch run (for tests and the benchmark)
+        self._thread = threading.Thread(target=self._loop, name="minimind-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: DecodeRequest) -> DecodeRequest:
+        self.pending.put(request)
+        return request
+
+    # ------------------------------------------------------------------ the decode thread
+    def _collect(self) -> list[DecodeRequest]:
+        """The first waiting request plus those arriving within max_wait_s, up to max_batch; cancelled ones end."""
+        batch = [self.pending.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:  # whatever is already waiting joins at once; then wait out the remaining time
+                batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        live = []
+        for request in batch:
+            if request.ended():  # the client left while waiting
+                request.out.put(_END)
+            else:
+                live.append(request)
+        return live
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if not batch:
+                continue
+            try:
+                self.batch_sizes.append(len(batch))
+                self._decode(batch)
+            except Exception as e:  # every waiting client hears of it; the thread keeps serving
+                for request in batch:
+                    request.out.put(e)
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[DecodeRequest]) -> None:
+        """Prefill the batch, then one forward per step until every row has ended."""
+        model, device = self.model, next(self.model.parameters()).device
+        ids, mask = pad_rows([r.prompt for r in rows], self.pad_id, "left", device)
+        images = [r.image_features for r in rows if r.image_features is not None]
+        features = torch.cat(images).to(device) if images else None  # one span per image row, in row order
+        cache = KVCache(model.config, len(rows), ids.shape[1] + max(r.max_new_tokens for r in rows), device,
+                        next(model.parameters()).dtype)
+        logits = model(ids, features, cache=cache, last_only=True, attention_mask=mask).logits[:, -1]
+        generators = [torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
+                      for r in rows]
+        while rows:
+            next_ids = self._sample(logits.float(), rows, generators)
+            keep = []
+            for i, (request, token) in enumerate(zip(rows, next_ids)):
+                if token == self.eos_id or request.ended():
+                    request.out.put(_END)
+                    continue
+                request.generated.append(token)
+                request.out.put(token)
+                if len(request.generated) >= request.max_new_tokens:
+                    request.out.put(_END)
+                else:
+                    keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(rows):  # drop the ended rows from the cache
+                index = torch.tensor(keep, device=device)
+                cache.k, cache.v = cache.k[:, index], cache.v[:, index]
+                if cache.key_mask is not None:
+                    cache.key_mask = cache.key_mask[index]
+                rows, generators = [rows[i] for i in keep], [generators[i] for i in keep]
+            step = torch.tensor([[r.generated[-1]] for r in rows], device=device)
+            logits = model(step, cache=cache).logits[:, -1]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[DecodeRequest], generators: list) -> list[int]:
+        """Each row's next token under its own settings (one argmax for an all-greedy batch)."""
+        if all(r.greedy for r in rows):
+            return logits.argmax(dim=-1).tolist()
+        picked = []
+        for i, r in enumerate(rows):
+            seen = torch.tensor([r.prompt + r.generated], device=logits.device)
+            picked.append(int(sample_next(logits[i:i + 1], seen, r.temperature, r.top_k, r.top_p,
+                                          r.repetition_penalty, generators[i])[0]))
+        return picked
