@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,33 @@ def progress_line(epoch: str, step: int, max_steps: int, lr: float, r: dict[str,
     return (f"epoch {epoch} step {step}/{max_steps} loss {r['loss']:.4f} lr {lr:.3e} | {r['tokens_per_s']:,.0f} tok/s "
             f"{r['images_per_s']:,.1f} img/s MFU {mfu} data-wait {r['data_wait_pct']:.1f}% | "
             f"ETA {r['eta_min']:.1f} min | peak mem {memory_mb:,.0f} MB")
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Keep only the records of steps <= step in a metrics JSONL file (atomically); returns how many were dropped.
+
+    A run killed after logging a step but before saving it redoes that step when resumed: without this its record
+    would appear twice. Lines that do not parse (a write cut by the kill) are dropped too."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and int(record.get("step", step + 1)) <= step
+            except (ValueError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:

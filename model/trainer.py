@@ -30,7 +30,8 @@ from .dataset import Batch, DataError, VLMDataset, collate
 from .distributed import Distributed
 from .feature_cache import FeatureStore
 from .LMConfig import LMConfig
-from .metrics import ProgressWindow, StepMetrics, append_jsonl, peak_flops, peak_memory_mb, progress_line
+from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
+                      progress_line)
 from .model import MiniMindVLM, count_parameters
 from .tokenizer_utils import image_token_ids, load_tokenizer
 from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
@@ -179,6 +180,8 @@ class Run:
             if not os.path.exists(self.paths.resume):
                 raise FileNotFoundError(f"--resume: no resume checkpoint at {self.paths.resume}")
             self.state.load(self.model, self.paths.resume, dist.rank)
+            if dist.is_main and drop_records_after(self.paths.metrics, self.state.step):
+                log.info("dropped log records past step %d: that work is redone", self.state.step)
         self.ctx = StepContext(self.encoder, dist.device, autocast, args.accumulation_steps, args.grad_clip, dist)
         self.steps_per_epoch = math.ceil(self.data.batches_per_epoch / args.accumulation_steps)
         self.total_steps = args.epochs * self.steps_per_epoch

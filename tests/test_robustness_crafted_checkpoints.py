@@ -120,28 +120,6 @@ def test_eval_chat_reports_crafted_checkpoints_in_one_line(good_sd, tmp_path, ti
         assert code == 1 and len(lines) == 1 and phrase in lines[0] and "Traceback" not in err, lines
 
 
-def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path, tiny_clip_dir):
-    from helpers import make_dataset, train_argv
-    from model.trainer import PRETRAIN, build_parser, train
-
-    data, images = make_dataset(tmp_path / "data", n_images=4)
-    out = tmp_path / "out"
-    out.mkdir()
-    stale = [out / ".64_vlm_pretrain.pth.k2j3h4.tmp", out / ".64_vlm_pretrain.config.json.zz81.tmp",
-             out / ".64_vlm_pretrain_resume.pth.q1w2.tmp"]
-    for tmp in stale:
-        tmp.write_bytes(b"half of a save")
-    unrelated = [out / ".64_vlm_sft.pth.a1b2.tmp", out / "notes.tmp"]  # another stage's, a user's file
-    for other in unrelated:
-        other.write_bytes(b"keep me")
-    args = build_parser(PRETRAIN).parse_args(train_argv(data, images, tiny_clip_dir, out, "--epochs", "1",
-                                                        "--max_steps", "1"))
-    train(args, PRETRAIN)
-    assert not any(tmp.exists() for tmp in stale)
-    assert all(other.read_bytes() == b"keep me" for other in unrelated)
-    assert not list(out.glob(".64_vlm_pretrain*.tmp"))  # and the run's own saves left none
-
-
 # ------------------------------------------------------------------------ export_model.py --from_hf inputs
 def _hf_dir(tmp_path: Path, sd: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
@@ -186,3 +164,31 @@ def test_malformed_hf_directory_is_one_line(good_sd, tmp_path, capsys, fault):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and phrase in err, err
     assert "Traceback" not in err and not (tmp_path / "out.pth").exists()
+
+
+def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path, tiny_clip_dir):
+    """A run logged step 3 and was killed before it saved it (the last save is step 2), in the middle of writing
+    its weights: the resumed run removes the temp files of the killed saves, redoes step 3, and the log holds
+    each step once, the redone step 3 in place of the lost one."""
+    from helpers import make_dataset, train_argv
+    from model.trainer import PRETRAIN, build_parser, train
+
+    data, images = make_dataset(tmp_path / "data", n_images=8)
+    out = tmp_path / "out"
+    argv = train_argv(data, images, tiny_clip_dir, out, "--batch_size", "2", "--epochs", "1")
+    train(build_parser(PRETRAIN).parse_args(argv + ["--max_steps", "2"]), PRETRAIN)
+    log_file = out / "64_vlm_pretrain_log.jsonl"
+    with open(log_file, "a") as f:  # what the killed run had written after its last save
+        f.write(json.dumps({"step": 3, "epoch": 0, "loss": 123.0, "lr": 0.0}) + "\n")
+        f.write('{"step": 4, "epo')  # a line cut by the kill
+    stale = [out / ".64_vlm_pretrain.pth.k2j3h4.tmp", out / ".64_vlm_pretrain.config.json.zz81.tmp",
+             out / ".64_vlm_pretrain_resume.pth.q1w2.tmp"]  # its interrupted saves
+    unrelated = [out / ".64_vlm_sft.pth.a1b2.tmp", out / "notes.tmp"]  # another stage's, a user's file
+    for path in stale + unrelated:
+        path.write_bytes(b"half of a save")
+    train(build_parser(PRETRAIN).parse_args(argv + ["--resume"]), PRETRAIN)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in unrelated)
+    assert not list(out.glob(".64_vlm_pretrain*.tmp"))  # and the run's own saves left none
+    steps = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[2]["loss"] != 123.0
