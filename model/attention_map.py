@@ -1,0 +1,143 @@
+"""See inside the model: how much attention answer tokens pay to the 50 image positions, per layer and head.
+
+The normal forward (model.py) uses PyTorch's fused scaled_dot_product_attention, which never builds the
+attention weights. `inspect_attention` runs the same blocks with the same parameters, but writes attention out
+by hand, softmax(q k^T / sqrt(head_dim)) under the causal mask, and keeps the weight rows of chosen query
+positions. It runs only on request (scripts/inspect_attention.py, the web demo's "inside the model" panel), so
+the fast path is unchanged. Its logits match the normal forward's, which the tests check.
+
+Which query goes with an answer token: position p's output predicts token p + 1, so the attention that
+produced answer token i is the attention of the position just before it (the last prompt token for the first
+answer token).
+
+The 50 image positions hold CLIP's CLS token then the 7x7 patches in row-major order; the image was resized to
+224x224 without cropping, so patch (r, c) covers the r-th seventh of the image's height and c-th of its width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .LMConfig import IMAGE_TOKENS
+from .model import Attention, MiniMindVLM, apply_rope, rope_tables
+
+PATCH_GRID = 7  # ViT-B/32 on 224x224: 7x7 patches after the CLS token
+
+
+@dataclass
+class AttentionMaps:
+    """Attention weights of some query positions of one sequence.
+
+    weights[layer, head, q, key] is the weight query_positions[q] gives key position `key` (float32; each row
+    sums to 1 over keys 0..query_positions[q] and is 0 on later keys). image_start is the first of the 50
+    image positions, or None when the sequence holds no image. logits are those of every position.
+    """
+
+    weights: torch.Tensor
+    query_positions: list[int]
+    image_start: Optional[int]
+    logits: torch.Tensor
+
+    @property
+    def n_layers(self) -> int:
+        return self.weights.shape[0]
+
+    def image_weights(self) -> torch.Tensor:
+        """[layers, heads, queries, 50]: the weights on CLS then the 49 patches."""
+        if self.image_start is None:
+            raise ValueError("the inspected sequence holds no image placeholder")
+        return self.weights[..., self.image_start:self.image_start + IMAGE_TOKENS]
+
+    def image_share(self) -> torch.Tensor:
+        """[layers]: the share of attention that goes to the 50 image positions (the rest goes to text), averaged
+        over heads and the query positions."""
+        return self.image_weights().sum(-1).mean(dim=(1, 2))
+
+    def patch_grid(self, layer: Optional[int] = None, query: Optional[int] = None) -> torch.Tensor:
+        """[7, 7]: the attention weight on each patch, averaged over heads, and over all layers unless `layer`
+        is given and all query positions unless `query` (an index into query_positions) is given."""
+        w = self.image_weights()[..., 1:]  # drop CLS
+        w = w[layer:layer + 1] if layer is not None else w
+        w = w[:, :, query:query + 1] if query is not None else w
+        return w.mean(dim=(0, 1, 2)).reshape(PATCH_GRID, PATCH_GRID)
+
+    def cls_weight(self, layer: Optional[int] = None, query: Optional[int] = None) -> float:
+        """The weight on the CLS position, averaged like patch_grid."""
+        w = self.image_weights()[..., 0]
+        w = w[layer:layer + 1] if layer is not None else w
+        w = w[:, :, query:query + 1] if query is not None else w
+        return float(w.mean())
+
+
+def explicit_attention(attention: Attention, x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Attention.forward computes for a whole causal sequence x [B, T, dim] (no cache), written out:
+    (its output [B, T, dim], the attention weights [B, heads, T, T] in float32)."""
+    B, T, _ = x.shape
+    q = attention.wq(x).view(B, T, attention.n_heads, attention.head_dim)
+    k = attention.wk(x).view(B, T, attention.n_kv_heads, attention.head_dim)
+    v = attention.wv(x).view(B, T, attention.n_kv_heads, attention.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    group = attention.n_heads // attention.n_kv_heads  # query head h reads kv head h // group
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    q, k, v = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(attention.head_dim)
+    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    out = (weights @ v).to(x.dtype).transpose(1, 2).reshape(B, T, -1)
+    return attention.wo(out), weights
+
+
+@torch.no_grad()
+def inspect_attention(model: MiniMindVLM, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
+                      query_positions: Optional[Sequence[int]] = None) -> AttentionMaps:
+    """Run one sequence input_ids [T] or [1, T] (with its image features, as the normal forward takes them)
+    through the model with explicit attention; keep the weights of query_positions (default: all)."""
+    if model.training:
+        raise ValueError("inspect_attention needs the model in eval mode (dropout would change the weights)")
+    ids = input_ids.reshape(1, -1).to(model.image_ids.device)
+    T = ids.shape[1]
+    queries = list(range(T)) if query_positions is None else [int(p) for p in query_positions]
+    bad = [p for p in queries if not 0 <= p < T]
+    if bad:
+        raise ValueError(f"query positions {bad} are outside the sequence of {T} tokens")
+    _, starts = model.find_image_spans(ids)
+    image_start = int(starts[0]) if image_features is not None and starts.numel() else None
+
+    h = model.splice_images(model.embed(ids), ids, image_features)
+    cos, sin = rope_tables(model.config.head_dim, T, model.config.rope_theta, ids.device)
+    kept = []
+    index = torch.tensor(queries, device=ids.device)
+    for block in model.layers:  # Block.forward, with the attention written out
+        out, weights = explicit_attention(block.attention, block.attention_norm(h), cos, sin)
+        kept.append(weights[0].index_select(1, index))
+        h = h + out
+        h = h + block.feed_forward(block.ffn_norm(h))
+    logits = model.output(model.norm(h))[0]
+    return AttentionMaps(torch.stack(kept), queries, image_start, logits)
+
+
+def answer_query_positions(prompt_len: int, n_answer: int) -> list[int]:
+    """The query positions that produced each of n_answer tokens following a prompt of prompt_len tokens."""
+    return list(range(prompt_len - 1, prompt_len - 1 + n_answer))
+
+
+def inspect_answer(model: MiniMindVLM, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                   image_features: Optional[torch.Tensor]) -> AttentionMaps:
+    """Attention of the positions that produced each answer token (teacher-forced on prompt + answer)."""
+    if not answer_ids:
+        raise ValueError("the answer is empty: there is no answer token to inspect")
+    ids = torch.tensor([*prompt_ids, *answer_ids[:-1]])  # the last answer token is produced, never read
+    return inspect_attention(model, ids, image_features, answer_query_positions(len(prompt_ids), len(answer_ids)))
+
+
+def reference_check(model: MiniMindVLM, input_ids: torch.Tensor,
+                    image_features: Optional[torch.Tensor] = None) -> float:
+    """The largest difference between the inspected logits and the normal (SDPA) forward's."""
+    maps = inspect_attention(model, input_ids, image_features, [0])
+    with torch.no_grad():
+        normal = model(input_ids.reshape(1, -1), image_features).logits[0]
+    return float((maps.logits.float() - normal.float()).abs().max())
