@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -37,10 +37,13 @@ class GenerationSettings:
 
 @dataclass
 class StreamStats:
-    """Filled in by VLMChat.stream: token counts for usage reports and finish reasons."""
+    """Filled in by VLMChat.stream: token counts for usage reports and finish reasons, and the token ids
+    themselves (what the attention inspection reruns)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+    completion_ids: list[int] = field(default_factory=list)
 
 
 class VLMChat:
@@ -152,6 +155,7 @@ class VLMChat:
         ids = self.build_prompt(question, history, image is not None, reserve=min(settings.max_new_tokens, 64))
         stats = stats if stats is not None else StreamStats()
         stats.prompt_tokens, stats.completion_tokens = len(ids), 0
+        stats.prompt_ids, stats.completion_ids = list(ids), []
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -188,6 +192,7 @@ class VLMChat:
     def _text_pieces(self, token_ids: Iterator[int], stats: StreamStats) -> Iterator[str]:
         """The new text as each token arrives, holding back an incomplete UTF-8 sequence."""
         tokens: list[int] = []
+        stats.completion_ids = tokens  # filled as tokens come
         shown = ""
         for token in token_ids:
             tokens.append(token)

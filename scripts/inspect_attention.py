@@ -1,0 +1,85 @@
+"""Where does the answer look in the image? Answer a question about an image, then draw the attention from each
+answer token to the 50 image positions (CLS + 7x7 patches), per layer, and print the same numbers.
+
+    python scripts/inspect_attention.py --ckpt out/128_vlm_sft.pth --clip_path model/clip_model/stand_in_clip_vit_b32 \\
+        --image dataset/demo/images/test/test_00003.png --prompt "what shape is in the image?" --out attention.png
+
+The answer is generated greedily by default (--temperature 0), then the prompt and answer are run once more with
+the attention written out by hand (model/attention_map.py); the normal generation path is untouched. Row p of a
+heat map is the attention of the position whose output produced answer token p.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from model.attention_map import inspect_answer  # noqa: E402
+from model.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
+from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a *_vlm_sft.pth (its shape is read off the file)")
+    p.add_argument("--image", required=True, help="one image file")
+    p.add_argument("--prompt", required=True, help="the question about the image")
+    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--max_tokens_drawn", type=int, default=8, help="per-token heat maps drawn (all are printed)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
+    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        image = open_image(args.image)
+        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, args.device)
+    except (FileNotFoundError, CheckpointError, ValueError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    note = stand_in_warning(args.clip_path)
+    if note:
+        print(note)
+    from model.attention_plot import attention_figure, attention_table, figure_png, token_texts
+
+    settings = GenerationSettings(temperature=args.temperature, top_k=args.top_k,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+    stats = StreamStats()
+    answer = "".join(chat.stream(args.prompt, image, (), settings, stats))
+    print(f"[Q]: {args.prompt}\n[A]: {answer}")
+    if not stats.completion_ids:
+        print("error: the model gave an empty answer (it ended at once): nothing to inspect", file=sys.stderr)
+        return 1
+    maps = inspect_answer(chat.model, stats.prompt_ids, stats.completion_ids, chat.image_features(image))
+    if maps.image_start is None:
+        print("error: the prompt holds no image placeholder (the tokenizer's image ids do not match the model's)",
+              file=sys.stderr)
+        return 1
+    tokens = token_texts(chat.tokenizer, stats.completion_ids)
+    print(f"\nattention to the image (positions {maps.image_start}..{maps.image_start + 49} of "
+          f"{len(stats.prompt_ids)} prompt tokens), mean over heads and answer tokens:")
+    print(attention_table(maps, tokens))
+    fig = attention_figure(image, maps, tokens, args.prompt, args.max_tokens_drawn)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "wb") as f:
+        f.write(figure_png(fig))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
