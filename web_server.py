@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model.chat import GenerationSettings, Turn, VLMChat  # noqa: E402
+from model.chat import GenerationSettings, StreamStats, Turn, VLMChat  # noqa: E402
 from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
 from model.vision_utils import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in,  # noqa: E402
                                 is_stand_in, open_image)
@@ -169,13 +169,15 @@ def load_chat(ckpt: str, clip_path: str, tokenizer_path: str, device: str, stamp
 
 def init_state() -> None:
     st.session_state.setdefault("history", [])  # list[Turn] about the current image
+    st.session_state.setdefault("turn_ids", {})  # turn_key -> (prompt ids, answer ids), for the inspection panel
+    st.session_state.setdefault("inspections", {})  # turn_key -> AttentionMaps, computed when a panel is opened
     st.session_state.setdefault("image", None)  # the current valid image (PIL, RGB) or None
     st.session_state.setdefault("image_id", None)
     st.session_state.setdefault("image_name", None)
 
 
 def clear_chat() -> None:
-    st.session_state["history"] = []
+    st.session_state.update(history=[], turn_ids={}, inspections={})
 
 
 def sidebar_checkpoint(out_dir: str) -> tuple[Optional[str], Optional[str]]:
@@ -211,7 +213,7 @@ def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: str, device: s
 
 
 def set_image(image: Optional[Image.Image], uid: Optional[str], name: Optional[str]) -> None:
-    st.session_state.update(image=image, image_id=uid, image_name=name, history=[])
+    st.session_state.update(image=image, image_id=uid, image_name=name, history=[], turn_ids={}, inspections={})
 
 
 def uploader() -> Any:
@@ -251,12 +253,37 @@ def handle_upload(upload: Any) -> None:
         st.info(f"New image ({upload.name}): started a new conversation.")
 
 
-def show_history(history: Sequence[Turn]) -> None:
-    for question, answer in history:
+def show_history(history: Sequence[Turn], chat: Optional[VLMChat] = None) -> None:
+    for i, (question, answer) in enumerate(history):
         with st.chat_message("user"):
             st.markdown(question)
         with st.chat_message("assistant"):
             st.markdown(answer or "_(empty answer)_")
+            inside_the_model(chat, i, question, answer)
+
+
+def turn_key(index: int, question: str, answer: str) -> str:
+    """Names one answered turn of the current image's conversation (widget keys, cached inspections)."""
+    text = f"{st.session_state['image_id']}|{index}|{question}|{answer}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def inside_the_model(chat: Optional[VLMChat], index: int, question: str, answer: str) -> None:
+    """The "inside the model" panel under an answer. Nothing is computed while it is closed (the expander
+    reruns the page when toggled); once opened, the attention is computed once per answer and kept."""
+    key = turn_key(index, question, answer)
+    ids = st.session_state["turn_ids"].get(key)
+    image = st.session_state["image"]
+    if chat is None or ids is None or image is None:
+        return  # no model, an answer from before this page load, or no image to look at
+    panel = st.expander("Inside the model: where this answer looks in the image", key=f"inside_{key}",
+                        on_change="rerun")
+    with panel:
+        if not panel.open:
+            return
+        from web_inspect import show_inspection
+
+        show_inspection(chat, image, key, *ids)
 
 
 def ask(chat: Optional[VLMChat], prompt: str, settings: GenerationSettings) -> None:
@@ -271,15 +298,20 @@ def ask(chat: Optional[VLMChat], prompt: str, settings: GenerationSettings) -> N
     state = st.session_state
     with st.chat_message("user"):
         st.markdown(question)
+    stats = StreamStats()
     with st.chat_message("assistant"):
         try:
-            pieces = st.write_stream(chat.stream(question, state["image"], list(state["history"]), settings))
+            pieces = st.write_stream(chat.stream(question, state["image"], list(state["history"]), settings,
+                                                 stats))
         except Exception as e:  # generation errors are shown, the conversation so far stays
             st.error(f"Generation failed: {error_text(e)}")
             return
         answer = (pieces if isinstance(pieces, str) else "".join(map(str, pieces))).strip()
         if not answer:
             st.markdown("_(empty answer)_")
+        index = len(state["history"])
+        state["turn_ids"][turn_key(index, question, answer)] = (stats.prompt_ids, list(stats.completion_ids))
+        inside_the_model(chat, index, question, answer)
     state["history"] = [*state["history"], (question, answer)]
 
 
@@ -315,7 +347,7 @@ def main() -> None:
     else:
         st.caption("No image yet: questions are answered from the text alone.")
 
-    show_history(st.session_state["history"])
+    show_history(st.session_state["history"], chat)
     prompt = st.chat_input("Ask about the image", key="question")
     if prompt is not None:
         ask(chat, prompt, settings)

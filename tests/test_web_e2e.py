@@ -30,6 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 README_SCREENSHOT = ROOT / "images" / "web_server.png"
+README_INSIDE_SCREENSHOT = ROOT / "images" / "web_inside_the_model.png"
 # With a trained model (MINIMIND_E2E_OUT_DIR + MINIMIND_E2E_CLIP, e.g. out/ and the demo's encoder after
 # `make demo`) the test also refreshes the README's screenshot; with the tiny random model it keeps its own copy.
 E2E_OUT_DIR = os.environ.get("MINIMIND_E2E_OUT_DIR")
@@ -112,13 +113,14 @@ def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
     image = Path(os.environ["MINIMIND_E2E_IMAGE"]) if os.environ.get("MINIMIND_E2E_IMAGE") else \
         demo_image(tmp_path / "house.png")
     screenshot = README_SCREENSHOT if E2E_OUT_DIR else tmp_path / "web_server.png"
+    inside_shot = README_INSIDE_SCREENSHOT if E2E_OUT_DIR else tmp_path / "web_inside_the_model.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.set_default_timeout(30_000)
             page.goto(url)
-            expect(page.locator("h1")).to_contain_text("MiniMind-V (", timeout=30_000)
+            expect(page.locator("h1")).to_contain_text("MiniMind-V (", timeout=120_000)  # model load; slow on a busy CPU
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(image))
             expect(page.locator('[data-testid="stImage"] img')).to_be_visible()
 
@@ -135,9 +137,20 @@ def test_upload_ask_and_see_the_answer_in_chromium(server, tmp_path):
             page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollTo(0, 0)")  # title in view
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # the "inside the model" panel under the answer: open it, wait for its heat map, screenshot it
+            panel = page.locator('[data-testid="stExpander"]').filter(has_text="Inside the model").first
+            panel.locator("summary").click()
+            expect(panel.locator('[data-testid="stImage"] img')).to_be_visible(timeout=60_000)
+            expect(panel).to_contain_text("Attention to the image:")
+            expect(panel.locator("span.image-pos")).to_have_count(50)  # the marked image positions of the prompt
+            assert not page.locator('[data-testid="stAlertContentError"]').count(), log.read_text()[-3000:]
+            panel.scroll_into_view_if_needed()
+            panel.screenshot(path=str(inside_shot))
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
+    assert inside_shot.stat().st_size > 10_000
 
 
 def wait_until_stable(locator, timeout: float = 30.0, quiet: float = 1.0) -> str:

@@ -185,7 +185,7 @@ def test_upload_ask_and_answer_streams_into_history(app):
 def test_answer_is_streamed_piece_by_piece(app, monkeypatch):
     pieces = []
 
-    def fake_stream(self, question, image=None, history=(), settings=None):
+    def fake_stream(self, question, image=None, history=(), settings=None, stats=None):
         for piece in ["It ", "is ", "red."]:
             pieces.append(piece)
             yield piece
@@ -327,3 +327,56 @@ def test_typed_image_placeholder_cannot_forge_a_span(one_turn):
         assert not errors(one_turn), errors(one_turn)
     assert len(one_turn.session_state["history"]) == 3
     assert one_turn.session_state["history"][-1][0] == IMAGE_SPECIAL_TOKEN  # shown and kept as typed
+
+
+# ------------------------------------------------------------------------------------ inside the model panel
+
+
+def open_inside_panel(at: AppTest, turn: int = 0) -> AppTest:
+    """Open the panel under answer `turn` the way a click does: its keyed expander state, then a rerun."""
+    keys = list(at.session_state["turn_ids"])
+    at.session_state[f"inside_{keys[turn]}"] = True
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_inside_panel_is_closed_and_computes_nothing_until_opened(one_turn):
+    at = one_turn
+    assert [e.label for e in at.expander] == ["Inside the model: where this answer looks in the image"]
+    assert not at.expander[0].get("select_slider") and at.session_state["inspections"] == {}
+    ask(at, "And its shape?")  # a second answer: still nothing computed, one panel per answer
+    assert len(at.expander) == 2 and at.session_state["inspections"] == {}
+
+
+def test_inside_panel_shows_heat_map_token_and_layer_choice_and_the_prompt(one_turn):
+    at = open_inside_panel(one_turn)
+    (key,) = at.session_state["inspections"]
+    maps = at.session_state["inspections"][key]
+    panel = at.expander[0]
+    token, layer = panel.select_slider
+    assert token.label == "Answer token" and token.value == "whole answer"
+    assert layer.label == "Layer" and layer.value == "all layers (mean)"
+    assert len(token.options) == 1 + len(at.session_state["turn_ids"][key][1])
+    assert layer.options == ["all layers (mean)", "layer 0", "layer 1"]
+    assert len(panel.get("image")) == 1
+    share = f"{100 * float(maps.image_share().mean()):.1f}%"
+    assert any(f"**Attention to the image:** {share}" in m.value for m in panel.markdown)
+    prompt = panel.markdown[-1].value
+    assert prompt.count('class="image-pos"') == 50 and 'title="position ' + str(maps.image_start) + ': CLS"' in prompt
+
+    layer.set_value("layer 1")
+    token.set_value(token.options[1])
+    at.run()
+    assert not at.exception, at.exception
+    grid, cls = maps.patch_grid(layer=1, query=0), maps.cls_weight(layer=1, query=0)
+    one = f"{100 * (cls + float(grid.sum())):.1f}%"
+    assert any(f"**Attention to the image:** {one}" in m.value for m in at.expander[0].markdown)
+    assert list(at.session_state["inspections"]) == [key]  # computed once, reused when the choice changes
+
+
+def test_inside_panel_is_reset_with_the_conversation(one_turn):
+    at = open_inside_panel(one_turn)
+    assert at.session_state["inspections"]
+    upload(at, "blue.png", png_bytes(color=(20, 40, 220)))
+    assert at.session_state["inspections"] == {} and at.session_state["turn_ids"] == {} and not at.expander

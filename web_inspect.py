@@ -1,0 +1,84 @@
+"""The web demo's "inside the model" panel (web_server.py opens it under an answer): where the answer looks in
+the uploaded image, per answer token and layer, and the tokenised prompt with the 50 image positions marked.
+
+Imported only when a panel is opened, so matplotlib is not loaded for a plain chat.
+"""
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import streamlit as st
+from PIL import Image
+
+from model.attention_map import AttentionMaps, inspect_answer
+from model.attention_plot import heatmap_png, layer_rows, token_texts
+from model.chat import VLMChat
+from model.LMConfig import IMAGE_TOKENS
+
+WHOLE_ANSWER = "whole answer"
+ALL_LAYERS = "all layers (mean)"
+TOKEN_STYLE = "display:inline-block;margin:1px;padding:0 3px;border-radius:3px;font-family:monospace;"
+TEXT_COLOUR, IMAGE_COLOUR = "background:#e8e8e8;", "background:#ffb347;"
+
+
+def inspection(chat: VLMChat, image: Image.Image, key: str, prompt_ids: Sequence[int],
+               answer_ids: Sequence[int]) -> AttentionMaps:
+    """The attention maps of one answer: computed on first use, then kept in the session."""
+    cache = st.session_state.setdefault("inspections", {})
+    if key not in cache:
+        with st.spinner("Recomputing the answer's attention explicitly..."):
+            cache[key] = inspect_answer(chat.model, prompt_ids, answer_ids, chat.image_features(image))
+    return cache[key]
+
+
+def prompt_html(tokens: Sequence[str], image_start: int) -> str:
+    """The prompt's tokens as chips; the 50 image positions in orange, each titled with what it holds."""
+    chips = []
+    for pos, token in enumerate(tokens):
+        offset = pos - image_start
+        if 0 <= offset < IMAGE_TOKENS:
+            what = "CLS" if offset == 0 else f"patch ({(offset - 1) // 7},{(offset - 1) % 7})"
+            chips.append(f'<span class="image-pos" title="position {pos}: {what}" '
+                         f'style="{TOKEN_STYLE}{IMAGE_COLOUR}">{html.escape(token)}</span>')
+        else:
+            chips.append(f'<span class="text-pos" title="position {pos}" '
+                         f'style="{TOKEN_STYLE}{TEXT_COLOUR}">{html.escape(token)}</span>')
+    return "".join(chips)
+
+
+def show_inspection(chat: VLMChat, image: Image.Image, key: str, prompt_ids: Sequence[int],
+                    answer_ids: Sequence[int]) -> None:
+    if not answer_ids:
+        st.caption("The answer is empty: no answer token to inspect.")
+        return
+    maps = inspection(chat, image, key, prompt_ids, answer_ids)
+    if maps.image_start is None:
+        st.caption("This prompt holds no image placeholder: nothing to show.")
+        return
+    tokens = token_texts(chat.tokenizer, answer_ids)
+    token_options = [WHOLE_ANSWER, *[f"{i}: '{t}'" for i, t in enumerate(tokens)]]
+    layer_options = [ALL_LAYERS, *[f"layer {i}" for i in range(maps.n_layers)]]
+    token_choice = st.select_slider("Answer token", token_options, value=WHOLE_ANSWER, key=f"token_{key}")
+    layer_choice = st.select_slider("Layer", layer_options, value=ALL_LAYERS, key=f"layer_{key}")
+    query = None if token_choice == WHOLE_ANSWER else token_options.index(token_choice) - 1
+    layer = None if layer_choice == ALL_LAYERS else layer_options.index(layer_choice) - 1
+    grid, cls = maps.patch_grid(layer, query), maps.cls_weight(layer, query)
+    patches = float(grid.sum())
+    left, right = st.columns([3, 2])
+    with left:
+        st.image(heatmap_png(image, grid, f"{token_choice}, {layer_choice}"), width="stretch")
+    with right:
+        st.markdown(f"**Attention to the image:** {100 * (cls + patches):.1f}%  \n"
+                    f"(CLS {100 * cls:.1f}%, 49 patches {100 * patches:.1f}%)  \n"
+                    f"**to text:** {100 * (1 - cls - patches):.1f}%")
+        st.caption("Mean over heads. Brighter = more attention; the colour scale runs from 0 to this map's "
+                   "largest patch weight. Row i of the answer is the position that produced token i.")
+    rows = layer_rows(maps)
+    st.table({"layer": [r["layer"] for r in rows],
+              "image %": [f"{100 * r['image']:.1f}" for r in rows],
+              "patches %": [f"{100 * r['patches']:.1f}" for r in rows],
+              "text %": [f"{100 * r['text']:.1f}" for r in rows]})
+    st.markdown("**The prompt as the model reads it** (orange: the 50 image positions, CLS then 7x7 patches, "
+                "whose placeholder embeddings are replaced by the projected image features)")
+    st.markdown(prompt_html(token_texts(chat.tokenizer, prompt_ids), maps.image_start), unsafe_allow_html=True)
