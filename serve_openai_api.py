@@ -48,6 +48,7 @@ from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
 MAX_IMAGES = 1  # one placeholder span per prompt (VLMChat.build_prompt)
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_MAX_QUEUE = 32
+MIN_REPETITION_PENALTY = 0.01
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DECODE_SLOTS = 2  # images decoded at once: each holds its full decoded size until it is resized
 RETRY_AFTER_S = 2
@@ -276,7 +277,8 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
     top_p = _number(body, "top_p", 0, 1, lo_open=True)
     top_k = _number(body, "top_k", 0, 1_000_000, integer=True)
     seed = _number(body, "seed", -(2 ** 63), 2 ** 63 - 1, integer=True)
-    penalty = _number(body, "repetition_penalty", 0, 10, lo_open=True)
+    # below 0.01 a penalty divides logits into inf (and NaN probabilities): refused, like any out-of-range value
+    penalty = _number(body, "repetition_penalty", MIN_REPETITION_PENALTY, 10)
     settings = GenerationSettings(
         temperature=defaults.temperature if temperature is None else float(temperature),
         top_k=defaults.top_k if top_k is None else (int(top_k) or None),  # 0 turns top-k off

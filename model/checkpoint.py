@@ -295,6 +295,9 @@ def read_stored_config(path: PathLike) -> dict[str, Any]:
         return {}
     try:
         stored = json.loads(cfg_file.read_text())
+    except RecursionError:
+        raise CheckpointError(f"{cfg_file}: unreadable config beside the checkpoint (JSON nested too deeply); "
+                              f"delete it to infer the config from the weights") from None
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{cfg_file}: unreadable config beside the checkpoint ({_first_line(e)}); "
                               f"delete it to infer the config from the weights") from None

@@ -106,6 +106,8 @@ BAD_NOW = {  # raw bodies: JSON allows these, Python's decoder or the tokenizer 
                                       b'"\\udfff"}]}]}', "invalid_text"),
     "5000-digit integer": (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
                            "invalid_json"),
+    "repetition_penalty 1e-300": (b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}',
+                                  "invalid_value"),  # it divided logits into inf: NaN probabilities, a 500
 }
 
 

@@ -192,3 +192,11 @@ def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path
     steps = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert steps[2]["loss"] != 123.0
+
+
+def test_sidecar_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "model.pth"
+    save_checkpoint(MiniMindVLM(tiny_config()), path)
+    config_path_for(path).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"model.config.json: unreadable config .*nested too deeply"):
+        load_model(path)
