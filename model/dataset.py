@@ -152,6 +152,11 @@ def record_to_messages(record: Any, multi_turn: bool) -> list[dict[str, str]]:
         if q.get("from") not in HUMAN_ROLES or a.get("from") not in ASSISTANT_ROLES:
             raise ValueError(f"wrong role: turn {i} is {q.get('from')!r}, turn {i + 1} is {a.get('from')!r}")
         question, answer = str(q.get("value") or "").strip(), str(a.get("value") or "").strip()
+        for j, text in ((i, question), (i + 1, answer)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON allows a lone surrogate ("\ud800"); the tokenizer does not
+                raise ValueError(f"invalid text: turn {j} holds {e.reason} at character {e.start}") from None
         if not answer:
             raise ValueError(f"empty answer: turn {i + 1}")
         if not question:

@@ -95,3 +95,10 @@ def test_image_paths_stay_inside_images_path(tmp_path, images, tokenizer):
     ds = _dataset(tmp_path, images, tokenizer, [_record("good"), *outside])
     assert [s.id for s in ds.samples] == ["good"]
     assert ds.skips.counts["image outside --images_path"] == 3, ds.skips.counts
+
+
+def test_lone_surrogate_in_a_record_is_a_counted_skip(tmp_path, images, tokenizer):
+    """JSON allows "\\ud800"; the tokenizer raised TypeError on it, mid-load."""
+    bad = json.dumps(_record("surrogate")).replace("Red.", "Red \\ud800.")
+    ds = _dataset(tmp_path, images, tokenizer, [_record("good"), bad])
+    assert [s.id for s in ds.samples] == ["good"] and ds.skips.counts["invalid text"] == 1
