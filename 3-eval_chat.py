@@ -1,6 +1,8 @@
 """Chat with a trained MiniMind-V about images.
 
-    python 3-eval_chat.py                      # every image in dataset/eval_images, default question, streamed
+    python 3-eval_chat.py                      # newest SFT checkpoint or model directory; every image in
+                                               # dataset/eval_images, default question, streamed
+    python 3-eval_chat.py --ckpt minimind-v-v1-small          # a published Hugging Face directory
     python 3-eval_chat.py --image cat.png --prompt "What is in the picture?"
     python 3-eval_chat.py --image cat.png --interactive          # a chat loop with history
     python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
@@ -16,16 +18,19 @@ import numpy as np
 import torch
 
 from model.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
-from model.checkpoint import CheckpointError
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
+from model.checkpoint import CheckpointError, newest_chat_checkpoint
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="default: out/{dim}{_moe}_vlm_sft.pth")
+    p.add_argument("--ckpt", default=None,
+                   help="a .pth/.safetensors checkpoint or a Hugging Face model directory (default: with --dim or "
+                        "--use_moe, out/{dim}{_moe}_vlm_sft.pth; otherwise the newest out/*_vlm_sft.pth or model "
+                        "directory in out/ or the project root)")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--dim", type=int, default=None, help="default 512; the model's size is read off the checkpoint")
     p.add_argument("--n_layers", type=int, default=None)
@@ -40,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=1024, help="context kept for the prompt and history")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
-    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--tokenizer_path", default=None,
+                   help="default: the checkpoint's own (inside a model directory, recorded beside a .pth, or "
+                        "model/minimind_tokenizer_official for a published v1 .pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_stream", action="store_true", help="print each answer whole")
     p.add_argument("--interactive", action="store_true", help="a chat loop with history about one image")
@@ -75,10 +82,28 @@ def ask(chat: VLMChat, question: str, image, history, settings: GenerationSettin
     return answer
 
 
+def choose_checkpoint(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(checkpoint path, whether it was picked automatically): --ckpt; with --dim/--use_moe the v1 default name;
+    else the newest SFT checkpoint or model directory."""
+    if args.ckpt:
+        return args.ckpt, False
+    if args.dim is not None or args.use_moe:
+        return os.path.join(args.out_dir, f"{args.dim or 512}{'_moe' if args.use_moe else ''}_vlm_sft.pth"), False
+    found = newest_chat_checkpoint(args.out_dir, ROOT)
+    return (str(found), True) if found is not None else (None, True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
-    ckpt = args.ckpt or os.path.join(args.out_dir, f"{args.dim or 512}{'_moe' if args.use_moe else ''}_vlm_sft.pth")
+    ckpt, picked = choose_checkpoint(args)
+    if ckpt is None:
+        print(f"error: no checkpoint found (no {args.out_dir}/*_vlm_sft.pth and no model directory in {args.out_dir}/ "
+              f"or the project root): download the published model with `python scripts/download.py --what model "
+              f"--dim 512`, train one with 2-sft_vlm.py or `make demo`, or pass --ckpt", file=sys.stderr)
+        return 1
+    if picked:
+        print(f"model: {ckpt} (the newest SFT checkpoint or model directory found; choose another with --ckpt)")
     try:
         chat = VLMChat.load(ckpt, args.clip_path, args.tokenizer_path, args.device, max_seq_len=args.max_seq_len,
                             dim=args.dim, n_layers=args.n_layers)
@@ -89,7 +114,7 @@ def main(argv=None) -> int:
     note = stand_in_warning(args.clip_path)
     if note:
         print(note)
-    print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}")
+    print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}, tokenizer: {chat.tokenizer_path}")
     settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.repetition_penalty, args.seed)
 

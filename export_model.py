@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import shutil
@@ -31,11 +30,11 @@ from typing import Any, Optional
 
 import torch
 
-from model.checkpoint import (CheckpointError, infer_config, load_model, load_weights, read_json_object,
-                              read_state_dict, save_checkpoint, shard_paths)
+from model.checkpoint import (CheckpointError, checkpoint_tokenizer, load_model, read_checkpoint, read_model_dir,
+                              save_checkpoint)
 from model.LMConfig import IMAGE_TOKENS, LMConfig
 from model.model import count_parameters
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer
+from model.tokenizer_utils import image_token_ids, load_tokenizer
 from model.processing_minimind_v import MiniMindVProcessor
 from model.vision_utils import ImagePreprocessor
 
@@ -97,16 +96,20 @@ def bundle_vision_tower(clip_path: str, out: Path, preprocess_cfg: dict[str, Any
     (target / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
 
 
-def export(ckpt: str, out: str, tokenizer_path: str = DEFAULT_TOKENIZER_PATH, clip_path: Optional[str] = None,
+def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path: Optional[str] = None,
            dtype: str = "float32", verify: bool = True, license: str = "apache-2.0",
            repo_id: Optional[str] = None) -> Path:
-    """Write the Hugging Face directory for checkpoint `ckpt` into `out`; returns its path."""
+    """Write the Hugging Face directory for checkpoint `ckpt` (a file or a model directory) into `out`.
+
+    The tokenizer is the checkpoint's own (model.checkpoint.checkpoint_tokenizer), or `tokenizer_path` when it has
+    the same vocabulary. Returns the output path."""
     from model.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
 
     if not os.path.exists(ckpt):
         raise ExportError(f"checkpoint not found: {ckpt}")
-    tokenizer = load_tokenizer(tokenizer_path)
-    native = load_model(ckpt, image_ids=image_token_ids(tokenizer))
+    source = read_checkpoint(ckpt)
+    tokenizer = load_tokenizer(checkpoint_tokenizer(source, tokenizer_path)[0])
+    native = load_model(source, image_ids=image_token_ids(tokenizer))
     config = copy.deepcopy(native.config)
     config.tie_word_embeddings = True
     config.auto_map = dict(AUTO_MAP)
@@ -260,76 +263,18 @@ def push_to_hub(out_dir: Path, repo_id: str, private: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reverse
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a Hugging Face directory: single-file or sharded, safetensors or pytorch_model.bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = hf_dir / index_name
-        if index.exists():
-            sd: dict[str, torch.Tensor] = {}
-            for shard in shard_paths(index):  # each inside hf_dir
-                sd.update(read_state_dict(shard))
-            return sd
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (hf_dir / name).exists():
-            return read_state_dict(hf_dir / name)
-    raise ExportError(f"{hf_dir}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
-
-
-def config_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """The LMConfig fields of a config.json; transformers bookkeeping (auto_map, dtype, ...) and unknown keys
-    are dropped, so the sidecar holds model fields only."""
-    known = set(inspect.signature(LMConfig.__init__).parameters) - {"self", "kwargs"}
-    return {k: v for k, v in raw.items() if k in known}
-
-
-def untie(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Make the v1 layout's `output.weight` present: it is the embedding matrix (tied)."""
-    emb, out = sd.get("tok_embeddings.weight"), sd.get("output.weight")
-    if emb is None:
-        raise ExportError(f"{source}: not a MiniMind model (no tok_embeddings.weight)")
-    if out is None:
-        return {**sd, "output.weight": emb}
-    if out.shape != emb.shape or not torch.equal(out, emb):
-        raise ExportError(f"{source}: output.weight differs from tok_embeddings.weight, but MiniMind ties them")
-    return sd
-
-
-def reverse_tokenizer(src: Path, tokenizer_path: Optional[str]):
-    """The tokenizer whose placeholder ids the checkpoint records: --tokenizer_path, else the one shipped in the
-    directory (the model was trained with it), else the project's."""
-    if tokenizer_path:
-        return load_tokenizer(tokenizer_path)
-    if (src / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
-
-        # Built from tokenizer.json alone: AutoTokenizer would read config.json, whose auto_map asks to run the
-        # directory's code, which converting weights never needs.
-        return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
-    return load_tokenizer(DEFAULT_TOKENIZER_PATH)
-
-
 def import_hf(hf_dir: str, to: str, tokenizer_path: Optional[str] = None) -> Path:
-    """Convert a Hugging Face MiniMind-V directory into `to` (.pth) plus its .config.json sidecar."""
-    from model.model import MiniMindVLM
-
-    src = Path(hf_dir)
-    if not (src / "config.json").exists():
-        raise ExportError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
-    raw = read_json_object(src / "config.json")
-    if raw.get("model_type", "minimind") != "minimind":
-        raise ExportError(f"{hf_dir}: model_type is {raw.get('model_type')!r}, not 'minimind'")
-    sd = untie(read_hf_weights(src), hf_dir)
-    try:
-        fields = infer_config(sd, config_fields(raw))
-    except CheckpointError as e:
-        raise CheckpointError(f"{src / 'config.json'}: {e}") from None
-    fields["image_ids"] = image_token_ids(reverse_tokenizer(src, tokenizer_path))
-    model = MiniMindVLM(LMConfig(**fields))
-    load_weights(model, sd, source=hf_dir)
-    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    """Convert a Hugging Face MiniMind-V directory into `to` (.pth) plus its .config.json sidecar, which records
+    the tokenizer (the directory's own unless --tokenizer_path names another with the same vocabulary)."""
+    if not os.path.isdir(hf_dir):
+        raise ExportError(f"{hf_dir}: not a Hugging Face model directory")
+    ckpt = read_model_dir(hf_dir)
+    tok_path, fingerprint = checkpoint_tokenizer(ckpt, tokenizer_path)
+    model = load_model(ckpt, image_ids=image_token_ids(load_tokenizer(tok_path)))
+    dtypes = {v.dtype for v in ckpt.state_dict.values() if v.is_floating_point()}
     if len(dtypes) == 1:  # keep the published precision (and file size)
         model.to(dtypes.pop())
-    save_checkpoint(model, to)
+    save_checkpoint(model, to, tokenizer={"path": tok_path, "fingerprint": fingerprint})
     load_model(to)  # the point of the conversion: it must load back
     return Path(to)
 
@@ -337,11 +282,11 @@ def import_hf(hf_dir: str, to: str, tokenizer_path: Optional[str] = None) -> Pat
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="checkpoint to export (.pth or .safetensors)")
+    p.add_argument("--ckpt", help="checkpoint to export (.pth, .safetensors or a model directory)")
     p.add_argument("--out", help="output directory for the Hugging Face export")
     p.add_argument("--tokenizer_path", default=None,
-                   help=f"tokenizer directory (export default: {DEFAULT_TOKENIZER_PATH}; reverse default: the "
-                        f"tokenizer inside --from_hf if it has one)")
+                   help="tokenizer directory (default: the checkpoint's own: the one inside a model directory, the "
+                        "one its sidecar records, or model/minimind_tokenizer_official for a published v1 file)")
     p.add_argument("--clip_path", default=None, help="CLIP directory whose vision tower is bundled (enables pixel_values)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="precision of the exported weights")
     p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
@@ -370,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ExportError("--ckpt PATH and --out DIR are required (or --from_hf DIR --to PATH.pth)")
             if args.push_to_hub:  # refuse a bad repo id or a missing token before the export work
                 hub_token(args.push_to_hub)
-            out = export(args.ckpt, args.out, args.tokenizer_path or DEFAULT_TOKENIZER_PATH, args.clip_path,
+            out = export(args.ckpt, args.out, args.tokenizer_path, args.clip_path,
                          args.dtype, verify=not args.no_verify, license=args.license, repo_id=args.push_to_hub)
             print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
             if args.push_to_hub:

@@ -42,7 +42,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.batcher import DynamicBatcher
 from model.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
 
 MAX_IMAGES = 1  # one placeholder span per prompt (VLMChat.build_prompt)
@@ -511,9 +510,9 @@ async def stream_events(runner: Runner, job: ChatJob, completion_id: str, create
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="model checkpoint (.pth or .safetensors)")
+    p.add_argument("--ckpt", required=True, help="model checkpoint (.pth, .safetensors or a model directory)")
     p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH, help="Hugging Face CLIP directory")
-    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--tokenizer_path", default=None, help="default: the checkpoint's own tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8998)
     p.add_argument("--image_dir", default=None, help="allow image_url paths under this directory (default: none)")

@@ -1,10 +1,19 @@
 """MiniMind-V web chat (streamlit): upload an image, ask about it, and watch the answer stream in.
 
-Run it from the repository root:
+Run it from the repository root, either way:
 
+    python web_server.py [--out_dir out] [--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] \\
+        [--server.port 8501 ...]
     streamlit run web_server.py --server.address 127.0.0.1 -- [--out_dir out] \\
-        [--clip_path model/clip_model/clip-vit-base-patch32] [--tokenizer_path model/minimind_tokenizer] \\
-        [--device cpu|cuda]
+        [--clip_path model/clip_model/clip-vit-base-patch32] [--tokenizer_path DIR] [--device cpu|cuda]
+
+`python web_server.py` starts `streamlit run web_server.py` itself: flags of the form `--section.option`
+(streamlit's own, e.g. `--server.port`) go to streamlit, the rest to this script.
+
+The checkpoint picker lists the .pth files in --out_dir and the MiniMind model directories (a published
+`minimind-v-v1-small` clone, or an export) in --out_dir and the project root; model directories come first, then
+`*_vlm_sft.pth`. The tokenizer is the checkpoint's own (model.checkpoint.checkpoint_tokenizer) unless
+--tokenizer_path is given.
 
 Binding: streamlit binds to `--server.address`. `.streamlit/config.toml` sets `address = "127.0.0.1"`, so a
 plain `streamlit run web_server.py` (from the repository root) is reachable from this machine only; to expose it
@@ -41,7 +50,7 @@ import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model.chat import GenerationSettings, StreamStats, Turn, VLMChat  # noqa: E402
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
+from model.checkpoint import find_model_dirs, weights_file  # noqa: E402
 from model.vision_utils import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in,  # noqa: E402
                                 is_stand_in, open_image)
 
@@ -54,7 +63,8 @@ ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
             "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
 STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
                    "demo), so answers about real photos are not meaningful.")
-NO_CHECKPOINT_HELP = ("train one (`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
+NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
+                      "(`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
                       "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
 
 
@@ -65,7 +75,7 @@ NO_CHECKPOINT_HELP = ("train one (`make demo` on the CPU, or 1-pretrain_vlm.py t
 class ServerArgs:
     out_dir: str
     clip_path: str
-    tokenizer_path: str
+    tokenizer_path: Optional[str]  # None: the checkpoint's own
     device: str
 
 
@@ -94,7 +104,7 @@ def parse_args(argv: Sequence[str], env: Optional[dict[str, str]] = None) -> Ser
     """
     env = dict(os.environ if env is None else env)
     defaults = {"out_dir": str(ROOT / "out"), "clip_path": str(ROOT / DEFAULT_CLIP_PATH),
-                "tokenizer_path": str(ROOT / DEFAULT_TOKENIZER_PATH), "device": None}
+                "tokenizer_path": None, "device": None}
     parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
                                      exit_on_error=False)
     for name, default in defaults.items():
@@ -116,18 +126,22 @@ def resolve_clip_path(clip_path: str) -> tuple[str, Optional[str]]:
     return path, None
 
 
-def list_checkpoints(out_dir: str) -> list[CheckpointInfo]:
-    """The .pth files directly in out_dir with their sizes; *_vlm_sft.pth first, then by name."""
+def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list[CheckpointInfo]:
+    """The .pth files directly in out_dir and the model directories in out_dir and `model_dir_roots`, with sizes;
+    model directories first, then *_vlm_sft.pth, then by name."""
     folder = Path(out_dir)
-    if not folder.is_dir():
-        return []
-    found = [CheckpointInfo(str(p), p.name, p.stat().st_size / 2**20)
-             for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
-    return sorted(found, key=lambda c: (not c.name.endswith("_vlm_sft.pth"), c.name))
+    found = []
+    if folder.is_dir():
+        found = [CheckpointInfo(str(p), p.name, p.stat().st_size / 2**20)
+                 for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
+    dirs = {d.resolve(): d for root in (folder, *model_dir_roots) for d in find_model_dirs(root)}
+    found += [CheckpointInfo(str(d), f"{d.name}/", weights_file(d).stat().st_size / 2**20) for d in dirs.values()]
+    return sorted(found, key=lambda c: (not c.name.endswith("/"), not c.name.endswith("_vlm_sft.pth"), c.name))
 
 
 def checkpoint_stamp(path: str) -> tuple[int, int]:
-    """(modification time, size) of a checkpoint: a retrained file with the same name is reloaded."""
+    """(modification time, size) of a checkpoint's weights: a retrained file with the same name is reloaded."""
+    path = str(weights_file(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (it was moved or deleted); {NO_CHECKPOINT_HELP}")
     st_ = os.stat(path)
@@ -162,7 +176,8 @@ def error_text(e: BaseException) -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
-def load_chat(ckpt: str, clip_path: str, tokenizer_path: str, device: str, stamp: tuple[int, int]) -> VLMChat:
+def load_chat(ckpt: str, clip_path: str, tokenizer_path: Optional[str], device: str,
+              stamp: tuple[int, int]) -> VLMChat:
     """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place."""
     return VLMChat.load(ckpt, clip_path, tokenizer_path, device)
 
@@ -182,13 +197,14 @@ def clear_chat() -> None:
 
 def sidebar_checkpoint(out_dir: str) -> tuple[Optional[str], Optional[str]]:
     """(chosen checkpoint path, error to show)."""
-    checkpoints = list_checkpoints(out_dir)
+    checkpoints = list_checkpoints(out_dir, (ROOT,))
     if not checkpoints:
         st.sidebar.selectbox("Checkpoint", ["(none found)"], disabled=True, key="checkpoint_none")
-        return None, f"No checkpoint (*.pth) in '{out_dir}': {NO_CHECKPOINT_HELP}."
+        return None, f"No checkpoint (*.pth or model directory) in '{out_dir}' or '{ROOT}': {NO_CHECKPOINT_HELP}."
     by_label = {c.label: c.path for c in checkpoints}
     label = st.sidebar.selectbox("Checkpoint", list(by_label), key="checkpoint",
-                                 help=f"The .pth files in {out_dir}; the model's shape is read off the file")
+                                 help=f"The .pth files in {out_dir} and the model directories there and in the "
+                                      f"project root; the model's shape is read off the weights")
     return by_label[label], None
 
 
@@ -202,7 +218,7 @@ def sidebar_settings() -> GenerationSettings:
                               max_new_tokens=max_new_tokens)
 
 
-def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: str, device: str) -> tuple[Optional[VLMChat],
+def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: Optional[str], device: str) -> tuple[Optional[VLMChat],
                                                                                               Optional[str]]:
     if ckpt is None:
         return None, None
@@ -328,12 +344,14 @@ def main() -> None:
 
     st.sidebar.header("Model")
     ckpt, ckpt_error = sidebar_checkpoint(args.out_dir)
-    st.sidebar.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{args.tokenizer_path}`  \nDevice: `{args.device}`")
+    caption = st.sidebar.empty()  # filled once the model (and so its tokenizer) is known
     st.sidebar.header("Generation")
     settings = sidebar_settings()
     st.sidebar.button("Clear chat", on_click=clear_chat, key="clear_chat", width="stretch")
 
     chat, load_error = try_load(ckpt, clip_path, args.tokenizer_path, args.device)
+    tokenizer = chat.tokenizer_path if chat else (args.tokenizer_path or "the checkpoint's own")
+    caption.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{tokenizer}`  \nDevice: `{args.device}`")
     st.title(f"MiniMind-V ({format_params(chat.n_params)})" if chat else "MiniMind-V (no model loaded)")
     if clip_warning:
         st.warning(clip_warning)
@@ -353,5 +371,41 @@ def main() -> None:
         ask(chat, prompt, settings)
 
 
+def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(streamlit's flags, this script's flags): `--section.option [value]` belongs to streamlit."""
+    streamlit_flags, app_flags, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg.startswith("--") and "." in arg.split("=")[0]:
+            streamlit_flags.append(arg)
+            if "=" not in arg and rest and not rest[0].startswith("--"):
+                streamlit_flags.append(rest.pop(0))
+        else:
+            app_flags.append(arg)
+    return streamlit_flags, app_flags
+
+
+def launch_streamlit(argv: Sequence[str]) -> int:
+    """`python web_server.py ...` runs `streamlit run web_server.py [streamlit flags] -- [app flags]`."""
+    import subprocess
+
+    streamlit_flags, app_flags = split_flags(argv)
+    command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()), *streamlit_flags,
+               "--", *app_flags]
+    try:
+        return subprocess.call(command, cwd=ROOT)
+    except KeyboardInterrupt:
+        return 130
+
+
+def running_in_streamlit() -> bool:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    return get_script_run_ctx(suppress_warning=True) is not None
+
+
 if __name__ == "__main__":  # `streamlit run` and AppTest run this file as __main__; tests import it too
-    main()
+    if running_in_streamlit():
+        main()
+    else:  # `python web_server.py`, as in v1
+        sys.exit(launch_streamlit(sys.argv[1:]))

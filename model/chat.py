@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .batcher import DecodeRequest, DynamicBatcher
-from .checkpoint import load_model
+from .checkpoint import checkpoint_tokenizer, load_model, read_checkpoint
 from .LMConfig import IMAGE_SPECIAL_TOKEN
 from .model import MiniMindVLM, count_parameters
 from .tokenizer_utils import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
@@ -49,23 +49,28 @@ class StreamStats:
 class VLMChat:
     """A loaded model, tokenizer and vision encoder, with question answering over an image."""
 
-    def __init__(self, model: MiniMindVLM, tokenizer, encoder: VisionEncoder):
+    def __init__(self, model: MiniMindVLM, tokenizer, encoder: VisionEncoder, tokenizer_path: Optional[str] = None):
         self.model, self.tokenizer, self.encoder = model.eval(), tokenizer, encoder
+        self.tokenizer_path = tokenizer_path  # where the tokenizer came from (for display)
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self._encode_lock = threading.Lock()
 
     @classmethod
-    def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: str,
+    def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
              device: str = "cpu", max_seq_len: Optional[int] = None, **overrides) -> "VLMChat":
         """Load all three parts; a missing one is an error that says how to get it.
 
+        `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
+        when given, else the checkpoint's own (model.checkpoint.checkpoint_tokenizer), and must match its record.
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it."""
+        source = read_checkpoint(ckpt)
+        tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
-        model = load_model(ckpt, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
+        model = load_model(source, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
                            **overrides)
-        return cls(model, tokenizer, encoder)
+        return cls(model, tokenizer, encoder, tokenizer_path)
 
     @property
     def n_params(self) -> int:

@@ -23,11 +23,17 @@ import torch
 from torch import nn
 
 from .LMConfig import LMConfig
+from .tokenizer_utils import (DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, resolve_tokenizer_path,
+                              tokenizer_fingerprint, tokenizer_record)
 
 PathLike = Union[str, os.PathLike]
 PROJ_PREFIX = "vision_proj."
 PROJ_BIAS = "vision_proj.vision_proj.0.bias"
 PREFIXES = ("_orig_mod.", "module.")
+TOKENIZER_FIELD = "tokenizer"  # the sidecar's record of the tokenizer a checkpoint was trained with
+# Weight files of a Hugging Face model directory, in the order they are looked for.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
@@ -173,6 +179,7 @@ def has_projection_bias(sd: dict[str, torch.Tensor]) -> bool:
 def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Model config fields read off tensor shapes; `stored` (the sidecar config) supplies head counts."""
     stored = dict(stored or {})
+    stored.pop(TOKENIZER_FIELD, None)  # not a model field
     if "tok_embeddings.weight" not in sd:
         raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight")
     if sd["tok_embeddings.weight"].dim() != 2:
@@ -306,31 +313,188 @@ def read_stored_config(path: PathLike) -> dict[str, Any]:
     return stored
 
 
-def config_from_checkpoint(path: PathLike, **overrides: Any) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+@dataclass
+class Checkpoint:
+    """What a checkpoint path holds: the weights, the stored config fields and where its tokenizer is recorded."""
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    stored: dict[str, Any]  # config fields (sidecar or config.json); may be empty
+    tokenizer_record: Optional[dict[str, str]] = None  # {"path", "fingerprint"}; None for a published v1 file
+    tokenizer_dir: Optional[str] = None  # the tokenizer shipped inside a Hugging Face model directory
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Read a .pth / .safetensors checkpoint (with its sidecar) or a Hugging Face model directory."""
+    path = str(path)
+    if os.path.isdir(path):
+        return read_model_dir(path)
     sd = read_state_dict(path)
     stored = read_stored_config(path)
     check_config_fields(stored, what=str(config_path_for(path)))
+    record = stored.pop(TOKENIZER_FIELD, None)
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+        raise CheckpointError(f"{config_path_for(path)}: the tokenizer record is not {{'path', 'fingerprint'}}")
+    return Checkpoint(path, sd, stored, record)
+
+
+def read_model_dir(path: str) -> Checkpoint:
+    """A Hugging Face model directory (v1's export or this project's): config.json fields, weights, tokenizer.
+
+    Only JSON and weight files are read: the directory's Python files (config.json's auto_map) are never
+    imported, and pickled weights load with weights_only."""
+    root = Path(path)
+    cfg_file = root / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file nor a model directory (no config.json)")
+    raw = read_json_object(cfg_file)
+    if raw.get("model_type", "minimind") != "minimind":
+        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, not 'minimind'")
+    sd = untie_head(read_hf_weights(root), path)
+    fields = config_fields(raw)
+    check_config_fields(fields, what=str(cfg_file))
+    tokenizer_dir = path if (root / "tokenizer.json").exists() else None
+    # The directory's own tokenizer is the one its weights go with.
+    record = {"path": path, "fingerprint": tokenizer_fingerprint(path)} if tokenizer_dir else None
+    return Checkpoint(path, sd, fields, record, tokenizer_dir)
+
+
+def is_model_dir(path: PathLike) -> bool:
+    """A directory holding a config.json and weights in a Hugging Face layout."""
+    root = Path(path)
+    return root.is_dir() and (root / "config.json").exists() and any(
+        (root / name).exists() for name in HF_WEIGHT_FILES + HF_INDEX_FILES)
+
+
+def find_model_dirs(folder: PathLike) -> list[Path]:
+    """The MiniMind model directories directly inside `folder` (config.json with model_type minimind + weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or not is_model_dir(child):
+            continue
+        try:
+            model_type = json.loads((child / "config.json").read_text()).get("model_type")
+        except (ValueError, OSError, AttributeError):
+            continue
+        if model_type == "minimind":
+            found.append(child)
+    return found
+
+
+def weights_file(path: PathLike) -> Path:
+    """The file holding a checkpoint's weights: the path itself, or the weight file of a model directory."""
+    root = Path(path)
+    if root.is_dir():
+        for name in HF_INDEX_FILES + HF_WEIGHT_FILES:
+            if (root / name).exists():
+                return root / name
+    return root
+
+
+def newest_chat_checkpoint(out_dir: PathLike, root: PathLike = ".") -> Optional[Path]:
+    """The most recently written SFT checkpoint (out_dir/*_vlm_sft.pth) or model directory (in out_dir or root)."""
+    out_dir = Path(out_dir)
+    candidates = sorted(out_dir.glob("*_vlm_sft.pth")) if out_dir.is_dir() else []
+    candidates += find_model_dirs(out_dir) + find_model_dirs(root)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: weights_file(p).stat().st_mtime)
+
+
+def read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face directory: single-file or sharded, safetensors or pytorch_model.bin."""
+    for index_name in HF_INDEX_FILES:
+        index = root / index_name
+        if index.exists():
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shard_paths(index):  # each inside the directory
+                sd.update(read_state_dict(shard))
+            return sd
+    for name in HF_WEIGHT_FILES:
+        if (root / name).exists():
+            return read_state_dict(root / name)
+    raise CheckpointError(f"{root}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def config_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The LMConfig fields of a config.json; transformers bookkeeping (auto_map, dtype, ...) and unknown keys
+    are dropped."""
+    import inspect
+
+    known = set(inspect.signature(LMConfig.__init__).parameters) - {"self", "kwargs"}
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def untie_head(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Make the v1 layout's `output.weight` present: it is the embedding matrix (tied)."""
+    emb, out = sd.get("tok_embeddings.weight"), sd.get("output.weight")
+    if emb is None:
+        raise CheckpointError(f"{source}: not a MiniMind model (no tok_embeddings.weight)")
+    if out is None:
+        return {**sd, "output.weight": emb}
+    if out.shape != emb.shape or not torch.equal(out, emb):
+        raise CheckpointError(f"{source}: output.weight differs from tok_embeddings.weight, but MiniMind ties them")
+    return sd
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tuple[str, str]:
+    """(path, fingerprint) of the tokenizer for `ckpt` by the one resolution rule, checked against its record.
+
+    Raises model.tokenizer_utils.TokenizerError (one line) when none is found or the vocabularies differ."""
+    path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path)
+    return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path)
+
+
+def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint]) -> dict[str, str]:
+    """The record ({"path", "fingerprint"}) of the tokenizer a training run uses, checked before any step.
+
+    From scratch: `explicit` or the project's tokenizer. From a checkpoint (a chained stage, --init, or the
+    published *_llm.pth): its own tokenizer by the resolution rule, which must match its record."""
+    if init is None:
+        return tokenizer_record(explicit or DEFAULT_TOKENIZER_PATH)
+    path, fingerprint = checkpoint_tokenizer(init, explicit)
+    return {"path": path, "fingerprint": fingerprint}
+
+
+def check_resume_tokenizer(saved: Optional[dict], record: dict[str, str], resume_path: PathLike) -> None:
+    """A resumed run must use the vocabulary its resume checkpoint was trained with (older files record none)."""
+    if saved and saved.get("fingerprint") != record["fingerprint"]:
+        raise TokenizerError(f"tokenizer mismatch: {resume_path} was trained with the tokenizer at "
+                             f"'{saved.get('path')}' (vocabulary {str(saved.get('fingerprint'))[:12]}), but this run "
+                             f"uses '{record['path']}' (vocabulary {record['fingerprint'][:12]}); pass --tokenizer_path "
+                             f"{saved.get('path')}")
+
+
+def config_from_checkpoint(path: Union[PathLike, Checkpoint], **overrides: Any) -> tuple[LMConfig,
+                                                                                          dict[str, torch.Tensor]]:
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     try:
-        fields = infer_config(sd, stored)
+        fields = infer_config(ckpt.state_dict, ckpt.stored)
     except CheckpointError as e:
-        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        raise CheckpointError(str(e) if ckpt.path in str(e) else f"{ckpt.path}: {e}") from None
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    check_config_fields(fields, what=f"{path} (with the given options)")
-    return LMConfig(**fields), sd
+    check_config_fields(fields, what=f"{ckpt.path} (with the given options)")
+    return LMConfig(**fields), ckpt.state_dict
 
 
-def load_model(path: PathLike, image_ids: Optional[list[int]] = None, device: Union[str, torch.device] = "cpu",
-               **overrides: Any):
-    """Build a MiniMindVLM whose config comes from the checkpoint itself and load it strictly."""
+def load_model(path: Union[PathLike, Checkpoint], image_ids: Optional[list[int]] = None,
+               device: Union[str, torch.device] = "cpu", **overrides: Any):
+    """Build a MiniMindVLM whose config comes from the checkpoint itself and load it strictly.
+
+    `path` is a .pth/.safetensors file, a Hugging Face model directory, or an already read Checkpoint."""
     from .model import MiniMindVLM
 
     config, sd = config_from_checkpoint(path, **overrides)
+    source = path.path if isinstance(path, Checkpoint) else str(path)
     if image_ids is not None:
         config.image_ids = list(image_ids)
     with torch.device("meta"):  # check every key and shape against a model that allocates nothing
-        fit_check(MiniMindVLM(config), sd, source=str(path))
+        fit_check(MiniMindVLM(config), sd, source=source)
     model = MiniMindVLM(config)
-    load_weights(model, sd, source=str(path))
+    load_weights(model, sd, source=source)
     return model.to(device).eval()
 
 
@@ -426,12 +590,17 @@ def remove_stale_temp_files(paths: list[PathLike]) -> list[str]:
     return removed
 
 
-def save_checkpoint(model: nn.Module, path: PathLike) -> None:
-    """Write the v1-layout weights and the config sidecar, both atomically."""
+def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[str, str]] = None) -> None:
+    """Write the v1-layout weights and the config sidecar, both atomically.
+
+    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer_utils.tokenizer_record)."""
     config = unwrap(model).config
     atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
-    text = json.dumps(config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-                                               "dim": config.dim, "n_layers": config.n_layers}, indent=2)
+    fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+                                      "dim": config.dim, "n_layers": config.n_layers}
+    if tokenizer is not None:
+        fields[TOKENIZER_FIELD] = dict(tokenizer)
+    text = json.dumps(fields, indent=2, ensure_ascii=False)
     atomic_write(config_path_for(path), lambda f: f.write(text.encode()))
 
 

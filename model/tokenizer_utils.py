@@ -1,24 +1,131 @@
-"""Tokenizer loading and the facts the model needs from it (image placeholder ids, assistant marker)."""
+"""Tokenizer loading, identity and resolution, and the facts the model needs from it (image placeholder ids).
+
+A checkpoint is only meaningful with the vocabulary it was trained with, so every tool picks the tokenizer by
+one rule (`resolve_tokenizer_path`) and checks it against the checkpoint's record (`check_tokenizer`):
+the record is a fingerprint of the vocabulary content (not the file bytes, which `save_pretrained` rewrites).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from pathlib import Path
+from typing import Optional
 
 from .LMConfig import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
 
-DEFAULT_TOKENIZER_PATH = "model/minimind_tokenizer"
+PROJECT_TOKENIZER_PATH = "model/minimind_tokenizer"  # this project's own tokenizer (scripts/train_tokenizer.py)
+DEFAULT_TOKENIZER_PATH = PROJECT_TOKENIZER_PATH  # what training from scratch uses
+# The official MiniMind tokenizer, which the published v1 models and *_llm.pth weights were trained with.
+OFFICIAL_TOKENIZER_PATH = "model/minimind_tokenizer_official"
+OFFICIAL_TOKENIZER_FINGERPRINT = "659b587489401d61cb2caffc7d8eb33aff2e2adc873c63d2acf82dc100346403"
+DOWNLOAD_COMMAND = "python scripts/download.py --what tokenizer"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where to look for the official tokenizer instead (tests point it at a fixture or at nothing).
+OFFICIAL_TOKENIZER_ENV = "MINIMIND_OFFICIAL_TOKENIZER_PATH"
+
+
+class TokenizerError(ValueError):
+    """No usable tokenizer for a checkpoint, or one whose vocabulary differs from the checkpoint's; one line."""
 
 
 def load_tokenizer(path: str = DEFAULT_TOKENIZER_PATH):
-    """Load a local tokenizer directory; a missing one is an error that says how to get it."""
+    """Load a local tokenizer directory; a missing one is an error that says how to get it.
+
+    Only tokenizer files are read: a model directory's config.json (whose auto_map names Python files) is not.
+    """
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(
-            f"tokenizer not found at '{path}': use the project's tokenizer (model/minimind_tokenizer, "
-            f"rebuilt by `python scripts/train_tokenizer.py`) or fetch the official one with "
-            f"`python scripts/download.py --what tokenizer`")
-    from transformers import AutoTokenizer
+            f"tokenizer not found at '{path}': use the project's tokenizer ({PROJECT_TOKENIZER_PATH}, "
+            f"rebuilt by `python scripts/train_tokenizer.py`) or fetch the official one with `{DOWNLOAD_COMMAND}`")
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """sha256 of the vocabulary (token, id) pairs in id order, read from tokenizer.json's model.vocab."""
+    file = os.path.join(path, "tokenizer.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            vocab = json.load(f)["model"]["vocab"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer not found at '{path}' (no tokenizer.json)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{file}: not a tokenizer.json with a model.vocab ({type(e).__name__})") from None
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{file}: model.vocab is not a token -> id mapping")
+    text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_record(path: str) -> dict[str, str]:
+    """What a checkpoint's sidecar stores about its tokenizer: the path used and the vocabulary fingerprint."""
+    return {"path": str(path), "fingerprint": tokenizer_fingerprint(path)}
+
+
+def official_tokenizer_path() -> str:
+    """The official tokenizer's directory: $MINIMIND_OFFICIAL_TOKENIZER_PATH, else OFFICIAL_TOKENIZER_PATH in the
+    project (whatever the working directory)."""
+    return os.environ.get(OFFICIAL_TOKENIZER_ENV) or str(PROJECT_ROOT / OFFICIAL_TOKENIZER_PATH)
+
+
+def _describe(fingerprint: str) -> str:
+    name = " (the official MiniMind tokenizer)" if fingerprint == OFFICIAL_TOKENIZER_FINGERPRINT else ""
+    return f"{fingerprint[:12]}{name}"
+
+
+def missing_official_message(source: str) -> str:
+    return (f"{source} records no tokenizer (a published v1 checkpoint): it needs the official MiniMind tokenizer "
+            f"at {OFFICIAL_TOKENIZER_PATH}, which is missing; get it with `{DOWNLOAD_COMMAND}`, or pass "
+            f"--tokenizer_path DIR")
+
+
+def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optional[str],
+                           record: Optional[dict], source: str) -> str:
+    """The tokenizer directory for a checkpoint, by the one rule every tool uses:
+
+    1. an explicit --tokenizer_path; 2. the tokenizer inside a Hugging Face model directory; 3. the path in the
+    checkpoint's record; 4. for a checkpoint with no record (a published v1 file), the official tokenizer at
+    OFFICIAL_TOKENIZER_PATH; 5. otherwise a one-line TokenizerError giving the download command.
+    A recorded path that no longer exists falls through to the official tokenizer only when the record's
+    fingerprint is the official one; otherwise it is an error naming the record.
+    """
+    if explicit:
+        return explicit
+    if model_dir_tokenizer:
+        return model_dir_tokenizer
+    if record:
+        recorded = record.get("path")
+        if recorded and os.path.exists(os.path.join(recorded, "tokenizer.json")):
+            return recorded
+        if record.get("fingerprint") == OFFICIAL_TOKENIZER_FINGERPRINT and _has_tokenizer(official_tokenizer_path()):
+            return official_tokenizer_path()
+        raise TokenizerError(f"{source} was trained with the tokenizer at '{recorded}' (vocabulary "
+                             f"{_describe(record.get('fingerprint', '?'))}), which is not there: pass "
+                             f"--tokenizer_path DIR pointing at that tokenizer")
+    if _has_tokenizer(official_tokenizer_path()):
+        return official_tokenizer_path()
+    raise TokenizerError(missing_official_message(source))
+
+
+def _has_tokenizer(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
+def check_tokenizer(path: str, record: Optional[dict], source: str) -> str:
+    """The fingerprint of the tokenizer at `path`; a TokenizerError when it differs from the checkpoint's record.
+
+    An unrecorded checkpoint (a published v1 file) must be paired with the official tokenizer."""
+    fingerprint = tokenizer_fingerprint(path)
+    expected = (record or {}).get("fingerprint") or OFFICIAL_TOKENIZER_FINGERPRINT
+    if fingerprint != expected:
+        what = "was trained with" if record else "records no tokenizer, so it needs"
+        raise TokenizerError(f"tokenizer mismatch: {source} {what} vocabulary {_describe(expected)}, but the "
+                             f"tokenizer at '{path}' has vocabulary {_describe(fingerprint)}; its token ids mean "
+                             f"different things, so the answers would be garbage")
+    return fingerprint
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from .LMConfig import PRESETS
-from .tokenizer_utils import DEFAULT_TOKENIZER_PATH
 from .vision_utils import DEFAULT_CLIP_PATH
 
 
@@ -92,7 +91,9 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     add_model_size_args(p)
     # paths
     a("--clip_path", default=DEFAULT_CLIP_PATH)
-    a("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    a("--tokenizer_path", default=None,
+      help="default: the start checkpoint's own tokenizer (recorded in its sidecar; the official one for a published "
+           "file), or model/minimind_tokenizer with --from_scratch")
     a("--images_path", default=stage.images_path)
     a("--image_prefix", default=stage.image_prefix, help="prepended to each record's image file name")
     a("--init", default=None, help=f"start from this checkpoint (default out/{{dim}}{{_moe}}{stage.init_suffix}.pth)")

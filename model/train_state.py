@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
+from .checkpoint import check_resume_tokenizer, load_object, load_weights, save_checkpoint, save_object, unwrap
 from .distributed import Distributed
 
 log = logging.getLogger("minimind")
@@ -51,21 +51,25 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of this epoch already trained
     nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
+    tokenizer: Optional[dict[str, str]] = None  # the record of the tokenizer trained with ({"path", "fingerprint"})
 
     def save(self, model: torch.nn.Module, weights_path: str, resume_path: str, dist: Distributed) -> None:
         """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
         rngs = dist.gather_objects(rng_state())
         if dist.is_main:
-            save_checkpoint(model, weights_path)
+            save_checkpoint(model, weights_path, tokenizer=self.tokenizer)
             save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                         "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "rng": rngs},
+                         "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "rng": rngs,
+                         "tokenizer": self.tokenizer},
                         resume_path)
         dist.barrier()
 
     def load(self, model: torch.nn.Module, resume_path: str, rank: int) -> None:
         """Restore the weights, optimizer, scaler, position and this rank's RNG states from a resume file."""
         state = load_object(resume_path)
+        if self.tokenizer is not None:  # before anything is restored: a resume must keep its vocabulary
+            check_resume_tokenizer(state.get("tokenizer"), self.tokenizer, resume_path)
         load_weights(model, state["model"], source=resume_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

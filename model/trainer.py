@@ -24,8 +24,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import (CheckpointError, atomic_write, config_path_for, has_projection_bias, load_weights,
-                         read_state_dict, remove_stale_temp_files)
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, config_path_for, has_projection_bias,
+                         load_weights, read_checkpoint, remove_stale_temp_files, training_tokenizer)
 from .dataset import Batch, DataError, VLMDataset, collate
 from .distributed import Distributed
 from .feature_cache import FeatureStore
@@ -33,7 +33,7 @@ from .LMConfig import LMConfig
 from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
                       progress_line)
 from .model import MiniMindVLM, count_parameters
-from .tokenizer_utils import image_token_ids, load_tokenizer
+from .tokenizer_utils import TokenizerError, image_token_ids, load_tokenizer
 from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
                            run_record)
 from .train_state import seed_everything
@@ -73,21 +73,28 @@ def setup_logging(rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ building the run
-def build_model(args: argparse.Namespace, stage: Stage, tokenizer, encoder: VisionEncoder) -> MiniMindVLM:
-    """The model at its starting weights (the stage's init checkpoint unless --from_scratch), frozen per policy."""
-    init_sd, init_path = None, None
-    if not args.from_scratch:
-        init_path = args.init or os.path.join(args.out_dir, f"{checkpoint_stem(args)}{stage.init_suffix}.pth")
-        if not os.path.exists(init_path):
-            raise FileNotFoundError(f"start checkpoint not found: {init_path}. {stage.init_hint}, pass --init PATH, "
-                                    f"or --from_scratch to start from random weights")
-        init_sd = read_state_dict(init_path)
+def start_checkpoint(args: argparse.Namespace, stage: Stage) -> Optional[Checkpoint]:
+    """The checkpoint this stage starts from (file or model directory), or None with --from_scratch."""
+    if args.from_scratch:
+        return None
+    init_path = args.init or os.path.join(args.out_dir, f"{checkpoint_stem(args)}{stage.init_suffix}.pth")
+    if not os.path.exists(init_path):
+        raise FileNotFoundError(f"start checkpoint not found: {init_path}. {stage.init_hint}, pass --init PATH, "
+                                f"or --from_scratch to start from random weights")
+    return read_checkpoint(init_path)
+
+
+def build_model(args: argparse.Namespace, stage: Stage, tokenizer, encoder: VisionEncoder,
+                init: Optional[Checkpoint]) -> MiniMindVLM:
+    """The model at its starting weights (`init`, the stage's start checkpoint, unless --from_scratch), frozen per
+    policy."""
+    init_sd = init.state_dict if init is not None else None
     config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=encoder.hidden_size,
                       vision_proj_bias=bool(init_sd is not None and has_projection_bias(init_sd)))
     model = MiniMindVLM(config)
-    if init_sd is not None:
-        report = load_weights(model, init_sd, source=init_path, allow_new_projection=stage.allow_new_projection)
-        log.info("loaded %s%s", init_path, f" (new: {', '.join(report.new_keys)})" if report.new_keys else "")
+    if init is not None:
+        report = load_weights(model, init_sd, source=init.path, allow_new_projection=stage.allow_new_projection)
+        log.info("loaded %s%s", init.path, f" (new: {', '.join(report.new_keys)})" if report.new_keys else "")
     apply_freeze(model, args.freeze_llm)
     return model
 
@@ -164,11 +171,14 @@ class Run:
             for tmp in remove_stale_temp_files([self.paths.weights, config_path_for(self.paths.weights),
                                                 self.paths.resume]):
                 log.info("removed %s, left by an interrupted save", tmp)
-        tokenizer = load_tokenizer(args.tokenizer_path)
+        init = start_checkpoint(args, stage)
+        tokenizer_used = training_tokenizer(args.tokenizer_path, init)  # checked against the start checkpoint
+        tokenizer = load_tokenizer(tokenizer_used["path"])
+        log.info("tokenizer: %s (vocabulary %s)", tokenizer_used["path"], tokenizer_used["fingerprint"][:12])
         self.encoder = load_vision_encoder(args.clip_path, dist.device)
         if stand_in_warning(args.clip_path):
             log.warning(stand_in_warning(args.clip_path))
-        self.model = build_model(args, stage, tokenizer, self.encoder).to(dist.device)
+        self.model = build_model(args, stage, tokenizer, self.encoder, init).to(dist.device)
         self.data = build_data(args, tokenizer, self.encoder, dist)
         if dist.is_main:
             record = json.dumps(run_record(args, stage, len(self.data.dataset)), indent=2) + "\n"
@@ -176,6 +186,7 @@ class Run:
         autocast, self.amp_dtype = autocast_for(dist.device, args.dtype, args.cpu_bf16)
         self.state = new_train_state(self.model, dist.device, self.amp_dtype, args.optimizer, args.learning_rate,
                                      args.weight_decay)
+        self.state.tokenizer = tokenizer_used  # recorded in every checkpoint; a resume file must match it
         if args.resume:
             if not os.path.exists(self.paths.resume):
                 raise FileNotFoundError(f"--resume: no resume checkpoint at {self.paths.resume}")
@@ -316,6 +327,6 @@ def main(stage: Stage, argv: Optional[list[str]] = None) -> None:
     args = build_parser(stage).parse_args(argv)
     try:
         train(args, stage)
-    except (OSError, DataError, CheckpointError, FloatingPointError) as e:
+    except (OSError, DataError, CheckpointError, TokenizerError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -14,9 +14,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
 from model.LMConfig import LMConfig  # noqa: E402
-from model.tokenizer_utils import image_token_ids, load_tokenizer  # noqa: E402
+from model.tokenizer_utils import image_token_ids, load_tokenizer, tokenizer_record  # noqa: E402
 
 TOKENIZER_PATH = str(ROOT / "model" / "minimind_tokenizer")
+# The sidecar record of a checkpoint trained with the project's tokenizer (save_checkpoint(..., tokenizer=...)).
+PROJECT_TOKENIZER = tokenizer_record(TOKENIZER_PATH)
+OFFICIAL_TOKENIZER_FIXTURE = str(ROOT / "tests" / "fixtures" / "v1_official_tokenizer")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 import export_model
 from model.checkpoint import load_model, read_state_dict, save_checkpoint, v1_state_dict
 from model.LMConfig import LMConfig
@@ -22,7 +24,7 @@ def _tiny_checkpoint(tmp_path, tokenizer, **overrides):
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer, **overrides)).eval()
     path = tmp_path / "tiny.pth"
-    save_checkpoint(model, path)
+    save_checkpoint(model, path, tokenizer=PROJECT_TOKENIZER)
     return model, path
 
 
@@ -105,8 +107,11 @@ def test_export_without_vision_tower_asks_for_image_features(tmp_path, tokenizer
 
 
 def _write_v1_dir(path, model: MiniMindVLM) -> None:
-    """A directory laid out like the published v1 release: v1 config fields, pytorch_model.bin, both tied keys."""
+    """A directory laid out like the published v1 release: v1 config fields, pytorch_model.bin, both tied keys,
+    and the tokenizer files (here the project's, which the test model was built with)."""
     path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(TOKENIZER_PATH) / name, path / name)
     c = model.config
     config = {
         "architectures": ["MiniMindVLM"], "model_type": "minimind", "torch_dtype": "float32",

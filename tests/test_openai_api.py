@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from helpers import free_port
-from conftest import ROOT, TOKENIZER_PATH, build_tiny_clip, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, build_tiny_clip, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory, tokenizer):
     """(base url, image_dir) of a running server; the process is always killed afterwards."""
     tmp = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), tmp / "tiny.pth")
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), tmp / "tiny.pth", tokenizer=PROJECT_TOKENIZER)
     clip = build_tiny_clip(tmp / "clip")
     image_dir = tmp / "images"
     image_dir.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from helpers import make_dataset, train_argv
 from model.checkpoint import (CheckpointError, load_model, load_object, load_weights, read_state_dict,
                               save_checkpoint)
@@ -142,7 +142,7 @@ def corrupt_files(folder: Path) -> dict[str, str]:
     """Bad checkpoint files written into folder: name -> phrase of its error."""
     torch.manual_seed(0)
     good = folder / "good.pth"
-    save_checkpoint(MiniMindVLM(tiny_config()), good)
+    save_checkpoint(MiniMindVLM(tiny_config()), good, tokenizer=PROJECT_TOKENIZER)
     data = good.read_bytes()
     files = {
         "truncated_half.pth": (data[: len(data) // 2], "corrupt or truncated checkpoint"),
@@ -199,7 +199,7 @@ def test_corrupt_checkpoints_are_one_line_errors(corrupt):
 ])
 def test_checkpoint_of_another_config_names_the_mismatch(tmp_path, other, expected):
     path = tmp_path / "other.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(**other)), path)
+    save_checkpoint(MiniMindVLM(tiny_config(**other)), path, tokenizer=PROJECT_TOKENIZER)
     with pytest.raises(CheckpointError, match=expected) as err:
         load_weights(MiniMindVLM(tiny_config()), read_state_dict(path), source=str(path))
     assert str(err.value).startswith(f"{path} does not fit the model (") and "\n" not in str(err.value)
@@ -208,7 +208,7 @@ def test_checkpoint_of_another_config_names_the_mismatch(tmp_path, other, expect
 def test_trainer_init_from_another_config_is_one_line(tmp_path, tiny_clip_dir, capsys):
     data, images = make_dataset(tmp_path, 4)
     other = tmp_path / "other_llm.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(dim=128, n_heads=4, n_kv_heads=2)), other)
+    save_checkpoint(MiniMindVLM(tiny_config(dim=128, n_heads=4, n_kv_heads=2)), other, tokenizer=PROJECT_TOKENIZER)
     argv = train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--init", str(other))[1:]  # no --from_scratch
     with pytest.raises(SystemExit) as code:
         train_main(PRETRAIN, argv)
@@ -306,7 +306,7 @@ def test_eval_chat_ckpt_errors_are_one_line(corrupt, evil, tiny_clip_dir, tmp_pa
     folder, cases = corrupt
     files, marker = evil
     good = tmp_path / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config()), good)
+    save_checkpoint(MiniMindVLM(tiny_config()), good, tokenizer=PROJECT_TOKENIZER)
     eval_chat = _eval_chat()
     runs = [(folder / name, (), phrase) for name, phrase in cases.items()]
     runs += [(path, (), "refused to load") for path in files]
@@ -344,7 +344,7 @@ def test_web_picker_shows_each_bad_checkpoint_clearly(corrupt, evil, tiny_clip_d
     for path in files:
         (folder / path.name).write_bytes(path.read_bytes())
     torch.manual_seed(0)
-    save_checkpoint(MiniMindVLM(tiny_config()), folder / "64_vlm_sft.pth")
+    save_checkpoint(MiniMindVLM(tiny_config()), folder / "64_vlm_sft.pth", tokenizer=PROJECT_TOKENIZER)
     monkeypatch.setenv("MINIMIND_OUT_DIR", str(folder))
     monkeypatch.setenv("MINIMIND_CLIP_PATH", str(tiny_clip_dir))
     monkeypatch.setenv("MINIMIND_TOKENIZER_PATH", TOKENIZER_PATH)

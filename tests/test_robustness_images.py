@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from helpers import train_argv
 from model.checkpoint import save_checkpoint
 from model.dataset import DataError, VLMDataset, collate
@@ -116,7 +116,7 @@ def images(tmp_path_factory) -> Path:
 def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), path)
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), path, tokenizer=PROJECT_TOKENIZER)
     return path
 
 

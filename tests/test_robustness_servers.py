@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from helpers import free_port, stop_process
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
 
@@ -162,7 +162,7 @@ def abuse(proc: subprocess.Popen, port: int, health_path: str, bad: list[Callabl
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     out = tmp_path_factory.mktemp("servers") / "out"
     torch.manual_seed(0)
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth")
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth", tokenizer=PROJECT_TOKENIZER)
     return out
 
 

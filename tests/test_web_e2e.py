@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from helpers import free_port, stop_process
-from conftest import ROOT, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
 
@@ -88,7 +88,7 @@ def server(tmp_path, tokenizer, tiny_clip_dir):
         out, clip = Path(E2E_OUT_DIR).resolve(), Path(E2E_CLIP).resolve()
     else:
         torch.manual_seed(0)
-        save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth")
+        save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), out / "64_vlm_sft.pth", tokenizer=PROJECT_TOKENIZER)
     port = free_port()
     log = tmp_path / "streamlit.log"
     cmd = [sys.executable, "-m", "streamlit", "run", "web_server.py", "--server.address", "127.0.0.1",

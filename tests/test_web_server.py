@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from model.chat import VLMChat
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM, count_parameters
@@ -39,7 +39,7 @@ def tiny_ckpt(tmp_path_factory, tokenizer) -> tuple[Path, int]:
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer))
     path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_checkpoint(model, path)
+    save_checkpoint(model, path, tokenizer=PROJECT_TOKENIZER)
     return path, count_parameters(model)
 
 
@@ -140,7 +140,7 @@ def test_parse_args_env_defaults_and_flags():
     env = {"MINIMIND_OUT_DIR": "/env/out", "MINIMIND_DEVICE": "cpu"}
     args = web_server.parse_args(["-q", "tests/x.py", "--clip_path", "/my/clip"], env)
     assert (args.out_dir, args.clip_path, args.device) == ("/env/out", "/my/clip", "cpu")
-    assert args.tokenizer_path == str(ROOT / "model" / "minimind_tokenizer")
+    assert args.tokenizer_path is None  # the checkpoint's own tokenizer
     assert web_server.parse_args(["--out_dir", "/flag/out"], env).out_dir == "/flag/out"
 
 
@@ -269,7 +269,7 @@ def test_missing_checkpoint_keeps_server_and_conversation(one_turn, out_dir):
         f.unlink()
     one_turn.run()
     assert not one_turn.exception
-    assert any("No checkpoint (*.pth) in" in e and "make demo" in e for e in errors(one_turn)), errors(one_turn)
+    assert any("No checkpoint (*.pth or model directory) in" in e and "make demo" in e for e in errors(one_turn)), errors(one_turn)
     assert one_turn.title[0].value == "MiniMind-V (no model loaded)"
     assert_conversation_kept(one_turn)
     ask(one_turn, "Anyone there?")
@@ -284,7 +284,7 @@ def test_missing_out_dir_from_the_start(monkeypatch, tmp_path, tiny_clip_dir):
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception
-    assert any("No checkpoint (*.pth) in" in e for e in errors(at))
+    assert any("No checkpoint (*.pth or model directory) in" in e for e in errors(at))
 
 
 def test_corrupt_checkpoint(one_turn, out_dir):
