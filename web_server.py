@@ -385,17 +385,14 @@ def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return streamlit_flags, app_flags
 
 
-def launch_streamlit(argv: Sequence[str]) -> int:
-    """`python web_server.py ...` runs `streamlit run web_server.py [streamlit flags] -- [app flags]`."""
-    import subprocess
-
+def launch_streamlit(argv: Sequence[str]) -> None:
+    """`python web_server.py ...` becomes `streamlit run web_server.py [streamlit flags] -- [app flags]`, run from
+    the repository root (where .streamlit/config.toml is). The process is replaced, so signals reach streamlit."""
     streamlit_flags, app_flags = split_flags(argv)
     command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()), *streamlit_flags,
                "--", *app_flags]
-    try:
-        return subprocess.call(command, cwd=ROOT)
-    except KeyboardInterrupt:
-        return 130
+    os.chdir(ROOT)
+    os.execv(sys.executable, command)
 
 
 def running_in_streamlit() -> bool:
@@ -408,4 +405,4 @@ if __name__ == "__main__":  # `streamlit run` and AppTest run this file as __mai
     if running_in_streamlit():
         main()
     else:  # `python web_server.py`, as in v1
-        sys.exit(launch_streamlit(sys.argv[1:]))
+        launch_streamlit(sys.argv[1:])

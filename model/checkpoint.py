@@ -330,6 +330,8 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     if os.path.isdir(path):
         return read_model_dir(path)
     sd = read_state_dict(path)
+    if "tok_embeddings.weight" not in sd:  # said before any tokenizer question
+        raise CheckpointError(f"{path}: not a MiniMind checkpoint: no tok_embeddings.weight")
     stored = read_stored_config(path)
     check_config_fields(stored, what=str(config_path_for(path)))
     record = stored.pop(TOKENIZER_FIELD, None)

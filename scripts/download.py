@@ -2,18 +2,27 @@
 
 For users with internet access. Pieces (``--what``):
 
-* ``clip``      openai/clip-vit-base-patch32        -> model/clip_model/clip-vit-base-patch32
-* ``dataset``   jingyaogong/minimind-v_dataset      -> dataset/ (JSON + image zips, unzipped
-                into dataset/pretrain_images and dataset/sft_images)
-* ``llm``       out/{dim}_llm.pth from the same dataset repo -> out/{dim}_llm.pth
-* ``tokenizer`` jingyaogong/minimind-v-v1-small tokenizer files -> model/minimind_tokenizer_official/
+* ``model``       the published MiniMind-V v1 model, jingyaogong/minimind-v-v1-small (``--dim 512``) or
+                  jingyaogong/minimind-v-v1 (``--dim 768``) -> ./minimind-v-v1-small or ./minimind-v-v1
+                  (config.json, pytorch_model.bin, tokenizer; its Python files are not fetched: never run)
+* ``clip``        openai/clip-vit-base-patch32        -> model/clip_model/clip-vit-base-patch32
+* ``eval_images`` the v1 test pictures                -> dataset/eval_images/
+* ``dataset``     jingyaogong/minimind-v_dataset      -> dataset/ (the two JSON files + image zips, unzipped
+                  into dataset/pretrain_images and dataset/sft_images, + eval_images/)
+* ``llm``         out/{dim}_llm.pth from the same dataset repo -> out/{dim}_llm.pth
+* ``tokenizer``   the official MiniMind tokenizer (jingyaogong/minimind-v-v1-small) -> model/minimind_tokenizer_official/
+
+``all`` is everything except ``model``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
+change it): its main branch later dropped the v1 files. Downloads show progress bars, and an interrupted one
+resumes where it stopped when the command is run again (huggingface_hub keeps the partial file).
 
 The endpoint is whatever ``huggingface_hub`` uses, i.e. the ``HF_ENDPOINT``
 environment variable when set (e.g. ``HF_ENDPOINT=https://hf-mirror.com``).
 
 Usage::
 
-    python scripts/download.py [--what clip dataset llm tokenizer | all] [--dim 512|768] [--root .]
+    python scripts/download.py [--what model clip eval_images dataset llm tokenizer | all] [--dim 512|768]
+                               [--revision SHA] [--root .]
 """
 
 from __future__ import annotations
@@ -36,14 +45,18 @@ CLIP_DIR = "model/clip_model/clip-vit-base-patch32"
 
 DATASET_REPO = "jingyaogong/minimind-v_dataset"
 DATASET_DIR = "dataset"
-# Globs rather than exact paths because the repo layout cannot be checked from
-# here; "*" also matches "/" in huggingface_hub's filter, so sub-folders match.
-DATASET_PATTERNS = [
-    "*chat-translated*.json",
-    "*llava_instruct_230k*.json",
-    "*pretrain_images*.zip",
-    "*sft_images*.zip",
-]
+# The v1 snapshot of the dataset repo (October 2024); later commits removed these files from main.
+DATASET_REVISION = "dbe331826f7dd6bf9e66d33cb7f4b15fbcb88afe"
+# The exact files of that snapshot the v1 scripts read (paths inside the repo = paths under dataset/).
+DATASET_FILES = (
+    "LLaVA-Pretrain/chat-translated.json",
+    "LLaVA-Instruct/llava_instruct_230k.json",
+    "pretrain_images.zip",  # 2.61 GB
+    "sft_images.zip",  # 376 MB
+)
+EVAL_IMAGES_FOLDER = "eval_images"  # -> dataset/eval_images/
+
+MODEL_REPOS = {512: "jingyaogong/minimind-v-v1-small", 768: "jingyaogong/minimind-v-v1"}
 
 LLM_DIMS = (512, 768)
 
@@ -51,7 +64,8 @@ TOKENIZER_REPO = "jingyaogong/minimind-v-v1-small"
 TOKENIZER_DIR = "model/minimind_tokenizer_official"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-PIECES = ("clip", "dataset", "llm", "tokenizer")
+PIECES = ("model", "clip", "eval_images", "dataset", "llm", "tokenizer")
+ALL_PIECES = ("clip", "dataset", "llm", "tokenizer")  # `--what all`: what training needs
 
 
 class DownloadError(RuntimeError):
@@ -140,25 +154,40 @@ def extract_zip(zip_path: Path, dataset_dir: Path) -> Path:
     return target
 
 
-def download_dataset(root: Path, delete_zips: bool = False) -> list[Path]:
-    """Download the MiniMind-V JSON files and image zips; unzip every zip found."""
+def download_eval_images(root: Path, revision: str = DATASET_REVISION) -> Path:
+    """Download the v1 eval_images/ folder of the dataset repo to ``root/dataset/eval_images``."""
     target = root / DATASET_DIR
     _call_hub(
-        f"{DATASET_REPO} (dataset)",
+        f"{DATASET_REPO}/{EVAL_IMAGES_FOLDER}/ (dataset, revision {revision[:12]})",
         snapshot_download,
         repo_id=DATASET_REPO,
         repo_type="dataset",
+        revision=revision,
         local_dir=str(target),
-        allow_patterns=DATASET_PATTERNS,
+        allow_patterns=[f"{EVAL_IMAGES_FOLDER}/*"],
     )
-    jsons = sorted(p for p in target.rglob("*.json") if ".cache" not in p.parts)
-    zips = sorted(p for p in target.rglob("*.zip") if ".cache" not in p.parts)
-    if not jsons:
-        print(f"  warning: no JSON files matched {DATASET_PATTERNS[:2]} in {DATASET_REPO}")
-    if not zips:
-        print(f"  warning: no image zips matched {DATASET_PATTERNS[2:]} in {DATASET_REPO}")
+    return target / EVAL_IMAGES_FOLDER
+
+
+def download_dataset(root: Path, delete_zips: bool = False, revision: str = DATASET_REVISION) -> list[Path]:
+    """Download the v1 JSON files, image zips and eval images; unzip the image zips."""
+    target = root / DATASET_DIR
+    for filename in DATASET_FILES:
+        _call_hub(
+            f"{DATASET_REPO}/{filename} (dataset, revision {revision[:12]})",
+            hf_hub_download,
+            repo_id=DATASET_REPO,
+            repo_type="dataset",
+            revision=revision,
+            filename=filename,
+            local_dir=str(target),
+        )
+    download_eval_images(root, revision)
     extracted = []
-    for zip_path in zips:
+    for filename in DATASET_FILES:
+        if not filename.endswith(".zip"):
+            continue
+        zip_path = target / filename
         folder = extract_zip(zip_path, target)
         print(f"  unzipped {zip_path.name} -> {folder}")
         extracted.append(folder)
@@ -167,7 +196,7 @@ def download_dataset(root: Path, delete_zips: bool = False) -> list[Path]:
     return extracted
 
 
-def download_llm(root: Path, dim: int = 512) -> Path:
+def download_llm(root: Path, dim: int = 512, revision: str = DATASET_REVISION) -> Path:
     """Download ``out/{dim}_llm.pth`` (MiniMind LLM weights) to ``root/out/``."""
     if dim not in LLM_DIMS:
         raise DownloadError(f"--dim must be one of {LLM_DIMS}, got {dim}")
@@ -177,6 +206,7 @@ def download_llm(root: Path, dim: int = 512) -> Path:
         hf_hub_download,
         repo_id=DATASET_REPO,
         repo_type="dataset",
+        revision=revision,
         filename=filename,
         local_dir=str(root),  # the "out/" prefix of filename is kept under local_dir
     )
@@ -198,27 +228,54 @@ def download_tokenizer(root: Path) -> Path:
     return target
 
 
+def download_model(root: Path, dim: int = 512) -> Path:
+    """Download the published MiniMind-V v1 model directory into ``root/<repo name>`` (as a `git clone` would),
+    without its Python files: this project reads config.json and the weights, and never runs downloaded code."""
+    if dim not in MODEL_REPOS:
+        raise DownloadError(f"--dim must be one of {tuple(MODEL_REPOS)}, got {dim}")
+    repo = MODEL_REPOS[dim]
+    target = root / repo.split("/")[1]
+    _call_hub(
+        f"{repo} (model)",
+        snapshot_download,
+        repo_id=repo,
+        repo_type="model",
+        local_dir=str(target),
+        ignore_patterns=["*.py", ".gitattributes"],
+    )
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; exits with a one-line message if a download fails."""
     parser = argparse.ArgumentParser(description="Download MiniMind-V assets from the Hugging Face hub.")
     parser.add_argument("--what", nargs="+", default=["all"], choices=PIECES + ("all",), help="what to fetch")
-    parser.add_argument("--dim", type=int, default=512, choices=LLM_DIMS, help="LLM width for --what llm")
+    parser.add_argument("--dim", type=int, default=512, choices=LLM_DIMS,
+                        help="model width for --what llm and --what model (512: minimind-v-v1-small, 768: minimind-v-v1)")
+    parser.add_argument("--revision", default=DATASET_REVISION,
+                        help="dataset repo revision (default: the v1 snapshot, whose files the v1 scripts read)")
     parser.add_argument("--root", default=".", help="repository root to download into")
     parser.add_argument("--delete_zips", action="store_true", help="delete image zips after extracting them")
     args = parser.parse_args(argv)
 
     root = Path(args.root)
-    pieces = PIECES if "all" in args.what else tuple(p for p in PIECES if p in args.what)
+    pieces = ALL_PIECES if "all" in args.what else tuple(p for p in PIECES if p in args.what)
+    if "dataset" in pieces and "eval_images" in pieces:
+        pieces = tuple(p for p in pieces if p != "eval_images")  # the dataset includes them
     print(f"hub endpoint: {hub_endpoint()} (set HF_ENDPOINT to change it, e.g. {MIRROR_HINT})")
     try:
         for piece in pieces:
             print(f"[{piece}] downloading ...")
-            if piece == "clip":
+            if piece == "model":
+                result = download_model(root, args.dim)
+            elif piece == "clip":
                 result = download_clip(root)
+            elif piece == "eval_images":
+                result = download_eval_images(root, args.revision)
             elif piece == "dataset":
-                result = download_dataset(root, delete_zips=args.delete_zips)
+                result = download_dataset(root, delete_zips=args.delete_zips, revision=args.revision)
             elif piece == "llm":
-                result = download_llm(root, args.dim)
+                result = download_llm(root, args.dim, args.revision)
             else:
                 result = download_tokenizer(root)
             print(f"[{piece}] done: {result}")

@@ -28,24 +28,28 @@ class FakeHub:
         if kwargs["repo_id"] == dl.CLIP_REPO:
             (local / "config.json").write_text("{}")
             (local / "model.safetensors").write_bytes(b"x")
-        elif kwargs["repo_id"] == dl.DATASET_REPO:
-            (local / "LLaVA-Pretrain").mkdir(exist_ok=True)
-            (local / "LLaVA-Pretrain" / "chat-translated.json").write_text("[]")
-            (local / "LLaVA-Instruct").mkdir(exist_ok=True)
-            (local / "LLaVA-Instruct" / "llava_instruct_230k.json").write_text("[]")
-            # One zip wraps its files in a same-named folder, the other doesn't:
-            # both must end up directly under dataset/<stem>/.
-            with zipfile.ZipFile(local / "pretrain_images.zip", "w") as z:
-                z.writestr("pretrain_images/a.jpg", b"jpg-a")
-            with zipfile.ZipFile(local / "sft_images.zip", "w") as z:
-                z.writestr("b.jpg", b"jpg-b")
+        elif kwargs["repo_id"] == dl.DATASET_REPO:  # only eval_images/ is fetched as a folder
+            (local / "eval_images").mkdir(exist_ok=True)
+            (local / "eval_images" / "cat.png").write_bytes(b"png")
+        elif kwargs["repo_id"] in dl.MODEL_REPOS.values():
+            (local / "config.json").write_text("{}")
+            (local / "pytorch_model.bin").write_bytes(b"x")
         return str(local)
 
     def hf_hub_download(self, **kwargs) -> str:
         self.calls.append(("hf_hub_download", kwargs))
         path = Path(kwargs["local_dir"]) / kwargs["filename"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"weights")
+        # One zip wraps its files in a same-named folder, the other doesn't:
+        # both must end up directly under dataset/<stem>/.
+        if kwargs["filename"] == "pretrain_images.zip":
+            with zipfile.ZipFile(path, "w") as z:
+                z.writestr("pretrain_images/a.jpg", b"jpg-a")
+        elif kwargs["filename"] == "sft_images.zip":
+            with zipfile.ZipFile(path, "w") as z:
+                z.writestr("b.jpg", b"jpg-b")
+        else:
+            path.write_bytes(b"weights")
         return str(path)
 
 
@@ -80,16 +84,22 @@ def test_clip_falls_back_to_bin(hub: FakeHub, tmp_path: Path, monkeypatch: pytes
     assert hub.calls[1][1]["filename"] == "pytorch_model.bin"
 
 
-def test_dataset_downloads_and_unzips(hub: FakeHub, tmp_path: Path) -> None:
+V1_REVISION = "dbe331826f7dd6bf9e66d33cb7f4b15fbcb88afe"
+
+
+def test_dataset_downloads_the_exact_v1_files_and_unzips(hub: FakeHub, tmp_path: Path) -> None:
     dl.main(["--what", "dataset", "--root", str(tmp_path)])
-    fn, kw = hub.calls[0]
-    assert fn == "snapshot_download"
-    assert kw["repo_id"] == "jingyaogong/minimind-v_dataset"
-    assert kw["repo_type"] == "dataset"
-    assert Path(kw["local_dir"]) == tmp_path / "dataset"
-    patterns = " ".join(kw["allow_patterns"])
-    for name in ("chat-translated", "llava_instruct_230k", "pretrain_images", "sft_images"):
-        assert name in patterns
+    files = [kw["filename"] for fn, kw in hub.calls if fn == "hf_hub_download"]
+    assert files == ["LLaVA-Pretrain/chat-translated.json", "LLaVA-Instruct/llava_instruct_230k.json",
+                     "pretrain_images.zip", "sft_images.zip"]
+    for _, kw in hub.calls:  # every call pinned to the v1 snapshot, into dataset/
+        assert (kw["repo_id"], kw["repo_type"], kw["revision"]) == ("jingyaogong/minimind-v_dataset", "dataset",
+                                                                    V1_REVISION)
+        assert Path(kw["local_dir"]) == tmp_path / "dataset"
+    folders = [kw["allow_patterns"] for fn, kw in hub.calls if fn == "snapshot_download"]
+    assert folders == [["eval_images/*"]]
+    assert (tmp_path / "dataset/eval_images/cat.png").exists()
+    assert (tmp_path / "dataset/LLaVA-Pretrain/chat-translated.json").exists()
     assert (tmp_path / "dataset/pretrain_images/a.jpg").read_bytes() == b"jpg-a"
     assert not (tmp_path / "dataset/pretrain_images/pretrain_images").exists()
     assert (tmp_path / "dataset/sft_images/b.jpg").read_bytes() == b"jpg-b"
@@ -98,6 +108,22 @@ def test_dataset_downloads_and_unzips(hub: FakeHub, tmp_path: Path) -> None:
     (tmp_path / "dataset/sft_images/b.jpg").unlink()
     dl.extract_zip(tmp_path / "dataset/sft_images.zip", tmp_path / "dataset")
     assert not (tmp_path / "dataset/sft_images/b.jpg").exists()
+
+
+def test_revision_can_be_overridden(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "eval_images", "llm", "--revision", "main", "--root", str(tmp_path)])
+    assert [kw["revision"] for _, kw in hub.calls] == ["main", "main"]
+    assert (tmp_path / "dataset/eval_images/cat.png").exists()
+
+
+@pytest.mark.parametrize("dim, repo", [(512, "jingyaogong/minimind-v-v1-small"), (768, "jingyaogong/minimind-v-v1")])
+def test_model_goes_into_the_project_root_without_its_code(hub: FakeHub, tmp_path: Path, dim: int,
+                                                           repo: str) -> None:
+    dl.main(["--what", "model", "--dim", str(dim), "--root", str(tmp_path)])
+    [(fn, kw)] = hub.calls
+    assert (fn, kw["repo_id"], kw["repo_type"]) == ("snapshot_download", repo, "model")
+    assert Path(kw["local_dir"]) == tmp_path / repo.split("/")[1]
+    assert "*.py" in kw["ignore_patterns"]
 
 
 def test_zip_slip_is_refused(tmp_path: Path) -> None:
@@ -115,6 +141,7 @@ def test_llm(hub: FakeHub, tmp_path: Path, dim: int) -> None:
     fn, kw = hub.calls[0]
     assert fn == "hf_hub_download"
     assert (kw["repo_id"], kw["repo_type"], kw["filename"]) == (dl.DATASET_REPO, "dataset", f"out/{dim}_llm.pth")
+    assert kw["revision"] == V1_REVISION
     assert (tmp_path / f"out/{dim}_llm.pth").exists()
 
 

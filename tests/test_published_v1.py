@@ -284,3 +284,67 @@ def test_training_from_a_model_directory(published, tmp_path, official_installed
     record = json.loads((out / "64_vlm_sft.config.json").read_text())["tokenizer"]
     assert record["fingerprint"] == OFFICIAL_TOKENIZER_FINGERPRINT
     assert_not_imported(published)
+
+
+# ------------------------------------------------------------------------------------------ the web demo
+def test_web_picker_lists_model_directories_first(published, tmp_path):
+    import web_server
+
+    found = web_server.list_checkpoints(str(published["root"] / "out"), (published["root"],))
+    assert [c.name for c in found] == ["minimind-v-v1-small/", "64_vlm_sft.pth"]
+    assert found[0].path == str(published["dir"]) and found[0].size_mb > 0
+    assert web_server.checkpoint_stamp(str(published["dir"]))[1] == (published["dir"] / "pytorch_model.bin").stat().st_size
+    assert web_server.list_checkpoints(str(tmp_path / "none"), (tmp_path,)) == []
+
+
+def test_web_demo_opens_on_the_published_directory(published, tmp_path, monkeypatch, official_missing):
+    from streamlit.testing.v1 import AppTest
+
+    out = tmp_path / "out"
+    shutil.copytree(published["dir"], out / "minimind-v-v1-small")
+    shutil.copy(published["pth"], out / "64_vlm_sft.pth")
+    monkeypatch.setenv("MINIMIND_OUT_DIR", str(out))
+    monkeypatch.setenv("MINIMIND_CLIP_PATH", str(published["clip"]))
+    monkeypatch.setenv("MINIMIND_DEVICE", "cpu")
+    at = AppTest.from_file(str(ROOT / "web_server.py"), default_timeout=60)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.sidebar.selectbox(key="checkpoint").value.startswith("minimind-v-v1-small/")
+    assert at.title[0].value.startswith("MiniMind-V (0.")
+    # the bare .pth has no tokenizer of its own, and the official one is not installed: a one-line page error
+    at.sidebar.selectbox(key="checkpoint").set_value(at.sidebar.selectbox(key="checkpoint").options[1])
+    at.run()
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "--what tokenizer" in errors[0] and "\n" not in errors[0], errors
+    assert not (published["root"] / "IMPORTED").exists()
+
+
+def test_python_web_server_starts_streamlit(tmp_path):
+    import web_server
+    from helpers import free_port, stop_process
+
+    assert web_server.split_flags(["--out_dir", "o", "--server.port", "9", "--server.headless=true", "--device",
+                                   "cpu"]) == (["--server.port", "9", "--server.headless=true"],
+                                               ["--out_dir", "o", "--device", "cpu"])
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "web_server.py"), "--server.port", str(port),
+                             "--server.headless", "true", "--out_dir", str(tmp_path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import time
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start")
+    finally:
+        stop_process(proc)
