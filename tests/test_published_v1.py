@@ -132,6 +132,16 @@ def test_official_fingerprint_is_of_the_vocabulary_not_the_file_bytes(tmp_path):
     assert tokenizer_fingerprint(TOKENIZER_PATH) != OFFICIAL_TOKENIZER_FINGERPRINT  # the project's own
 
 
+def test_project_and_official_vocabularies_agree_on_only_259_ids():
+    def by_id(path):
+        vocab = json.loads((Path(path) / "tokenizer.json").read_text())["model"]["vocab"]
+        return {i: token for token, i in vocab.items()}
+
+    project, official = by_id(TOKENIZER_PATH), by_id(OFFICIAL_TOKENIZER_FIXTURE)
+    assert len(project) == len(official) == 6400
+    assert sum(project[i] == official[i] for i in range(6400)) == 259  # the number the README quotes
+
+
 def test_sidecar_records_the_tokenizer(tmp_path, tokenizer):
     save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), tmp_path / "m.pth", tokenizer=tokenizer_record(TOKENIZER_PATH))
     sidecar = json.loads((tmp_path / "m.config.json").read_text())
@@ -280,7 +290,7 @@ def test_training_from_a_model_directory(published, tmp_path, official_installed
     argv = train_argv(data, images, published["clip"], out, "--max_steps", "1", "--max_seq_len", "160",
                       "--image_prefix", "")[1:]
     summary = _train(SFT, argv + ["--init", str(published["dir"])])
-    assert summary["global_step"] == 1
+    assert summary["step"] == 1
     record = json.loads((out / "64_vlm_sft.config.json").read_text())["tokenizer"]
     assert record["fingerprint"] == OFFICIAL_TOKENIZER_FINGERPRINT
     assert_not_imported(published)
