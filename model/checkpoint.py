@@ -325,19 +325,23 @@ class Checkpoint:
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read a .pth / .safetensors checkpoint (with its sidecar) or a Hugging Face model directory."""
+    """Read a .pth / .safetensors checkpoint (with its sidecar) or a Hugging Face model directory.
+
+    The weights and config are checked for structure here, so a broken file is reported as such before any
+    question about its tokenizer."""
     path = str(path)
     if os.path.isdir(path):
-        return read_model_dir(path)
-    sd = read_state_dict(path)
-    if "tok_embeddings.weight" not in sd:  # said before any tokenizer question
-        raise CheckpointError(f"{path}: not a MiniMind checkpoint: no tok_embeddings.weight")
-    stored = read_stored_config(path)
-    check_config_fields(stored, what=str(config_path_for(path)))
-    record = stored.pop(TOKENIZER_FIELD, None)
-    if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
-        raise CheckpointError(f"{config_path_for(path)}: the tokenizer record is not {{'path', 'fingerprint'}}")
-    return Checkpoint(path, sd, stored, record)
+        ckpt = read_model_dir(path)
+    else:
+        sd = read_state_dict(path)
+        stored = read_stored_config(path)
+        check_config_fields(stored, what=str(config_path_for(path)))
+        record = stored.pop(TOKENIZER_FIELD, None)
+        if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+            raise CheckpointError(f"{config_path_for(path)}: the tokenizer record is not {{'path', 'fingerprint'}}")
+        ckpt = Checkpoint(path, sd, stored, record)
+    config_from_checkpoint(ckpt)  # structure: embedding, contiguous layers, head counts, bounds
+    return ckpt
 
 
 def read_model_dir(path: str) -> Checkpoint:
