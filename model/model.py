@@ -337,6 +337,10 @@ class MiniMindLM(nn.Module):
         if end > self._rope_len:  # longer than max_seq_len (e.g. long generation): grow the table
             self._extend_rope(max(end, 2 * self._rope_len), h.device)
         keys = key_padding(attention_mask, cache, B, start, end)
+        if keys is not None and cache is None and bool((keys[:, 1:] <= keys[:, :-1]).all()):
+            # Right padding only (scoring, training): causal attention already keeps every real token from the
+            # padding after it, and real positions are 0..n-1, so the fast causal path gives the same logits.
+            keys = None
         attn_mask = None
         if keys is None:
             cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
