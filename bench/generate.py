@@ -24,7 +24,8 @@ AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True), and decoded w
 (greedy, its DynamicCache, same prompt, image and token count):
   decode_tok_s_hf     (new_tokens - 1) / time from the first token to the last (best-of --reps; a streamer
                       timestamps the tokens)
-  hf_slowdown         decode_tok_s_cache / decode_tok_s_hf (1.0 = as fast as the native path)
+  hf_slowdown         native / transformers decode tok/s, best of the --reps interleaved runs of each
+                      (1.0 = as fast as the native path)
   same_tokens_hf      generate() produced exactly the native greedy tokens
 The last printed line is JSON with these keys.
 """
@@ -173,13 +174,14 @@ def time_hf(model, ids, feats, n: int, args: argparse.Namespace, device, dtype, 
         model.to(device, dtype)
         with torch.inference_mode():
             timed_hf_generate(hf, ids, feats, min(n, 8), device)  # warm-up
-            best_hf, tokens_hf = float("inf"), []
+            best_hf, best_native, tokens_hf = float("inf"), float("inf"), []
             for _ in range(args.reps):
                 t_rest, tokens_hf = timed_hf_generate(hf, ids, feats, n, device)
                 best_hf = min(best_hf, t_rest)
-                decode["best_cache_s"] = min(decode["best_cache_s"], timed_generate(model, ids, feats, n, True,
-                                                                                    device)[1])
-    return {"decode_tok_s_hf": (n - 1) / best_hf if n > 1 else float("nan"),
+                best_native = min(best_native, timed_generate(model, ids, feats, n, True, device)[1])
+            decode["best_cache_s"] = min(decode["best_cache_s"], best_native)
+    # the ratio compares the interleaved runs only: the same number of tries under the same load for both
+    return {"decode_tok_s_hf": (n - 1) / best_hf if n > 1 else float("nan"), "hf_slowdown": best_hf / best_native,
             "same_tokens_hf": tokens_hf == decode["tokens_cache"][0].tolist()}
 
 
@@ -231,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "mem_read_gbs": bw / 1e9, "decode_bw_fraction": decode_cache * per_token / bw,
         "new_tokens": n, "same_tokens_cache_nocache": decode["same_tokens_cache_nocache"], "dtype": args.dtype,
         "compile": args.compile, "decode_tok_s_hf": decode_hf,
-        "hf_slowdown": decode_cache / decode_hf if decode_hf else None, "same_tokens_hf": hf["same_tokens_hf"],
+        "hf_slowdown": hf.get("hf_slowdown"), "same_tokens_hf": hf["same_tokens_hf"],
         "model": f"{args.dim}/{args.n_layers}",
     }
     result.update(info, command=command_line())
