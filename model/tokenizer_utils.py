@@ -153,7 +153,7 @@ _BRACKET_RUN = re.compile("<{%d,}|>{%d,}" % (_SPAN_HALF, _SPAN_HALF))
 
 
 def neutralise_placeholder(text: str) -> str:
-    """User or data text that can never create or cut an image span: every run of 25 or more '<' (or '>') is
+    """User text that can never create or cut an image span: every run of 25 or more '<' (or '>') is
     broken by a space after each 24 characters. Each '<' token stands for one '<' character, so a run of
     at most 24 can never tokenise into the 25 opening ids of a span."""
     def split(match: re.Match) -> str:
@@ -161,7 +161,17 @@ def neutralise_placeholder(text: str) -> str:
         step = _SPAN_HALF - 1
         return " ".join(run[i:i + step] for i in range(0, len(run), step))
 
+    # a lone UTF-16 surrogate (from a non-UTF-8 command line, say) cannot be tokenised: shown as U+FFFD instead
+    text = text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
     return _BRACKET_RUN.sub(split, text)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def count_span_openings(ids: list[int], image_ids: list[int]) -> int:

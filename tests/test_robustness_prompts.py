@@ -72,7 +72,7 @@ def test_one_huge_question_is_cut_to_fit_keeping_the_image_span_whole(chat, toke
 
 
 FORGED = [IMAGE_SPECIAL_TOKEN, "<" * 25, "<" * 200 + "x", "look: " + IMAGE_SPECIAL_TOKEN * 3 + ">" * 40,
-          "<" * 24 + " " + "<" * 30]
+          "<" * 24 + " " + "<" * 30, "a lone surrogate \udce9 from a non-UTF-8 command line " + "<" * 25]
 
 
 @pytest.mark.parametrize("text", FORGED)
