@@ -383,7 +383,7 @@ def find_model_dirs(folder: PathLike) -> list[Path]:
             continue
         try:
             model_type = json.loads((child / "config.json").read_text()).get("model_type")
-        except (ValueError, OSError, AttributeError):
+        except (ValueError, OSError, AttributeError, RecursionError):  # not a model directory we can list
             continue
         if model_type == "minimind":
             found.append(child)

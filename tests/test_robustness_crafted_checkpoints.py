@@ -200,3 +200,12 @@ def test_sidecar_nested_too_deeply_is_one_line(tmp_path):
     config_path_for(path).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match=r"model.config.json: unreadable config .*nested too deeply"):
         load_model(path)
+
+
+def test_model_dir_listing_skips_a_config_nested_too_deeply(good_sd, tmp_path):
+    from model.checkpoint import find_model_dirs
+
+    folder = _hf_dir(tmp_path, good_sd)
+    assert find_model_dirs(tmp_path) == [folder]
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert find_model_dirs(tmp_path) == []  # was a RecursionError out of the web demo's picker
