@@ -79,6 +79,9 @@ def read_records(path: str) -> list[Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path} (see the README, 'Real training', for the v1 "
                                 f"dataset, or run `make demo` for the offline demo data)")
+    if not os.path.isfile(path):  # a FIFO would block the read, /dev/urandom would never end
+        kind = "a directory" if os.path.isdir(path) else "not a regular file (a FIFO, device or socket)"
+        raise DataError(f"{path}: {kind}; give a JSON or JSONL data file")
     with open(path, "rb") as f:
         raw = f.read()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -102,3 +103,12 @@ def test_lone_surrogate_in_a_record_is_a_counted_skip(tmp_path, images, tokenize
     bad = json.dumps(_record("surrogate")).replace("Red.", "Red \\ud800.")
     ds = _dataset(tmp_path, images, tokenizer, [_record("good"), bad])
     assert [s.id for s in ds.samples] == ["good"] and ds.skips.counts["invalid text"] == 1
+
+
+def test_data_path_that_is_not_a_regular_file_is_one_line(tmp_path):
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)  # reading it would block forever
+    for path, phrase in [(fifo, "not a regular file"), (tmp_path, "a directory")] + (
+            [(Path("/dev/urandom"), "not a regular file")] if Path("/dev/urandom").exists() else []):
+        with pytest.raises(DataError, match=phrase):
+            read_records(str(path))
