@@ -5,7 +5,8 @@ One decode thread owns the model. It takes the first waiting request, waits up t
 then one forward per new token for the whole batch. Each row samples with its own settings and seed and streams
 its tokens to its own queue. A row leaves the batch as soon as it ends (end token, its max_new_tokens, or its
 cancel event): its keys and values are dropped from the cache, so the others decode at the smaller size.
-Requests that arrive while a batch is decoding wait for the next one. Greedy rows give exactly the tokens they
+Requests that arrive while a batch is decoding join it at the next step while it has room: they are prefilled
+on their own and their cache is merged in, right-aligned, with the gap marked as padding. Greedy rows give exactly the tokens they
 would give alone (tests/test_padding.py, tests/test_batcher.py).
 """
 from __future__ import annotations
@@ -58,6 +59,15 @@ class DecodeRequest:
         return self.temperature <= 0 and self.repetition_penalty == 1.0
 
 
+@dataclass
+class _Running:
+    """The rows decoding together, their samplers and their KV cache (row i of the cache is rows[i])."""
+
+    rows: list[DecodeRequest]
+    generators: list
+    cache: KVCache
+
+
 class DynamicBatcher:
     """Decodes the requests given to submit() in batches of up to max_batch, on its own thread."""
 
@@ -67,7 +77,8 @@ class DynamicBatcher:
         self.model, self.eos_id, self.pad_id = model.eval(), eos_id, pad_id
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.pending: "queue.Queue[DecodeRequest]" = queue.Queue()
-        self.batch_sizes: list[int] = []  # the size of every batch run (for tests and the benchmark)
+        self.batch_sizes: list[int] = []  # the size of every batch started (for tests and the benchmark)
+        self.joins = 0  # requests that joined a batch already decoding
         self._thread = threading.Thread(target=self._loop, name="minimind-batcher", daemon=True)
         self._thread.start()
 
@@ -101,13 +112,51 @@ class DynamicBatcher:
             try:
                 self.batch_sizes.append(len(batch))
                 self._decode(batch)
-            except Exception as e:  # every waiting client hears of it; the thread keeps serving
+            except Exception as e:  # every client of the batch (joined ones included) hears of it
                 for request in batch:
                     request.out.put(e)
 
+    def _take_waiting(self, room: int) -> list[DecodeRequest]:
+        """Requests already waiting (no wait), at most room; cancelled ones end."""
+        taken: list[DecodeRequest] = []
+        while len(taken) < room:
+            try:
+                request = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if request.ended():
+                request.out.put(_END)
+            else:
+                taken.append(request)
+        return taken
+
     @torch.inference_mode()
-    def _decode(self, rows: list[DecodeRequest]) -> None:
-        """Prefill the batch, then one forward per step until every row has ended."""
+    def _decode(self, batch: list[DecodeRequest]) -> None:
+        """Prefill the batch, then one forward per step until every row has ended. Requests that arrive
+        meanwhile join at a step boundary (while there is room): they are prefilled on their own, then their
+        keys and values are merged into the running cache. Joined requests are added to `batch`."""
+        running, logits = self._prefill(batch)
+        self._advance(running, logits)
+        while running.rows:
+            joining = self._take_waiting(self.max_batch - len(running.rows))
+            if joining:
+                batch.extend(joining)
+                self.joins += len(joining)
+                try:
+                    new, new_logits = self._prefill(joining)
+                    self._advance(new, new_logits)
+                except Exception as e:  # a bad joining request fails alone; the running ones go on
+                    for request in joining:
+                        request.out.put(e)
+                else:
+                    if new.rows:
+                        running = self._merge(running, new)
+            device = running.cache.k.device
+            step = torch.tensor([[r.generated[-1]] for r in running.rows], device=device)
+            self._advance(running, self.model(step, cache=running.cache).logits[:, -1])
+
+    def _prefill(self, rows: list[DecodeRequest]) -> tuple["_Running", torch.Tensor]:
+        """The rows' prompts (left-padded, images spliced) run into a fresh cache; logits of the last position."""
         model, device = self.model, next(self.model.parameters()).device
         ids, mask = pad_rows([r.prompt for r in rows], self.pad_id, "left", device)
         images = [r.image_features for r in rows if r.image_features is not None]
@@ -117,29 +166,46 @@ class DynamicBatcher:
         logits = model(ids, features, cache=cache, last_only=True, attention_mask=mask).logits[:, -1]
         generators = [torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
                       for r in rows]
-        while rows:
-            next_ids = self._sample(logits.float(), rows, generators)
-            keep = []
-            for i, (request, token) in enumerate(zip(rows, next_ids)):
-                if token == self.eos_id or request.ended():
-                    request.out.put(_END)
-                    continue
-                request.generated.append(token)
-                request.out.put(token)
-                if len(request.generated) >= request.max_new_tokens:
-                    request.out.put(_END)
-                else:
-                    keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop the ended rows from the cache
-                index = torch.tensor(keep, device=device)
-                cache.k, cache.v = cache.k[:, index], cache.v[:, index]
-                if cache.key_mask is not None:
-                    cache.key_mask = cache.key_mask[index]
-                rows, generators = [rows[i] for i in keep], [generators[i] for i in keep]
-            step = torch.tensor([[r.generated[-1]] for r in rows], device=device)
-            logits = model(step, cache=cache).logits[:, -1]
+        return _Running(list(rows), generators, cache), logits
+
+    def _advance(self, running: "_Running", logits: torch.Tensor) -> None:
+        """Sample each row's next token, stream it, and drop the rows that ended from the batch and its cache."""
+        keep = []
+        for i, (request, token) in enumerate(zip(running.rows, self._sample(logits.float(), running.rows,
+                                                                              running.generators))):
+            if token == self.eos_id or request.ended():
+                request.out.put(_END)
+                continue
+            request.generated.append(token)
+            request.out.put(token)
+            if len(request.generated) >= request.max_new_tokens:
+                request.out.put(_END)
+            else:
+                keep.append(i)
+        if len(keep) < len(running.rows):
+            cache = running.cache
+            index = torch.tensor(keep, dtype=torch.long, device=cache.k.device)
+            cache.k, cache.v = cache.k[:, index], cache.v[:, index]
+            if cache.key_mask is not None:
+                cache.key_mask = cache.key_mask[index]
+            running.rows = [running.rows[i] for i in keep]
+            running.generators = [running.generators[i] for i in keep]
+
+    def _merge(self, a: "_Running", b: "_Running") -> "_Running":
+        """One batch of a's and b's rows: both caches right-aligned at the longer length, the gap before the
+        shorter one marked as padding (positions count real keys only, so nothing else changes)."""
+        La, Lb = a.cache.length, b.cache.length
+        L, Ba = max(La, Lb), len(a.rows)
+        rows = a.rows + b.rows
+        remaining = max(r.max_new_tokens - len(r.generated) for r in rows)
+        cache = KVCache(self.model.config, len(rows), L + remaining, a.cache.k.device, a.cache.k.dtype)
+        keys = torch.zeros(len(rows), L, dtype=torch.bool, device=a.cache.k.device)
+        for part, rows_slice, length in ((a.cache, slice(0, Ba), La), (b.cache, slice(Ba, None), Lb)):
+            cache.k[:, rows_slice, :, L - length:L] = part.k[:, :, :, :length]
+            cache.v[:, rows_slice, :, L - length:L] = part.v[:, :, :, :length]
+            keys[rows_slice, L - length:] = True if part.key_mask is None else part.key_mask[:, :length]
+        cache.key_mask, cache.length = keys, L
+        return _Running(rows, a.generators + b.generators, cache)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[DecodeRequest], generators: list) -> list[int]:

@@ -52,7 +52,7 @@ def test_batch_size_cap_and_seeded_sampling(model):
     for r in requests:
         batcher.submit(r)
     got = [list(r.tokens()) for r in requests]
-    assert batcher.batch_sizes == [3, 1]
+    assert batcher.batch_sizes == [3] and batcher.joins == 1  # the fourth joined when a row ended
     for r, tokens in zip(requests, got):
         expected = _alone(model, r, temperature=0.9, top_k=20, repetition_penalty=1.1,
                           generator=torch.Generator().manual_seed(11))
@@ -83,3 +83,19 @@ def test_a_failing_batch_reports_to_its_clients_and_the_batcher_keeps_serving(mo
     good = _requests(model)[1]
     batcher.submit(good)
     assert list(good.tokens()) == _alone(model, good, temperature=0.0)
+
+
+def test_requests_arriving_mid_batch_join_it_and_match_row_by_row(model):
+    batcher = DynamicBatcher(model, EOS, EOS, max_batch=8, max_wait_s=0.0)
+    first, *later = _requests(model)
+    first.max_new_tokens = 30
+    stream = first.tokens()
+    batcher.submit(first)
+    head = [next(stream), next(stream)]  # the batch is decoding
+    for r in later:
+        batcher.submit(r)
+    got = [list(r.tokens()) for r in later]
+    assert head + list(stream) == _alone(model, first, temperature=0.0)
+    for r, tokens in zip(later, got):
+        assert tokens == _alone(model, r, temperature=0.0)
+    assert batcher.joins >= 1 and len(batcher.batch_sizes) < 4
