@@ -105,9 +105,10 @@ def load_hf_export(model, tokenizer_path: str, dtype: str, tmp: str):
 
     import export_model
     from model.checkpoint import save_checkpoint
+    from model.tokenizer_utils import tokenizer_record
 
     hf_logging.disable_progress_bar()
-    save_checkpoint(model.float(), os.path.join(tmp, "bench.pth"))
+    save_checkpoint(model.float(), os.path.join(tmp, "bench.pth"), tokenizer=tokenizer_record(tokenizer_path))
     out = export_model.export(os.path.join(tmp, "bench.pth"), os.path.join(tmp, "hf"), tokenizer_path,
                               dtype=dtype, verify=False)
     return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=DTYPES[dtype]).eval()

@@ -112,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from model.checkpoint import save_checkpoint
     from model.LMConfig import LMConfig
     from model.model import MiniMindVLM
-    from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer
+    from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, tokenizer_record
     from scripts.build_stand_in_clip import build_stand_in_clip
 
     info = machine_info(torch.device("cpu"))
@@ -128,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           image_ids=image_token_ids(tokenizer))
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, "bench.pth")
-        save_checkpoint(MiniMindVLM(config), ckpt)
+        save_checkpoint(MiniMindVLM(config), ckpt, tokenizer=tokenizer_record(DEFAULT_TOKENIZER_PATH))
         for max_batch in batches:
             proc, base = start_server(ckpt, str(clip), max_batch, args.batch_wait_ms, args.threads,
                                       os.path.join(tmp, f"server_{max_batch}.log"))

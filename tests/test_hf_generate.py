@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 import export_model
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM, pad_rows
@@ -18,7 +18,7 @@ def exported(tmp_path_factory, tokenizer, tiny_clip_dir):
     tmp = tmp_path_factory.mktemp("hfgen")
     torch.manual_seed(0)
     native = MiniMindVLM(tiny_config(tokenizer)).eval()
-    save_checkpoint(native, tmp / "tiny.pth")
+    save_checkpoint(native, tmp / "tiny.pth", tokenizer=PROJECT_TOKENIZER)
     out = export_model.export(str(tmp / "tiny.pth"), str(tmp / "hf"), TOKENIZER_PATH, str(tiny_clip_dir))
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     return native, model, out

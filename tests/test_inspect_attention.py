@@ -6,7 +6,7 @@ import importlib.util
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM
 
@@ -25,7 +25,7 @@ def shape_image(path):
 def test_script_writes_the_png_and_prints_the_table(tmp_path, tokenizer, tiny_clip_dir, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), ckpt)
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), ckpt, tokenizer=PROJECT_TOKENIZER)
     out = tmp_path / "figs" / "attention.png"
     rc = script.main(["--ckpt", str(ckpt), "--image", str(shape_image(tmp_path / "circle.png")),
                       "--prompt", "what shape is in the image?", "--out", str(out), "--max_new_tokens", "3",

@@ -7,7 +7,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 import export_model
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM, count_parameters
@@ -35,7 +35,7 @@ def checkpoint(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer)).eval()
     ckpt = tmp_path / "64_vlm_sft.pth"
-    save_checkpoint(model, ckpt)
+    save_checkpoint(model, ckpt, tokenizer=PROJECT_TOKENIZER)
     return model, ckpt
 
 

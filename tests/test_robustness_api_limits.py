@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import free_port, stop_process
 from model.checkpoint import save_checkpoint
 from model.LMConfig import IMAGE_SPECIAL_TOKEN
@@ -38,7 +38,7 @@ MAX_RSS_GROWTH_MB = 600
 def api(tmp_path_factory, tokenizer, tiny_clip_dir):
     tmp = tmp_path_factory.mktemp("api_limits")
     torch.manual_seed(0)
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), tmp / "tiny.pth")
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), tmp / "tiny.pth", tokenizer=PROJECT_TOKENIZER)
     port = free_port()
     proc = start([sys.executable, str(ROOT / "serve_openai_api.py"), "--ckpt", str(tmp / "tiny.pth"),
                   "--clip_path", str(tiny_clip_dir), "--tokenizer_path", TOKENIZER_PATH, "--port", str(port),

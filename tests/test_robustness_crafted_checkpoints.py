@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from model.checkpoint import CheckpointError, config_path_for, load_model, read_state_dict, save_checkpoint
 from model.model import MiniMindVLM
 
@@ -54,7 +54,7 @@ def test_stride_0_expanded_tensor_is_refused(good_sd, tmp_path):
                                           ("use_moe", "yes"), ("dropout", 1.5)])
 def test_absurd_sidecar_values_are_refused(tmp_path, field, value):
     path = tmp_path / "model.pth"
-    save_checkpoint(MiniMindVLM(tiny_config()), path)
+    save_checkpoint(MiniMindVLM(tiny_config()), path, tokenizer=PROJECT_TOKENIZER)
     sidecar = config_path_for(path)
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), field: value}))
     with pytest.raises(CheckpointError) as err:
@@ -196,7 +196,7 @@ def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path
 
 def test_sidecar_nested_too_deeply_is_one_line(tmp_path):
     path = tmp_path / "model.pth"
-    save_checkpoint(MiniMindVLM(tiny_config()), path)
+    save_checkpoint(MiniMindVLM(tiny_config()), path, tokenizer=PROJECT_TOKENIZER)
     config_path_for(path).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match=r"model.config.json: unreadable config .*nested too deeply"):
         load_model(path)
