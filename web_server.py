@@ -1,5 +1,8 @@
 """MiniMind-V web chat (streamlit): upload an image, ask about it, and watch the answer stream in.
 
+Under each answer an "Inside the model" panel (web_inspect.py) shows where the answer looked in the image; it is
+computed only once opened.
+
 Run it from the repository root, either way:
 
     python web_server.py [--out_dir out] [--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] \\
