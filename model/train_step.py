@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -76,7 +76,7 @@ class StepContext:
     autocast: Callable[[], ContextManager]
     accumulation_steps: int = 1
     grad_clip: float = 1.0  # <= 0: no clipping
-    dist: Distributed = None  # type: ignore[assignment]  # None: a single process
+    dist: Optional[Distributed] = None  # None: a single process
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainState, lr: float,
