@@ -88,9 +88,7 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
             ids = self.config.image_ids if self.config.image_ids is not None else [-1] * IMAGE_TOKENS
             self.image_ids.copy_(torch.tensor(ids, dtype=self.image_ids.dtype))
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            MiniMindLM._init_weights(module)  # the native model's init
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, MoEGate):
