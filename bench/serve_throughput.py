@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     bench_title, CACHE_DIR, command_line, emit, machine_info, ROOT, write_results)
+from model.train_config import add_model_size_args, model_size  # noqa: E402
 
 QUESTIONS = ["Hi", "What is the capital of the moon?", "Describe a quiet morning in a small village by the sea.",
              "List three colours.", "Tell me a long story about a small robot who learns to paint with a cat."]
@@ -37,10 +38,7 @@ QUESTIONS = ["Hi", "What is the capital of the moon?", "Describe a quiet morning
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--dim", type=int, default=512)
-    a("--n_layers", type=int, default=8)
-    a("--n_heads", type=int, default=16)
-    a("--n_kv_heads", type=int, default=8)
+    add_model_size_args(p)  # the trainer's size flags: --preset (default minimind-v-small), --dim, ...
     a("--clients", default="1,4,16", help="comma-separated concurrency levels")
     a("--max_batch", default="1,8", help="comma-separated --max_batch settings of the server")
     a("--batch_wait_ms", type=float, default=10.0)
@@ -124,8 +122,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     measured: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(DEFAULT_TOKENIZER_PATH)
-        config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                          image_ids=image_token_ids(tokenizer))
+        config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer))
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, "bench.pth")
         save_checkpoint(MiniMindVLM(config), ckpt, tokenizer=tokenizer_record(DEFAULT_TOKENIZER_PATH))
