@@ -86,7 +86,7 @@ class VLMChat:
         Work is bounded by the budget, not the request: turns are tokenised once each, newest first, and text
         longer than the budget could ever hold is skipped or cut before tokenising.
         """
-        budget = max(self.model.config.max_seq_len - reserve, 1)
+        budget = max(self.model.config.max_seq_len - self.answer_room(reserve, has_image), 1)
         max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
         question = neutralise_placeholder(question[-max_chars:])
         kept: list[list[int]] = []  # plain token ids of the kept turns, newest first
@@ -109,6 +109,13 @@ class VLMChat:
         ids = [token for turn in reversed(kept) for token in turn] + question_ids
         self._check_spans(ids, has_image)
         return ids
+
+    def answer_room(self, reserve: int, has_image: bool) -> int:
+        """How many of the `reserve` tokens asked for the answer the prompt leaves free: at most half of the
+        context left after the template and the image span, so that a small context (the demo model's 128)
+        asked for a long answer still keeps the question instead of cutting it down to its last token."""
+        fixed = len(self._turn_ids("", None, has_image))
+        return max(0, min(reserve, (self.model.config.max_seq_len - fixed) // 2))
 
     def _turn_ids(self, question: str, answer: Optional[str], with_image: bool) -> list[int]:
         """One turn rendered by the chat template; each turn starts with a special token, so turns tokenised

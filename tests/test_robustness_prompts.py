@@ -53,7 +53,7 @@ def test_long_history_costs_work_bounded_by_the_context_not_the_history(chat, to
     turn = ("what colour is the sky today? " * 2, "it is blue, as usual, nothing special. ")
     history = [turn] * 1500  # about 146 KB, as in the probe that held the server for a minute
     ids = chat.build_prompt("and now?", history, True, reserve=RESERVE)
-    assert len(ids) <= 160 - RESERVE and len(_spans(chat, ids)) == 1
+    assert len(ids) <= 160 - chat.answer_room(RESERVE, True) and len(_spans(chat, ids)) == 1
     assert chat.tokenizer.decode(ids).endswith("and now?</s>\n<s>assistant\n")
     # it tokenised only the newest turns that could fit: a few KB (the old loop re-tokenised ~100 MB)
     assert tokenised_chars[0] < 10_000, tokenised_chars[0]
@@ -63,12 +63,23 @@ def test_one_huge_question_is_cut_to_fit_keeping_the_image_span_whole(chat, toke
     question = "lorem ipsum dolor sit amet " * 12_000 + "THE END?"  # 324 KB
     ids = chat.build_prompt(question, (), True, reserve=RESERVE)
     text = chat.tokenizer.decode(ids)
-    assert len(ids) <= 160 - RESERVE
+    assert 0 < chat.answer_room(RESERVE, True) <= RESERVE
+    assert len(ids) <= 160 - chat.answer_room(RESERVE, True)
     assert len(_spans(chat, ids)) == 1 and text.startswith("<s>user\n" + IMAGE_SPECIAL_TOKEN)
     assert text.endswith("THE END?</s>\n<s>assistant\n")  # the newest part of the text is kept
     assert tokenised_chars[0] < 20_000, tokenised_chars[0]  # not 324 KB
     no_image = chat.build_prompt(question, (), False, reserve=RESERVE)
-    assert len(no_image) <= 160 - RESERVE and not _spans(chat, no_image)
+    assert len(no_image) <= 160 - chat.answer_room(RESERVE, False) and not _spans(chat, no_image)
+
+
+def test_a_small_context_asked_for_a_long_answer_keeps_the_question(tokenizer):
+    """The demo model has a 128-token context; the web page asks for up to 256 new tokens. Reserving 64 of the
+    128 for the answer left less than the image span plus the template, and the question was cut to '?'."""
+    small = VLMChat(MiniMindVLM(tiny_config(tokenizer, max_seq_len=128)), tokenizer, FakeEncoder())
+    ids = small.build_prompt("What shape is in the image?", (), True, reserve=64)
+    assert small.tokenizer.decode(ids).endswith("\nWhat shape is in the image?</s>\n<s>assistant\n")
+    assert len(_spans(small, ids)) == 1 and len(ids) <= 128 - small.answer_room(64, True)
+    assert small.answer_room(64, True) > 0  # some room for the answer is still kept
 
 
 FORGED = [IMAGE_SPECIAL_TOKEN, "<" * 25, "<" * 200 + "x", "look: " + IMAGE_SPECIAL_TOKEN * 3 + ">" * 40,
