@@ -5,6 +5,7 @@
     python 3-eval_chat.py --ckpt minimind-v-v1-small          # a published Hugging Face directory
     python 3-eval_chat.py --image cat.png --prompt "What is in the picture?"
     python 3-eval_chat.py --image cat.png --interactive          # a chat loop with history
+    python 3-eval_chat.py --image a.png --image b.png --prompt "Are they the same colour?"   # several images
     python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=None, help="default 512; the model's size is read off the checkpoint")
     p.add_argument("--n_layers", type=int, default=None)
     p.add_argument("--use_moe", action="store_true")
-    p.add_argument("--image", default="dataset/eval_images", help="an image file or a folder of images")
+    p.add_argument("--image", action="append", default=None,
+                   help="an image file or a folder of images (each asked about in turn; default "
+                        "dataset/eval_images); repeat it to ask about several image files together, in order")
     p.add_argument("--prompt", default=DEFAULT_QUESTION)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top_k", type=int, default=8)
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model/minimind_tokenizer_official for a published v1 .pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_stream", action="store_true", help="print each answer whole")
-    p.add_argument("--interactive", action="store_true", help="a chat loop with history about one image")
+    p.add_argument("--interactive", action="store_true", help="a chat loop with history about the image(s)")
     p.add_argument("--eval_data", default=None, help="score exact-match accuracy over v1 question/answer records")
     p.add_argument("--eval_images_path", default=None, help="image folder for --eval_data")
     p.add_argument("--image_prefix", default="")
@@ -130,19 +133,23 @@ def main(argv=None) -> int:
         print(result.line())
         return 0
 
-    paths = list_images(args.image)
-    if not paths:
-        print(f"error: no images found in {args.image}", file=sys.stderr)
+    image_args = args.image or ["dataset/eval_images"]
+    if len(image_args) == 1:
+        image_sets = [[path] for path in list_images(image_args[0])]  # each image of a folder on its own
+    else:
+        image_sets = [image_args]  # several --image: one question about all of them
+    if not image_sets:
+        print(f"error: no images found in {image_args[0]}", file=sys.stderr)
         return 1
     failures = 0
-    for path in paths:
+    for paths in image_sets:
         try:
-            image = open_image(path)
+            image = [open_image(path) for path in paths]
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1
             continue
-        print(f"[Image]: {os.path.basename(path)}")
+        print(f"[Image]: {', '.join(os.path.basename(path) for path in paths)}")
         if args.interactive:
             history: list[tuple[str, str]] = []
             while True:

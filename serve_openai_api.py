@@ -7,8 +7,8 @@ GET /v1/models/{id}, GET /health. Any OpenAI client works with base_url=http://1
 
 Messages: `content` is a string or a list of `{"type": "text"}` and `{"type": "image_url"}` parts. An image is
 a `data:image/...;base64,` URI, or a local path, accepted only under --image_dir (remote URLs are never
-fetched). The model takes one image per conversation; it is placed at the start of the earliest user turn
-kept in the prompt. Earlier user/assistant messages become the history; system messages are ignored (the
+fetched). A conversation may hold several images (up to MAX_IMAGES, in one message or spread over user
+messages); their placeholders lead the earliest user turn kept in the prompt, in the order they were sent. Earlier user/assistant messages become the history; system messages are ignored (the
 model was not trained with them). Sampling: temperature, top_p, max_tokens (or max_completion_tokens),
 seed, and the extensions top_k and repetition_penalty; unset fields use model.chat.GenerationSettings.
 
@@ -44,7 +44,7 @@ from model.batcher import DynamicBatcher
 from model.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
 
-MAX_IMAGES = 1  # one placeholder span per prompt (VLMChat.build_prompt)
+MAX_IMAGES = 8  # each image takes a 50-token placeholder span of the prompt (VLMChat.build_prompt)
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_MAX_QUEUE = 32
 MIN_REPETITION_PENALTY = 0.01
@@ -84,7 +84,7 @@ class ChatJob:
     """One parsed chat request: what the model needs to answer it."""
 
     question: str
-    image: Optional[Image.Image]
+    images: list[Image.Image]  # in the order they were sent; may be empty
     history: list[Turn]
     settings: GenerationSettings
     stream: bool = False
@@ -256,7 +256,7 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
         raise APIError(400, "the request body must be a JSON object", None, "invalid_body")
     question, history, images = parse_messages(body.get("messages"))
     if len(images) > MAX_IMAGES:
-        raise APIError(400, f"this model takes at most {MAX_IMAGES} image per conversation, got {len(images)}",
+        raise APIError(400, f"this server takes at most {MAX_IMAGES} images per conversation, got {len(images)}",
                        "messages", "too_many_images")
     for name, unsupported in (("n", body.get("n") not in (None, 1)), ("stop", body.get("stop") not in (None, [])),
                               ("tools", bool(body.get("tools"))), ("logprobs", bool(body.get("logprobs")))):
@@ -286,10 +286,10 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
         repetition_penalty=defaults.repetition_penalty if penalty is None else float(penalty),
         seed=defaults.seed if seed is None else int(seed),
     )
-    image = load_image(*images[0], image_dir, image_size) if images else None
-    if not question.strip() and image is not None:
+    decoded = [load_image(url, param, image_dir, image_size) for url, param in images]
+    if not question.strip() and decoded:
         question = DEFAULT_QUESTION  # an image alone asks what it shows, as in v1
-    return ChatJob(question, image, history, settings, stream, bool(options.get("include_usage")))
+    return ChatJob(question, decoded, history, settings, stream, bool(options.get("include_usage")))
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -314,7 +314,7 @@ class Runner:
         """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set."""
         stats = StreamStats()
         # the client went away: stop before the prompt runs or at the next step, and leave the batch
-        for piece in self.chat.stream(job.question, job.image, job.history, job.settings, stats, cancel.is_set,
+        for piece in self.chat.stream(job.question, job.images, job.history, job.settings, stats, cancel.is_set,
                                       batcher=self.batcher):
             emit(piece)
         finish = "length" if stats.completion_tokens >= job.settings.max_new_tokens else "stop"

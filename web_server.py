@@ -186,12 +186,12 @@ def load_chat(ckpt: str, clip_path: str, tokenizer_path: Optional[str], device: 
 
 
 def init_state() -> None:
-    st.session_state.setdefault("history", [])  # list[Turn] about the current image
+    st.session_state.setdefault("history", [])  # list[Turn] about the current images
     st.session_state.setdefault("turn_ids", {})  # turn_key -> (prompt ids, answer ids), for the inspection panel
     st.session_state.setdefault("inspections", {})  # turn_key -> AttentionMaps, computed when a panel is opened
-    st.session_state.setdefault("image", None)  # the current valid image (PIL, RGB) or None
-    st.session_state.setdefault("image_id", None)
-    st.session_state.setdefault("image_name", None)
+    st.session_state.setdefault("images", [])  # the current valid images (PIL, RGB), in upload order
+    st.session_state.setdefault("image_ids", ())
+    st.session_state.setdefault("image_names", [])
 
 
 def clear_chat() -> None:
@@ -231,45 +231,51 @@ def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: Optional[str],
         return None, f"Could not load the model: {error_text(e)}"
 
 
-def set_image(image: Optional[Image.Image], uid: Optional[str], name: Optional[str]) -> None:
-    st.session_state.update(image=image, image_id=uid, image_name=name, history=[], turn_ids={}, inspections={})
+def set_images(images: list[Image.Image], uids: tuple[str, ...], names: list[str]) -> None:
+    st.session_state.update(images=images, image_ids=uids, image_names=names, history=[], turn_ids={},
+                            inspections={})
 
 
-def uploader() -> Any:
-    """The uploaded file or None. The browser filters by UPLOAD_ACCEPT; validate_upload checks type and size."""
-    return st.file_uploader(f"Image ({', '.join(IMAGE_TYPES)}; GIF: first frame; up to {MAX_UPLOAD_MB} MB)",
-                            type=UPLOAD_ACCEPT, max_upload_size=MAX_UPLOAD_MB, key="uploader")
+def uploader() -> list[Any]:
+    """The uploaded files, in order (several images are asked about together). The browser filters by
+    UPLOAD_ACCEPT; validate_upload checks type and size."""
+    return st.file_uploader(f"Images ({', '.join(IMAGE_TYPES)}; GIF: first frame; up to {MAX_UPLOAD_MB} MB each; "
+                            f"several are asked about together, in order)", type=UPLOAD_ACCEPT,
+                            max_upload_size=MAX_UPLOAD_MB, key="uploader", accept_multiple_files=True) or []
 
 
 def keep_note() -> str:
-    if st.session_state["image"] is not None:
-        return f"Still using the previous image ({st.session_state['image_name']}) and its conversation."
+    names = st.session_state["image_names"]
+    if names:
+        return f"Still using the previous image{'s' if len(names) > 1 else ''} ({', '.join(names)}) and its " \
+               f"conversation."
     return "Upload an image to ask about it."
 
 
-def handle_upload(upload: Any) -> None:
-    """Make a new valid upload the current image (a new conversation); report an invalid one and keep going."""
+def handle_upload(uploads: Sequence[Any]) -> None:
+    """Make a new set of valid uploads the current images (a new conversation); if any upload is invalid,
+    report it and keep the previous images and conversation."""
     state = st.session_state
-    if upload is None:
-        if state["image_id"] is not None:
-            had_history = bool(state["history"])
-            set_image(None, None, None)
-            if had_history:
-                st.info("The image was removed: started a new conversation.")
+    data = [upload.getvalue() for upload in uploads]
+    uids = tuple(image_id(d) for d in data)
+    if uids == tuple(state["image_ids"]):
         return
-    data = upload.getvalue()
-    uid = image_id(data)
-    if uid == state["image_id"]:
+    if not uploads:
+        had_history = bool(state["history"])
+        set_images([], (), [])
+        if had_history:
+            st.info("The images were removed: started a new conversation.")
         return
     try:
-        image = validate_upload(upload.name, data)
+        images = [validate_upload(upload.name, d) for upload, d in zip(uploads, data)]
     except ImageError as e:
         st.error(f"{e}. {keep_note()}")
         return
     had_history = bool(state["history"])
-    set_image(image, uid, upload.name)
+    names = [upload.name for upload in uploads]
+    set_images(images, uids, names)
     if had_history:
-        st.info(f"New image ({upload.name}): started a new conversation.")
+        st.info(f"New image{'s' if len(names) > 1 else ''} ({', '.join(names)}): started a new conversation.")
 
 
 def show_history(history: Sequence[Turn], chat: Optional[VLMChat] = None) -> None:
@@ -283,7 +289,7 @@ def show_history(history: Sequence[Turn], chat: Optional[VLMChat] = None) -> Non
 
 def turn_key(index: int, question: str, answer: str) -> str:
     """Names one answered turn of the current image's conversation (widget keys, cached inspections)."""
-    text = f"{st.session_state['image_id']}|{index}|{question}|{answer}"
+    text = f"{','.join(st.session_state['image_ids'])}|{index}|{question}|{answer}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -292,9 +298,10 @@ def inside_the_model(chat: Optional[VLMChat], index: int, question: str, answer:
     reruns the page when toggled); once opened, the attention is computed once per answer and kept."""
     key = turn_key(index, question, answer)
     ids = st.session_state["turn_ids"].get(key)
-    image = st.session_state["image"]
-    if chat is None or ids is None or image is None:
-        return  # no model, an answer from before this page load, or no image to look at
+    images = st.session_state["images"]
+    if chat is None or ids is None or len(images) != 1:
+        return  # no model, an answer from before this page load, or not one image to look at
+    image = images[0]
     panel = st.expander("Inside the model: where this answer looks in the image", key=f"inside_{key}",
                         on_change="rerun")
     with panel:
@@ -320,7 +327,7 @@ def ask(chat: Optional[VLMChat], prompt: str, settings: GenerationSettings) -> N
     stats = StreamStats()
     with st.chat_message("assistant"):
         try:
-            pieces = st.write_stream(chat.stream(question, state["image"], list(state["history"]), settings,
+            pieces = st.write_stream(chat.stream(question, state["images"], list(state["history"]), settings,
                                                  stats))
         except Exception as e:  # generation errors are shown, the conversation so far stays
             st.error(f"Generation failed: {error_text(e)}")
@@ -363,8 +370,9 @@ def main() -> None:
             st.error(message)
 
     handle_upload(uploader())
-    if st.session_state["image"] is not None:
-        st.image(st.session_state["image"], caption=st.session_state["image_name"], width=320)
+    if st.session_state["images"]:
+        st.image(st.session_state["images"], caption=st.session_state["image_names"],
+                 width=320 if len(st.session_state["images"]) == 1 else 200)
     else:
         st.caption("No image yet: questions are answered from the text alone.")
 

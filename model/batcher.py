@@ -29,7 +29,7 @@ class DecodeRequest:
     """One prompt to continue; tokens arrive on `out` (then the end marker, or an exception)."""
 
     prompt: list[int]
-    image_features: Optional[torch.Tensor]  # [1, 50, vision_dim] for the prompt's one placeholder span, or None
+    image_features: Optional[torch.Tensor]  # [n, 50, vision_dim]: one per placeholder span of the prompt, or None
     max_new_tokens: int
     temperature: float = 0.0
     top_k: Optional[int] = None

@@ -23,6 +23,13 @@ MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"  # v1's default: "What does this picture describe?"
 Turn = tuple[str, str]  # (question, answer)
+Images = Union[None, Image.Image, Sequence[Image.Image]]
+
+
+def as_image_list(images: Images) -> list[Image.Image]:
+    if images is None:
+        return []
+    return [images] if isinstance(images, Image.Image) else list(images)
 
 
 @dataclass
@@ -76,95 +83,100 @@ class VLMChat:
     def n_params(self) -> int:
         return count_parameters(self.model)
 
-    def build_prompt(self, question: str, history: Sequence[Turn] = (), has_image: bool = True,
+    def build_prompt(self, question: str, history: Sequence[Turn] = (), n_images: int = 1,
                      reserve: int = 0) -> list[int]:
         """Token ids of the conversation ending with the assistant header for `question`.
 
-        The image placeholder leads the earliest kept user turn. The newest turns that fit max_seq_len minus
+        The image placeholders (one per image, each on its own line, in order) lead the earliest kept user
+        turn. The newest turns that fit max_seq_len minus
         `reserve` are kept (older ones are dropped); when even the question alone does not fit, its oldest tokens
-        are cut. The placeholder span is never cut, and user text cannot forge or cut one (neutralise_placeholder).
+        are cut. The placeholder spans are never cut, and user text cannot forge or cut one (neutralise_placeholder).
         Work is bounded by the budget, not the request: turns are tokenised once each, newest first, and text
         longer than the budget could ever hold is skipped or cut before tokenising.
         """
-        budget = max(self.model.config.max_seq_len - self.answer_room(reserve, has_image), 1)
+        budget = max(self.model.config.max_seq_len - self.answer_room(reserve, n_images), 1)
         max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
         question = neutralise_placeholder(question[-max_chars:])
         kept: list[list[int]] = []  # plain token ids of the kept turns, newest first
         first_with_image: Optional[list[int]] = None  # the oldest kept turn, with the placeholder
-        question_ids = self._turn_ids(question, None, False)
+        question_ids = self._turn_ids(question, None, 0)
         used = len(question_ids)
         for q, a in reversed(list(history)):
             if len(q) + len(a) > max_chars:
                 break
             q, a = neutralise_placeholder(q), neutralise_placeholder(a)
-            plain = self._turn_ids(q, a, False)
-            opening = self._turn_ids(q, a, True) if has_image else plain
+            plain = self._turn_ids(q, a, 0)
+            opening = self._turn_ids(q, a, n_images) if n_images else plain
             if used + len(opening) > budget:
                 break
             kept.append(plain)
             first_with_image, used = opening, used + len(plain)
         if not kept:
-            return self._fit_question(question, has_image, budget)
+            return self._fit_question(question, n_images, budget)
         kept[-1] = first_with_image
         ids = [token for turn in reversed(kept) for token in turn] + question_ids
-        self._check_spans(ids, has_image)
+        self._check_spans(ids, n_images)
         return ids
 
-    def answer_room(self, reserve: int, has_image: bool) -> int:
+    def answer_room(self, reserve: int, n_images: int) -> int:
         """How many of the `reserve` tokens asked for the answer the prompt leaves free: at most half of the
-        context left after the template and the image span, so that a small context (the demo model's 128)
+        context left after the template and the image spans, so that a small context (the demo model's 128)
         asked for a long answer still keeps the question instead of cutting it down to its last token."""
-        fixed = len(self._turn_ids("", None, has_image))
+        fixed = len(self._turn_ids("", None, n_images))
         return max(0, min(reserve, (self.model.config.max_seq_len - fixed) // 2))
 
-    def _turn_ids(self, question: str, answer: Optional[str], with_image: bool) -> list[int]:
-        """One turn rendered by the chat template; each turn starts with a special token, so turns tokenised
-        one by one join into exactly the ids of the whole conversation tokenised at once."""
-        content = f"{IMAGE_SPECIAL_TOKEN}\n{question}" if with_image else question
+    def _turn_ids(self, question: str, answer: Optional[str], n_images: int) -> list[int]:
+        """One turn (led by n_images placeholders) rendered by the chat template; each turn starts with a special
+        token, so turns tokenised one by one join into exactly the ids of the whole conversation tokenised at once."""
+        content = f"{IMAGE_SPECIAL_TOKEN}\n" * n_images + question
         messages = [{"role": "user", "content": content}]
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
         return encode(self.tokenizer, render_chat(self.tokenizer, messages))
 
-    def _fit_question(self, question: str, has_image: bool, budget: int) -> list[int]:
-        """The question alone, its oldest tokens cut so that the prompt fits `budget` (the image span stays)."""
-        ids = self._turn_ids(question, None, has_image)
+    def _fit_question(self, question: str, n_images: int, budget: int) -> list[int]:
+        """The question alone, its oldest tokens cut so that the prompt fits `budget` (the image spans stay)."""
+        ids = self._turn_ids(question, None, n_images)
         if len(ids) > budget and question:
             marker = "\x00"  # split the rendered turn around the question to cut only the question's tokens
             text = render_chat(self.tokenizer, [{"role": "user", "content": (
-                f"{IMAGE_SPECIAL_TOKEN}\n" if has_image else "") + marker}])
+                f"{IMAGE_SPECIAL_TOKEN}\n" * n_images) + marker}])
             head, tail = (encode(self.tokenizer, part) for part in text.split(marker, 1))
             keep = max(budget - len(head) - len(tail), 0)
             body = encode(self.tokenizer, question)
             ids = head + (body[len(body) - keep:] if keep else []) + tail
-        self._check_spans(ids, has_image)
+        self._check_spans(ids, n_images)
         return ids
 
-    def _check_spans(self, ids: list[int], has_image: bool) -> None:
+    def _check_spans(self, ids: list[int], n_images: int) -> None:
         image_ids = self.model.config.image_ids
-        if image_ids is not None and count_span_openings(ids, image_ids) != int(has_image):
+        if image_ids is not None and count_span_openings(ids, image_ids) != n_images:
             raise ValueError("the prompt holds a forged or broken image placeholder span")
 
-    def image_features(self, image: Optional[Image.Image]) -> Optional[torch.Tensor]:
-        if image is None:
+    def image_features(self, images: Images) -> Optional[torch.Tensor]:
+        """Features [n, 50, hidden] of one image or a sequence of them (None when there is none)."""
+        images = as_image_list(images)
+        if not images:
             return None
         with self._encode_lock:  # the encoder's feature hook is per call: one call at a time
-            return self.encoder.encode_images([image]).to(self.device)
+            return self.encoder.encode_images(images).to(self.device)
 
-    def stream(self, question: str, image: Optional[Image.Image] = None, history: Sequence[Turn] = (),
+    def stream(self, question: str, image: Images = None, history: Sequence[Turn] = (),
                settings: GenerationSettings = GenerationSettings(),
                stats: Optional[StreamStats] = None,
                cancelled: Optional[Callable[[], bool]] = None,
                batcher: Optional[DynamicBatcher] = None) -> Iterator[str]:
         """Yield the answer text piece by piece (never splitting a multi-byte character); `stats`, when given,
-        holds the prompt and generated token counts as generation goes. `cancelled()` is asked before the
-        image is encoded, before the prompt is run and before every decode step: when it says True the
-        stream ends there, so a request whose client has gone costs at most one more step.
+        holds the prompt and generated token counts as generation goes. `image` is one image, a sequence of
+        them (asked about together, in order) or None. `cancelled()` is asked before the images are encoded,
+        before the prompt is run and before every decode step: when it says True the stream ends there, so a
+        request whose client has gone costs at most one more step.
 
         With a batcher the request is decoded together with other concurrent ones (model.batcher), which asks
         cancelled() at every step as well; closing this generator also takes the request out of its batch."""
         cancelled = cancelled or (lambda: False)
-        ids = self.build_prompt(question, history, image is not None, reserve=min(settings.max_new_tokens, 64))
+        images = as_image_list(image)
+        ids = self.build_prompt(question, history, len(images), reserve=min(settings.max_new_tokens, 64))
         stats = stats if stats is not None else StreamStats()
         stats.prompt_tokens, stats.completion_tokens = len(ids), 0
         stats.prompt_ids, stats.completion_ids = list(ids), []
@@ -177,7 +189,7 @@ class VLMChat:
         temperature = 0.0 if greedy else settings.temperature
         if cancelled():
             return
-        features = self.image_features(image)
+        features = self.image_features(images)
         if batcher is not None:
             request = DecodeRequest(ids, features, settings.max_new_tokens, temperature, settings.top_k,
                                     settings.top_p, settings.repetition_penalty, settings.seed, client_gone=cancelled)

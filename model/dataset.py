@@ -1,9 +1,12 @@
-"""v1 data files -> token ids, labels and images, with bad-record accounting and batch-longest padding.
+"""Data files -> token ids, labels and images, with bad-record accounting and batch-longest padding.
 
 A record (v1 JSON array or JSONL, one object per line):
   {"id": "...", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                    {"from": "gpt", "value": "..."}, ...]}
-`<image>` becomes the 50-token placeholder; the chat template wraps the turns; only assistant tokens
+Several images: "image": ["a.jpg", "b.jpg"] or the older MiniMind-V form "a.jpg, b.jpg", with one `<image>`
+per image, in order. No "image" key and no `<image>`: a text-only sample (trained unless skip_text_only).
+A parquet file (model/parquet_data.py) gives the same records with the images stored in the file.
+Each `<image>` becomes the 50-token placeholder; the chat template wraps the turns; only assistant tokens
 (the answer, its `</s>` and newline) are supervised. Labels align with input_ids and use -100 for ignore.
 """
 from __future__ import annotations
@@ -13,13 +16,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from .LMConfig import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
 from .model import find_image_spans
+from .parquet_data import ParquetImage, read_parquet_records
 from .tokenizer_utils import count_span_openings, image_token_ids, render_chat
 from .vision_utils import ImageError, ImagePreprocessor, open_image
 
@@ -122,10 +126,20 @@ def record_chars(messages: list[dict[str, str]]) -> int:
     return sum(len(m["content"]) for m in messages)
 
 
+ImageRef = Union[str, ParquetImage]  # an image file's path, or an image stored in a parquet file
+
+
+def load_image(ref: ImageRef):
+    """The decoded RGB image behind a reference (ImageError with a one-line reason if it cannot be used)."""
+    if isinstance(ref, ParquetImage):
+        return open_image(ref.read(), name=ref.name)
+    return open_image(ref)
+
+
 @dataclass
 class Sample:
     id: str
-    image_path: str
+    images: list[ImageRef]  # one per placeholder span, in order; empty for a text-only sample
     input_ids: list[int]
     labels: list[int]
 
@@ -152,9 +166,10 @@ def record_to_messages(record: Any, multi_turn: bool) -> list[dict[str, str]]:
         q, a = turns[i], turns[i + 1]
         if not (isinstance(q, dict) and isinstance(a, dict)):
             raise ValueError("malformed turn")
-        if q.get("from") not in HUMAN_ROLES or a.get("from") not in ASSISTANT_ROLES:
-            raise ValueError(f"wrong role: turn {i} is {q.get('from')!r}, turn {i + 1} is {a.get('from')!r}")
-        question, answer = str(q.get("value") or "").strip(), str(a.get("value") or "").strip()
+        q_role, a_role = q.get("from", q.get("role")), a.get("from", a.get("role"))
+        if q_role not in HUMAN_ROLES or a_role not in ASSISTANT_ROLES:
+            raise ValueError(f"wrong role: turn {i} is {q_role!r}, turn {i + 1} is {a_role!r}")
+        question, answer = _turn_text(q), _turn_text(a)
         for j, text in ((i, question), (i + 1, answer)):
             try:
                 text.encode("utf-8")
@@ -169,14 +184,33 @@ def record_to_messages(record: Any, multi_turn: bool) -> list[dict[str, str]]:
             break  # v1 SFT keeps the first turn only
     if not messages:
         raise ValueError("no conversations")
-    n_images = sum(m["content"].count("<image>") for m in messages)
-    if n_images == 0:
-        raise ValueError("no <image> tag")
-    if n_images > 1:
-        raise ValueError(f"two or more <image> tags ({n_images}); one image per record is supported")
-    for m in messages:
-        m["content"] = m["content"].replace("<image>", IMAGE_SPECIAL_TOKEN)
     return messages
+
+
+def with_placeholders(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages with each `<image>` tag replaced by the 50-token image placeholder."""
+    return [{**m, "content": m["content"].replace("<image>", IMAGE_SPECIAL_TOKEN)} for m in messages]
+
+
+def _turn_text(turn: dict) -> str:
+    """A turn's text: v1 records use {"from", "value"}, the current MiniMind-V data {"role", "content"}."""
+    return str(turn.get("value", turn.get("content")) or "").strip()
+
+
+def count_image_tags(messages: list[dict[str, str]]) -> int:
+    return sum(m["content"].count("<image>") for m in messages)
+
+
+def record_image_names(record: dict) -> list[str]:
+    """The image file names of a JSON record: a list, one name, or the older "a.jpg, b.jpg" form."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [name.strip() for name in image.split(",")] if image.strip() else []
+    if isinstance(image, list) and all(isinstance(name, str) for name in image):
+        return [name.strip() for name in image]
+    raise ValueError(f"'image' is a {type(image).__name__}: expected a file name or a list of file names")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -200,56 +234,66 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[li
 
 
 class VLMDataset(Dataset):
-    """Tokenised samples of a v1 data file; images are decoded lazily (or read from a feature store)."""
+    """Tokenised samples of a data file (JSON, JSONL or parquet); images are decoded lazily (or read from a
+    feature store). Bad records are skipped and counted by reason in `skips`."""
 
     def __init__(self, data_path: str, images_path: str, tokenizer, max_seq_len: int, image_prefix: str = "",
                  multi_turn: bool = False, strict: bool = False,
-                 preprocess: Optional[ImagePreprocessor] = None, feature_store=None):
+                 preprocess: Optional[ImagePreprocessor] = None, feature_store=None, skip_text_only: bool = False):
         self.skips = SkipCounter(strict=strict, source=data_path)
         self.preprocess = preprocess or ImagePreprocessor()
         self.feature_store = feature_store
         self.samples: list[Sample] = []
         image_ids = torch.tensor(image_token_ids(tokenizer))
         images_root = os.path.realpath(images_path)
-        for n, record in enumerate(read_records(data_path)):
-            rid = record_id(record, n)
+        for rid, record, images in _records_with_images(data_path, images_path, images_root, image_prefix):
             try:
+                if isinstance(record, ValueError):
+                    raise record
                 messages = record_to_messages(record, multi_turn)
                 if record_chars(messages) > MAX_RECORD_CHARS:
                     raise ValueError(f"record too large: {record_chars(messages):,} characters of text (limit "
                                      f"{MAX_RECORD_CHARS:,})")
-                path = image_file(record.get("image"), images_path, images_root, image_prefix)
-                ids, labels = tokenize_conversation(tokenizer, messages)
-                if count_span_openings(ids, image_ids.tolist()) != 1:  # text beside <image> that reads as placeholder ids
+                n_tags = count_image_tags(messages)
+                if n_tags != len(images):
+                    hint = " (only the first turn is kept without --multi_turn)" if n_tags < len(images) and \
+                        not multi_turn else ""
+                    raise ValueError(f"image count mismatch: {n_tags} <image> tag(s) but {len(images)} "
+                                     f"image(s){hint}")
+                if not images and skip_text_only:
+                    raise ValueError("text-only record (skipped under --skip_text_only)")
+                ids, labels = tokenize_conversation(tokenizer, with_placeholders(messages))
+                if count_span_openings(ids, image_ids.tolist()) != len(images):  # text that reads as placeholder ids
                     raise ValueError("forged image placeholder: text outside <image> holds a run of '<' that "
                                      "would start an image span")
-                if len(ids) > max_seq_len:
-                    span_end = image_span_end(ids, image_ids)
-                    if span_end > max_seq_len:
-                        raise ValueError(f"too long: {len(ids)} tokens and the image span ends past "
-                                         f"max_seq_len {max_seq_len}")
-                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                if all(label == IGNORE_INDEX for label in labels[1:]):
-                    raise ValueError(f"too long: no answer token left within max_seq_len {max_seq_len}")
+                ids, labels = fit_to_length(ids, labels, image_ids, max_seq_len)
             except ValueError as e:
                 self.skips.skip(rid, str(e))
                 continue
-            self.samples.append(Sample(rid, path, ids, labels))
+            self.samples.append(Sample(rid, images, ids, labels))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def image_paths(self) -> list[str]:
-        return sorted({s.image_path for s in self.samples})
+    @property
+    def has_text_only(self) -> bool:
+        return any(not s.images for s in self.samples)
+
+    def image_paths(self) -> list[ImageRef]:
+        """Every distinct image of the samples (files by path, parquet images by content hash)."""
+        unique = {(ref if isinstance(ref, str) else ref.key): ref for s in self.samples for ref in s.images}
+        return [unique[k] for k in sorted(unique)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """ids, labels and either "features" [n_images, 50, hidden] or "pixels" [n_images, 3, H, W] (n may be 0);
+        an image that cannot be used puts its reason under "error" instead."""
         s = self.samples[index]
         item = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels}
         try:
             if self.feature_store is not None:
-                item["features"] = self.feature_store.get(s.image_path)
+                item["features"] = [self.feature_store.get(ref) for ref in s.images]
             else:
-                item["pixels"] = self.preprocess(open_image(s.image_path))
+                item["pixels"] = [self.preprocess(load_image(ref)) for ref in s.images]
         except ImageError as e:
             if self.skips.strict:
                 raise DataError(f"record {s.id}: {e} (--strict_data)") from None
@@ -257,10 +301,35 @@ class VLMDataset(Dataset):
         return item
 
 
-def image_span_end(ids: list[int], image_ids: torch.Tensor) -> int:
-    """The position just past the record's image placeholder span."""
-    _, starts = find_image_spans(torch.tensor([ids]), image_ids)
-    return int(starts[0]) + IMAGE_TOKENS if starts.numel() else len(ids)
+def _records_with_images(data_path: str, images_path: str, images_root: str,
+                         image_prefix: str) -> Iterator[tuple[str, Any, list[ImageRef]]]:
+    """(record id, record or the ValueError that makes it bad, its image references) of a data file; a JSON
+    record's image files must exist under images_path."""
+    if data_path.endswith(".parquet"):
+        yield from read_parquet_records(data_path, MAX_RECORD_CHARS)
+        return
+    for n, record in enumerate(read_records(data_path)):
+        rid = record_id(record, n)
+        try:
+            names = record_image_names(record) if isinstance(record, dict) else []
+            paths = [image_file(name, images_path, images_root, image_prefix) for name in names]
+        except ValueError as e:
+            yield rid, e, []
+            continue
+        yield rid, record, paths
+
+
+def fit_to_length(ids: list[int], labels: list[int], image_ids: torch.Tensor,
+                  max_seq_len: int) -> tuple[list[int], list[int]]:
+    """Cut a sample to max_seq_len; ValueError when an image span or every answer token would be cut."""
+    if len(ids) > max_seq_len:
+        _, starts = find_image_spans(torch.tensor([ids]), image_ids)
+        if starts.numel() and int(starts[-1]) + IMAGE_TOKENS > max_seq_len:
+            raise ValueError(f"too long: {len(ids)} tokens and the image span ends past max_seq_len {max_seq_len}")
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise ValueError(f"too long: no answer token left within max_seq_len {max_seq_len}")
+    return ids, labels
 
 
 def image_file(image: Any, images_path: str, images_root: str, image_prefix: str = "") -> str:
@@ -288,9 +357,12 @@ class Batch:
     skipped: list[tuple[str, str]]  # (record id, reason) of items dropped because their image failed
     input_ids: Optional[torch.Tensor] = None  # [B, T] long; None when every image of the batch failed
     labels: Optional[torch.Tensor] = None  # [B, T] long, IGNORE_INDEX where not supervised
-    features: Optional[torch.Tensor] = None  # [B, 50, hidden] fp16, read from the feature store
-    pixels: Optional[torch.Tensor] = None  # [B, 3, H, W], to be encoded
+    # The images of all rows in row-major order, one per placeholder span (the order the model splices them
+    # in); both None when no row has an image (text-only rows).
+    features: Optional[torch.Tensor] = None  # [N, 50, hidden] fp16, read from the feature store
+    pixels: Optional[torch.Tensor] = None  # [N, 3, H, W], to be encoded
     lengths: list[int] = field(default_factory=list)  # real (unpadded) tokens of each row
+    n_images: int = 0
 
     @property
     def empty(self) -> bool:
@@ -321,8 +393,8 @@ def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
         batch.input_ids[row, :n] = torch.tensor(it["input_ids"])
         batch.labels[row, :n] = torch.tensor(it["labels"])
     batch.lengths = [len(it["input_ids"]) for it in items]
-    if "features" in items[0]:
-        batch.features = torch.stack([torch.as_tensor(it["features"]) for it in items])
-    else:
-        batch.pixels = torch.stack([it["pixels"] for it in items])
+    kind = "features" if "features" in items[0] else "pixels"
+    images = [torch.as_tensor(image) for it in items for image in it[kind]]
+    setattr(batch, kind, torch.stack(images) if images else None)
+    batch.n_images = len(images)
     return batch

@@ -11,7 +11,6 @@ import torch
 
 from .chat import VLMChat
 from .dataset import SkipCounter, read_records, record_id, record_to_messages
-from .LMConfig import IMAGE_SPECIAL_TOKEN
 from .model import pad_rows
 from .vision_utils import ImageError, open_image
 
@@ -45,7 +44,7 @@ def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional
         except ValueError as e:
             skips.skip(rid, str(e))
             continue
-        question = messages[0]["content"].replace(IMAGE_SPECIAL_TOKEN, "").strip()
+        question = messages[0]["content"].replace("<image>", "").strip()
         items.append((os.path.join(images_path, image_prefix + str(record.get("image", ""))), question,
                       messages[1]["content"]))
         if limit is not None and len(items) >= limit:
@@ -75,7 +74,7 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
                 features[image_path] = None
         if images:
             features.update(zip(good, chat.encoder.encode_images(images, batch_size)))
-    prompts = [(chat.build_prompt(question, (), True), image_path, answer)
+    prompts = [(chat.build_prompt(question, (), 1), image_path, answer)
                for image_path, question, answer in items if features[image_path] is not None]
     # Sorted by length so that each batch needs little padding; rows are left-padded and masked, which gives
     # the same greedy tokens as one question at a time.

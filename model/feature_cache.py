@@ -1,7 +1,8 @@
 """Frozen-CLIP feature cache: each image is encoded once into memory-mapped fp16 shards.
 
 Layout: DIR/<encoder fingerprint>/shard_XXXXX.npy ([n, 50, hidden] float16) + index.json
-({image realpath: [shard, row, size, mtime_ns]} and the images that failed to decode). The fingerprint
+({image realpath: [shard, row, size, mtime_ns]} for image files, {"blake2b:<content hash>": [shard, row, 0, 0]} for
+images stored in parquet data, and the images that failed to decode). The fingerprint
 covers the encoder weights and the preprocessing, so a change of either starts a fresh store instead of
 reading stale features. Later epochs and the SFT stage reuse what pretraining encoded.
 """
@@ -17,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write
-from .vision_utils import ImageError, VisionEncoder, open_image
+from .dataset import ImageRef, load_image
+from .parquet_data import ParquetImage
+from .vision_utils import ImageError, VisionEncoder
 
 if TYPE_CHECKING:
     from .dataset import Batch
@@ -25,21 +28,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("minimind")
 
 
-def batch_features(batch: "Batch", encoder: VisionEncoder, device: torch.device) -> torch.Tensor:
+def batch_features(batch: "Batch", encoder: VisionEncoder, device: torch.device) -> Optional[torch.Tensor]:
     """The one path from a batch's images to the features the model eats: the cached features when the batch
-    carries them (read from a FeatureStore by the dataset), otherwise the frozen encoder run on its pixels."""
+    carries them (read from a FeatureStore by the dataset), otherwise the frozen encoder run on its pixels;
+    None for a batch of text-only rows."""
     if batch.features is not None:
         return batch.features.to(device, non_blocking=True).float()
+    if batch.pixels is None:
+        return None
     return encoder.encode_pixels(batch.pixels.to(device, non_blocking=True))
 
 
-def _stat_key(path: str) -> tuple[str, int, int]:
-    st = os.stat(path)
-    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+def _stat_key(ref: ImageRef) -> tuple[str, int, int]:
+    """The index key of an image and what makes its entry fresh (parquet images are content-addressed)."""
+    if isinstance(ref, ParquetImage):
+        return ref.key, 0, 0
+    st = os.stat(ref)
+    return os.path.realpath(ref), st.st_size, st.st_mtime_ns
+
+
+def _key(ref: ImageRef) -> str:
+    return ref.key if isinstance(ref, ParquetImage) else os.path.realpath(ref)
 
 
 class _Pixels(Dataset):
-    def __init__(self, paths: list[str], encoder: VisionEncoder):
+    def __init__(self, paths: list[ImageRef], encoder: VisionEncoder):
         self.paths, self.preprocess = paths, encoder.preprocess
 
     def __len__(self) -> int:
@@ -47,7 +60,7 @@ class _Pixels(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(open_image(self.paths[i])), ""
+            return i, self.preprocess(load_image(self.paths[i])), ""
         except ImageError as e:
             return i, torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
 
@@ -76,15 +89,15 @@ class FeatureStore:
         self.failed: dict[str, str] = data["failed"]
         self.n_shards: int = data["n_shards"]
 
-    def _fresh(self, path: str) -> Optional[list]:
+    def _fresh(self, path: ImageRef) -> Optional[list]:
         real, size, mtime = _stat_key(path)
         entry = self.entries.get(real)
         return entry if entry is not None and entry[2:] == [size, mtime] else None
 
-    def missing(self, paths: list[str]) -> list[str]:
-        return [p for p in paths if self._fresh(p) is None and os.path.realpath(p) not in self.failed]
+    def missing(self, paths: list[ImageRef]) -> list[ImageRef]:
+        return [p for p in paths if self._fresh(p) is None and _key(p) not in self.failed]
 
-    def ensure(self, paths: list[str], encoder: VisionEncoder, batch_size: int = 64, num_workers: int = 0) -> int:
+    def ensure(self, paths: list[ImageRef], encoder: VisionEncoder, batch_size: int = 64, num_workers: int = 0) -> int:
         """Encode the images that have no fresh entry yet into a new shard; returns how many were encoded."""
         todo = self.missing(paths)
         if not todo:
@@ -104,7 +117,7 @@ class FeatureStore:
             out[idx.numpy()] = feats
             for i, err in zip(idx.tolist(), errors):
                 if err:
-                    failed[os.path.realpath(todo[i])] = err
+                    failed[_key(todo[i])] = err
         out.flush()
         del out
         os.replace(tmp_path, shard_path)
@@ -118,9 +131,9 @@ class FeatureStore:
         atomic_write(self.index_file, lambda f: f.write(data.encode()))
         return len(todo)
 
-    def get(self, path: str) -> torch.Tensor:
+    def get(self, path: ImageRef) -> torch.Tensor:
         """Features [50, hidden] (fp16) of an image; ImageError if it failed to decode when encoded."""
-        real = os.path.realpath(path)
+        real = _key(path)
         if real in self.failed:
             raise ImageError(self.failed[real])
         entry = self.entries.get(real)

@@ -104,6 +104,8 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     a("--strict_data", action="store_true", help="a bad record is an error instead of a counted skip")
     a("--feature_cache", default=None, metavar="DIR", help="encode each image once into a fp16 store here")
     a("--pad_to_max", action="store_true", help="pad every batch to max_seq_len (v1 behaviour; slower)")
+    a("--skip_text_only", action="store_true",
+      help="skip records without an image (v1 behaviour); by default they train in the same batches")
     # training
     a("--optimizer", default="adamw", choices=["adamw", "adam"])
     a("--weight_decay", type=float, default=0.0)

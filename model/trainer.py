@@ -117,7 +117,7 @@ def build_data(args: argparse.Namespace, tokenizer, encoder: VisionEncoder, dist
     """The dataset (with its feature store filled by rank 0 when --feature_cache is set) and its sampler."""
     store = FeatureStore(args.feature_cache, encoder.fingerprint) if args.feature_cache else None
     dataset = VLMDataset(args.data_path, args.images_path, tokenizer, args.max_seq_len, args.image_prefix,
-                         args.multi_turn, args.strict_data, encoder.preprocess, store)
+                         args.multi_turn, args.strict_data, encoder.preprocess, store, args.skip_text_only)
     log.info("%s: %d samples; %s", args.data_path, len(dataset), dataset.skips.summary())
     if len(dataset) == 0:
         raise DataError(f"{args.data_path}: no usable records ({dataset.skips.summary()})")

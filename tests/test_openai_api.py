@@ -125,6 +125,17 @@ def test_image_question_streamed_and_not(client):
     assert chunks[-1].usage.prompt_tokens == usage.prompt_tokens
 
 
+def test_several_image_parts_in_one_message(client):
+    one = _image_question(_data_uri(_png()), "Same colour?")
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(_png())}},
+                                        {"type": "image_url", "image_url": {"url": _data_uri(_png((0, 0, 255)))}},
+                                        {"type": "text", "text": "Same colour?"}]}]
+    single = client.chat.completions.create(model="tiny", messages=one, max_tokens=3, temperature=0)
+    double = client.chat.completions.create(model="tiny", messages=two, max_tokens=3, temperature=0)
+    assert double.choices[0].message.content is not None
+    assert double.usage.prompt_tokens - single.usage.prompt_tokens >= 50  # a second 50-token image span
+
+
 def test_history_and_local_image_under_image_dir(client, server):
     messages = [
         {"role": "system", "content": "ignored"},
@@ -165,10 +176,10 @@ def test_bad_requests_get_4xx_with_error_bodies(server):
     _assert_error(_post(server, {"model": "tiny"}), 400, "missing_messages")
     _assert_error(_post(server, {"model": "tiny", "messages": "hi"}), 400, "missing_messages")
     _assert_error(_post(server, {"messages": [{"role": "assistant", "content": "x"}]}), 400, "invalid_last_message")
-    # more images than the model takes (in one message, or across the conversation)
-    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 2}]
-    _assert_error(_post(server, {"messages": two}), 400, "too_many_images")
-    across = _image_question(png) + [{"role": "assistant", "content": "ok"}] + _image_question(png)
+    # more images than the server takes (in one message, or across the conversation)
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 9}]
+    _assert_error(_post(server, {"messages": many}), 400, "too_many_images")
+    across = _image_question(png) + [{"role": "assistant", "content": "ok"}] + many
     _assert_error(_post(server, {"messages": across}), 400, "too_many_images")
     # undecodable images: the message says what failed
     err = _assert_error(_post(server, {"messages": _image_question(_data_uri(b"definitely not a png"))}), 400,

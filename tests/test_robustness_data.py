@@ -37,12 +37,17 @@ BAD = {
                         "conversations": turns("word " * 40 + "<image>", "a")}, "too long", "image span ends past"),
     "answer_cut": ({"id": "answer_cut", "image": "img_0.png",
                     "conversations": turns("<image>\n" + "word " * 40, "a")}, "too long", "no answer token left"),
-    "two_images": ({"id": "two_images", "image": "img_0.png", "conversations": turns("<image>\n<image>\nq")},
-                   "two or more <image> tags (2)", "one image per record"),
-    "no_image_tag": ({"id": "no_image_tag", "image": "img_0.png", "conversations": turns("q")}, "no <image> tag",
-                     "no <image> tag"),
-    "no_image_field": ({"id": "no_image_field", "conversations": turns()}, "no image file named",
-                       "no image file named"),
+    "two_tags_one_image": ({"id": "two_tags_one_image", "image": "img_0.png",
+                            "conversations": turns("<image>\n<image>\nq")},
+                           "image count mismatch", "2 <image> tag(s) but 1 image(s)"),
+    "no_image_tag": ({"id": "no_image_tag", "image": "img_0.png", "conversations": turns("q")},
+                     "image count mismatch", "0 <image> tag(s) but 1 image(s)"),
+    "no_image_field": ({"id": "no_image_field", "conversations": turns()}, "image count mismatch",
+                       "1 <image> tag(s) but 0 image(s)"),
+    "image_not_a_name": ({"id": "image_not_a_name", "image": {"a": 1}, "conversations": turns()},
+                         "'image' is a dict", "expected a file name or a list"),
+    "second_image_missing": ({"id": "second_image_missing", "image": ["img_0.png", "nope2.png"],
+                              "conversations": turns("<image>\n<image>\nq")}, "missing image", "nope2.png"),
     "missing_image": ({"id": "missing_image", "image": "nope.png", "conversations": turns()}, "missing image",
                       "nope.png"),
     "empty_answer": ({"id": "empty_answer", "image": "img_0.png", "conversations": turns(answer="  ")},
@@ -103,7 +108,7 @@ def test_all_kinds_together_training_skips_and_counts_them(tmp_path, tiny_clip_d
 
 
 def test_strict_data_through_the_command_line_is_one_line(tmp_path, tiny_clip_dir, capsys):
-    data, images = write_data(tmp_path, ["wrong_role", "two_images"])
+    data, images = write_data(tmp_path, ["wrong_role", "two_tags_one_image"])
     with pytest.raises(SystemExit) as code:
         main(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--strict_data"))
     assert code.value.code == 1

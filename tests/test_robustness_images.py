@@ -177,10 +177,11 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
     data.write_text(json.dumps(_records(CASES)))
     ds = VLMDataset(str(data), str(images), tokenizer, 96)
     assert len(ds) == len(CASES)  # every file exists: the image is checked when the batch is made
-    items = {s.image_path.rsplit("/", 1)[-1]: ds[i] for i, s in enumerate(ds.samples)}
+    items = {Path(s.images[0]).name: ds[i] for i, s in enumerate(ds.samples)}
     for name, item in items.items():
         if CASES[name] is None:
-            assert item["pixels"].shape == (3, 224, 224) and torch.isfinite(item["pixels"]).all(), name
+            [pixels] = item["pixels"]
+            assert pixels.shape == (3, 224, 224) and torch.isfinite(pixels).all(), name
         else:
             assert CASES[name] in item["error"] and name in item["error"] and "\n" not in item["error"]
     batch = collate(list(items.values()))
@@ -189,7 +190,7 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
     # --strict_data: the first bad image is an error naming the record and the file
     strict = VLMDataset(str(data), str(images), tokenizer, 96, strict=True)
     for i, s in enumerate(strict.samples):
-        name = Path(s.image_path).name
+        name = Path(s.images[0]).name
         if CASES[name] is not None:
             with pytest.raises(DataError, match=f"record rec_{Path(name).stem}: .*{name}"):
                 strict[i]
@@ -231,6 +232,26 @@ def test_eval_chat_single_image(eval_chat, images, tiny_ckpt, tiny_clip_dir, cap
         lines = [line for line in err.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error: ")]
         assert len(errors) == 1 and str(images / name) in errors[0] and CASES[name] in errors[0], err
+
+
+def test_eval_chat_two_images_are_asked_about_together(eval_chat, images, tiny_ckpt, tiny_clip_dir, capsys,
+                                                        monkeypatch):
+    from model.chat import VLMChat
+
+    counts = []
+    original = VLMChat.build_prompt
+
+    def spy(self, question, history=(), n_images=1, reserve=0):
+        counts.append(n_images)
+        return original(self, question, history, n_images, reserve)
+
+    monkeypatch.setattr(VLMChat, "build_prompt", spy)
+    good = [name for name, expected in CASES.items() if expected is None][:2]
+    argv = _eval_argv(tiny_ckpt, tiny_clip_dir, images / good[0]) + ["--image", str(images / good[1])]
+    code = eval_chat.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0 and out.count("[A]: ") == 1 and f"[Image]: {good[0]}, {good[1]}" in out, err
+    assert counts == [2]
 
 
 def _run_eval(ckpt, clip, image, timeout=180) -> subprocess.CompletedProcess:
@@ -278,22 +299,22 @@ def test_web_upload_of_each_file(images, tiny_ckpt, tiny_clip_dir, monkeypatch):
     at.slider(key="max_new_tokens").set_value(16)
     last_good = None
     for name in ["text.jpg", *CASES]:  # a bad file first, before any image is set
-        at.file_uploader(key="uploader").set_value((name, (images / name).read_bytes(), MIME[Path(name).suffix]))
+        at.file_uploader(key="uploader").set_value([(name, (images / name).read_bytes(), MIME[Path(name).suffix])])
         at.run()
         assert not at.exception, (name, at.exception)
         errors = [e.value for e in at.error]
         if CASES[name] is None:
             assert not errors, (name, errors)
-            assert at.session_state["image_name"] == name and len(at.image) == 1
+            assert at.session_state["image_names"] == [name] and len(at.image) == 1
             last_good = name
         else:
             assert len(errors) == 1 and name in errors[0] and CASES[name] in errors[0], (name, errors)
             assert "\n" not in errors[0].split(". ")[0]
-            assert at.session_state["image_name"] == last_good  # the previous image stays
+            assert at.session_state["image_names"] == ([last_good] if last_good else [])  # the previous image stays
     torch.manual_seed(0)
     at.chat_input(key="question").set_value("What is it?")
     at.run()
     assert not at.exception
     assert all(name in e.value for e in at.error)  # the uploader still holds the last (bad) file: same message
-    assert at.session_state["image_name"] == last_good
+    assert at.session_state["image_names"] == [last_good]
     assert len(at.session_state["history"]) == 1  # still answering, about the last good image

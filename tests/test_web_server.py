@@ -66,8 +66,8 @@ def app(monkeypatch, out_dir, tiny_clip_dir) -> AppTest:
     return at
 
 
-def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
-    at.file_uploader(key="uploader").set_value((name, data, mime))
+def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png", *more: tuple[str, bytes, str]) -> AppTest:
+    at.file_uploader(key="uploader").set_value([(name, data, mime), *more])
     at.run()
     assert not at.exception, at.exception
     return at
@@ -172,7 +172,7 @@ def test_page_title_checkpoint_picker_and_controls(app, tiny_ckpt):
 
 def test_upload_ask_and_answer_streams_into_history(app):
     upload(app, "red.png", png_bytes())
-    assert len(app.image) == 1 and app.session_state["image_name"] == "red.png"
+    assert len(app.image) == 1 and app.session_state["image_names"] == ["red.png"]
     ask(app, "What colour is the square?")
     (role_q, text_q), (role_a, text_a) = messages(app)
     assert (role_q, text_q, role_a) == ("user", "What colour is the square?", "assistant")
@@ -220,7 +220,7 @@ def test_multi_turn_feeds_history_to_the_model(one_turn, monkeypatch):
 def test_clear_chat(one_turn):
     one_turn.button(key="clear_chat").click().run()
     assert one_turn.session_state["history"] == [] and not messages(one_turn)
-    assert one_turn.session_state["image"] is not None  # the image stays: ask again about it
+    assert one_turn.session_state["images"]  # the image stays: ask again about it
     ask(one_turn, "Again?")
     assert len(one_turn.session_state["history"]) == 1
 
@@ -228,8 +228,23 @@ def test_clear_chat(one_turn):
 def test_new_image_starts_a_new_conversation(one_turn):
     upload(one_turn, "blue.png", png_bytes(color=(0, 0, 220)))
     assert one_turn.session_state["history"] == [] and not messages(one_turn)
-    assert one_turn.session_state["image_name"] == "blue.png"
+    assert one_turn.session_state["image_names"] == ["blue.png"]
     assert any("new conversation" in i.value for i in one_turn.info)
+
+
+def test_several_uploads_are_asked_about_together(app, monkeypatch):
+    seen = []
+    original = VLMChat.build_prompt
+
+    def spy(self, question, history=(), n_images=1, reserve=0):
+        seen.append(n_images)
+        return original(self, question, history, n_images, reserve)
+
+    monkeypatch.setattr(VLMChat, "build_prompt", spy)
+    upload(app, "red.png", png_bytes(), "image/png", ("blue.png", png_bytes(color=(0, 0, 220)), "image/png"))
+    assert app.session_state["image_names"] == ["red.png", "blue.png"] and len(app.session_state["images"]) == 2
+    ask(app, "Are they the same colour?")
+    assert seen == [2] and len(app.session_state["history"]) == 1 and not errors(app)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -246,7 +261,7 @@ def test_bad_upload_shows_error_and_keeps_conversation(one_turn, name, data, mim
     assert any(expected in e and "Still using the previous image (red.png)" in e for e in errors(one_turn)), \
         errors(one_turn)
     assert_conversation_kept(one_turn)
-    assert one_turn.session_state["image_name"] == "red.png"
+    assert one_turn.session_state["image_names"] == ["red.png"]
     ask(one_turn, "Still there?")  # the previous image and conversation go on
     assert len(one_turn.session_state["history"]) == 2
 
@@ -254,7 +269,7 @@ def test_bad_upload_shows_error_and_keeps_conversation(one_turn, name, data, mim
 def test_bad_first_upload(app):
     upload(app, "notes.png", b"not an image")
     assert any("notes.png: not an image" in e and "Upload an image" in e for e in errors(app))
-    assert app.session_state["image"] is None
+    assert app.session_state["images"] == []
 
 
 @pytest.mark.parametrize("question", ["", "   \n\t "])
