@@ -128,7 +128,7 @@ class Bench:
         need = batch * n_batches
         order = np.concatenate([rng.permutation(len(ds)) for _ in range(math.ceil(need / len(ds)))])[:need]
         if cached:
-            paths = sorted({ds.samples[i].image_path for i in order})
+            paths = sorted({ref for i in order for ref in ds.samples[i].images})
             t0 = time.perf_counter()
             n = self.store.ensure(paths, self.encoder, batch_size=64 if self.device.type == "cpu" else 512)
             if n:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .chat import VLMChat
-from .dataset import SkipCounter, read_records, record_id, record_to_messages
+from .dataset import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
 from .model import pad_rows
 from .vision_utils import ImageError, open_image
 
@@ -41,6 +41,8 @@ def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional
         rid = record_id(record, n)
         try:
             messages = record_to_messages(record, multi_turn=False)
+            if count_image_tags(messages) != 1 or not isinstance(record.get("image"), str):
+                raise ValueError("not a one-image record (scored here: one <image> and one image file)")
         except ValueError as e:
             skips.skip(rid, str(e))
             continue
