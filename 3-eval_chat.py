@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(result.line())
+        print("\n".join(result.lines()))
         return 0
 
     image_args = args.image or ["dataset/eval_images"]

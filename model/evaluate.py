@@ -19,6 +19,32 @@ def normalise(answer: str) -> str:
     return re.sub(r"[\s.!?。！？]+$", "", answer.strip().lower())
 
 
+def question_type(question: str, answer: str) -> str:
+    """A coarse type for the per-type breakdown: yes/no (by the answer), colour, shape (by the question)."""
+    if normalise(answer) in ("yes", "no"):
+        return "yes/no"
+    q = question.lower()
+    if "color" in q or "colour" in q:
+        return "colour"
+    if "shape" in q:
+        return "shape"
+    return "other"
+
+
+@dataclass
+class TypeAccuracy:
+    """Accuracy on the questions of one type beside that type's own majority baseline (its commonest answer)."""
+
+    accuracy: float
+    n: int
+    majority: float
+    majority_answer: str
+
+    def line(self, name: str) -> str:
+        return (f"  {name}: accuracy {self.accuracy:.3f} (n={self.n}, majority baseline {self.majority:.3f}, "
+                f"'{self.majority_answer}')")
+
+
 @dataclass
 class Accuracy:
     accuracy: float
@@ -27,9 +53,25 @@ class Accuracy:
     majority_answer: str
     skipped: int
     predictions: list[str] = field(default_factory=list)  # the model's answers, in the order scored
+    per_type: dict[str, TypeAccuracy] = field(default_factory=dict)
 
     def line(self) -> str:
         return f"accuracy: {self.accuracy:.3f} (n={self.n}, majority baseline {self.majority:.3f})"
+
+    def lines(self) -> list[str]:
+        """The overall line, then one line per question type."""
+        return [self.line()] + [t.line(name) for name, t in sorted(self.per_type.items())]
+
+
+def per_type_accuracy(questions: list[str], answers: list[str], hits: list[bool]) -> dict[str, TypeAccuracy]:
+    groups: dict[str, list[int]] = {}
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        groups.setdefault(question_type(q, a), []).append(i)
+    out = {}
+    for name, rows in groups.items():
+        top, top_n = Counter(normalise(answers[i]) for i in rows).most_common(1)[0]
+        out[name] = TypeAccuracy(sum(hits[i] for i in rows) / len(rows), len(rows), top_n / len(rows), top)
+    return out
 
 
 def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional[int] = None,
@@ -76,25 +118,26 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
                 features[image_path] = None
         if images:
             features.update(zip(good, chat.encoder.encode_images(images, batch_size)))
-    prompts = [(chat.build_prompt(question, (), 1), image_path, answer)
+    prompts = [(chat.build_prompt(question, (), 1), image_path, answer, question)
                for image_path, question, answer in items if features[image_path] is not None]
     # Sorted by length so that each batch needs little padding; rows are left-padded and masked, which gives
     # the same greedy tokens as one question at a time.
     ordered = sorted(prompts, key=lambda p: len(p[0]))
-    correct, predictions = 0, []
+    predictions, hits = [], []
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i:i + batch_size]
         ids, mask = pad_rows([c[0] for c in chunk], chat.eos_id, "left", device=chat.device)
         feats = torch.stack([features[c[1]] for c in chunk]).to(chat.device)
         out = chat.model.generate(ids, feats, max_new_tokens=max_new_tokens, temperature=0.0,
                                   eos_token_id=chat.eos_id, attention_mask=mask)
-        for row, (_, _, answer) in zip(out.tolist(), chunk):
+        for row, (_, _, answer, _) in zip(out.tolist(), chunk):
             if chat.eos_id in row:
                 row = row[:row.index(chat.eos_id)]
             predicted = chat.tokenizer.decode(row, skip_special_tokens=True)
             predictions.append(predicted)
-            correct += normalise(predicted) == normalise(answer)
+            hits.append(normalise(predicted) == normalise(answer))
     n = len(prompts)
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)
-    return Accuracy(correct / max(n, 1), n, top_n / max(n, 1), top, skips.total, predictions)
+    per_type = per_type_accuracy([p[3] for p in ordered], [p[2] for p in ordered], hits)
+    return Accuracy(sum(hits) / max(n, 1), n, top_n / max(n, 1), top, skips.total, predictions, per_type)
