@@ -10,6 +10,7 @@ schedule), on batches built by the trainer's VLMDataset + collate from the demo 
             fingerprint, encoded once before timing (not timed).
   longest : collate pads to the longest row of the batch (trainer default)
   max     : collate pads every row to max_seq_len (trainer --pad_to_max)
+  grouped : batch-longest, with batches of similar length (trainer --group_by_length; setting cached_grouped)
 Timed: `--steps` steps after `--warmup` untimed ones, from fetching the batch (data loading counts, with
 `--num_workers` 0 by default: on a 2-core machine workers only steal cores from the step) to the end of
 the optimizer step (device synchronised).
@@ -50,6 +51,7 @@ from model.feature_cache import FeatureStore  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.metrics import peak_flops  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
+from model.samplers import length_grouped_order  # noqa: E402
 from model.tokenizer_utils import image_token_ids, load_tokenizer  # noqa: E402
 from model.train_config import model_size  # noqa: E402
 from model.train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stages", default="pretrain,sft")
     a("--settings", default="online,cached,cached_max",
       help="comma list of online (batch-longest), cached (batch-longest), cached_max (pad to max_seq_len), "
-           "online_max")
+           "online_max, cached_grouped (batch-longest, batches grouped by length as --group_by_length)")
     # data
     a("--pretrain_data", default="dataset/demo/pretrain.json")
     a("--sft_data", default="dataset/demo/sft.json")
@@ -122,11 +124,17 @@ class Bench:
                                               preprocess=self.encoder.preprocess)
         return self.datasets[stage]
 
-    def loader(self, stage: str, batch: int, n_batches: int, cached: bool, pad_max: bool):
+    def loader(self, stage: str, batch: int, n_batches: int, cached: bool, pad_max: bool, grouped: bool = False):
         ds = self.dataset(stage)
         rng = np.random.default_rng(self.args.seed)
         need = batch * n_batches
-        order = np.concatenate([rng.permutation(len(ds)) for _ in range(math.ceil(need / len(ds)))])[:need]
+        epochs = range(math.ceil(need / len(ds)))
+        if grouped:  # the trainer's --group_by_length order (single process)
+            lengths = [len(s.input_ids) for s in ds.samples]
+            g = torch.Generator().manual_seed(self.args.seed)
+            order = np.concatenate([length_grouped_order(lengths, batch, g) for _ in epochs])[:need]
+        else:
+            order = np.concatenate([rng.permutation(len(ds)) for _ in epochs])[:need]
         if cached:
             paths = sorted({ref for i in order for ref in ds.samples[i].images})
             t0 = time.perf_counter()
@@ -145,7 +153,7 @@ class Bench:
 
     def run(self, stage: str, setting: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
         cached, pad_max = setting.startswith("cached"), setting.endswith("_max")
-        data = self.loader(stage, batch, steps + warmup, cached, pad_max)
+        data = self.loader(stage, batch, steps + warmup, cached, pad_max, grouped=setting.endswith("_grouped"))
         dev = self.device
         state = new_train_state(self.model, dev, torch.float32, lr=4e-4, fused=self.args.fused_adamw)
         total = steps + warmup
@@ -268,7 +276,8 @@ def table(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> tup
     header = ["stage", "features", "padding", "batch", "samples/s", "useful tok/s", "images/s", "useful GFLOP/s",
               "useful-token MFU", "step ms", "padding share"]
     rows = [[r["stage"], "online" if r["setting"].startswith("online") else "cached",
-             "max_seq_len" if r["setting"].endswith("_max") else "batch-longest", r["batch_size"],
+             {"_max": "max_seq_len", "_grouped": "batch-longest, grouped by length"}.get(
+                 r["setting"][r["setting"].rfind("_"):], "batch-longest"), r["batch_size"],
              r["samples_per_s"], r["useful_tokens_per_s"], r["images_per_s"], r["useful_tflops"] * 1e3,
              f"{100 * r['mfu']:.1f}%", r["step_ms"], f"{100 * r['pad_fraction']:.0f}%"] for r in result["runs"]]
     summary = [f"{args.dtype} dense matmul peak measured in this run: {result['matmul_peak_gflops']:,.0f} GFLOP/s"

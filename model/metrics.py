@@ -44,6 +44,7 @@ class StepMetrics:
     loss: float  # mean loss of the step's micro-batches (NaN when none trained)
     micro_batches: int
     tokens: int = 0  # real tokens
+    padded_tokens: int = 0  # positions the model ran on, padding included (rows x padded length)
     images: int = 0
     flops: float = 0.0  # LMConfig.train_flops of the step
     non_finite: bool = False  # a non-finite loss or gradient: the update was not applied
@@ -56,6 +57,7 @@ class ProgressWindow:
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     tokens: int = 0
+    padded_tokens: int = 0
     images: int = 0
     flops: float = 0.0
     data_wait: float = 0.0  # seconds spent waiting for the data loader
@@ -64,6 +66,7 @@ class ProgressWindow:
     def add(self, m: StepMetrics) -> None:
         self.steps += 1
         self.tokens, self.images, self.flops = self.tokens + m.tokens, self.images + m.images, self.flops + m.flops
+        self.padded_tokens += m.padded_tokens
         if math.isfinite(m.loss):  # a NaN step stays out of the curve
             self.losses.append(m.loss)
 
@@ -74,6 +77,7 @@ class ProgressWindow:
                "tokens_per_s": self.tokens * world / elapsed, "images_per_s": self.images * world / elapsed,
                "mfu": self.flops / elapsed / peak if peak else None,
                "data_wait_pct": 100 * self.data_wait / elapsed,
+               "padding_pct": 100 * (1 - self.tokens / self.padded_tokens) if self.padded_tokens else 0.0,
                "eta_min": steps_left * elapsed / max(self.steps, 1) / 60}
         self.__init__(start=now)
         return out
@@ -82,7 +86,7 @@ class ProgressWindow:
 def progress_line(epoch: str, step: int, max_steps: int, lr: float, r: dict[str, Any], memory_mb: float) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     return (f"epoch {epoch} step {step}/{max_steps} loss {r['loss']:.4f} lr {lr:.3e} | {r['tokens_per_s']:,.0f} tok/s "
-            f"{r['images_per_s']:,.1f} img/s MFU {mfu} data-wait {r['data_wait_pct']:.1f}% | "
+            f"{r['images_per_s']:,.1f} img/s MFU {mfu} data-wait {r['data_wait_pct']:.1f}% pad {r['padding_pct']:.1f}% | "
             f"ETA {r['eta_min']:.1f} min | peak mem {memory_mb:,.0f} MB")
 
 

@@ -106,6 +106,17 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     a("--pad_to_max", action="store_true", help="pad every batch to max_seq_len (v1 behaviour; slower)")
     a("--skip_text_only", action="store_true",
       help="skip records without an image (v1 behaviour); by default they train in the same batches")
+    a("--group_by_length", action="store_true",
+      help="batch samples of similar length together (shuffled mega-batches, sorted inside): less padding")
+    # validation while training
+    a("--val_data", default=None, metavar="PATH", help="held-out data (JSON, JSONL or parquet) to validate on")
+    a("--val_images_path", default=None, help="image folder for --val_data (default: --images_path)")
+    a("--eval_interval", type=int, default=0,
+      help="optimizer steps between validations (0: at the end only); the last step always validates")
+    a("--val_samples", type=int, default=200,
+      help="validation records whose first answer is scored by greedy exact match (0: loss only)")
+    a("--save_best", action="store_true",
+      help="also keep the checkpoint with the best validation accuracy (or loss) as ..._best.pth")
     # training
     a("--optimizer", default="adamw", choices=["adamw", "adam"])
     a("--weight_decay", type=float, default=0.0)
@@ -127,14 +138,15 @@ class RunPaths:
 
     weights: str  # out/{stem}_vlm_{stage}.pth: the v1-layout checkpoint
     resume: str  # ..._resume.pth: weights, optimizer, scaler, position and RNG states
-    metrics: str  # ..._log.jsonl: one JSON line per log interval
+    metrics: str  # ..._log.jsonl: one JSON line per log interval (and per validation)
     run: str  # ..._run.json: what the run trained on and how (the model card of an export reads it)
+    best: str  # ..._best.pth: the weights with the best validation metric (--save_best)
 
     @classmethod
     def of(cls, args: argparse.Namespace, stage: Stage) -> "RunPaths":
         base = os.path.join(args.out_dir, f"{checkpoint_stem(args)}_vlm_{stage.name}")
         return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl",
-                   run=base + "_run.json")
+                   run=base + "_run.json", best=base + "_best.pth")
 
 
 def run_record(args: argparse.Namespace, stage: Stage, n_samples: int) -> dict:

@@ -52,6 +52,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of this epoch already trained
     nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
     tokenizer: Optional[dict[str, str]] = None  # the record of the tokenizer trained with ({"path", "fingerprint"})
+    best: Optional[float] = None  # the best validation score so far (--save_best)
 
     def save(self, model: torch.nn.Module, weights_path: str, resume_path: str, dist: Distributed) -> None:
         """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
@@ -60,8 +61,8 @@ class TrainState:
             save_checkpoint(model, weights_path, tokenizer=self.tokenizer)
             save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                         "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "rng": rngs,
-                         "tokenizer": self.tokenizer},
+                         "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "best": self.best,
+                         "rng": rngs, "tokenizer": self.tokenizer},
                         resume_path)
         dist.barrier()
 
@@ -75,6 +76,7 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.nan_skips = state["batches_in_epoch"], state.get("nan_skips", 0)
+        self.best = state.get("best")
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at epoch %d, batch %d of the epoch (step %d)", resume_path, self.epoch,
                  self.batches_in_epoch, self.step)

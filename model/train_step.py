@@ -14,6 +14,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from .checkpoint import unwrap
 from .dataset import Batch
 from .distributed import Distributed
 from .feature_cache import batch_features
@@ -99,24 +100,19 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
             with ctx.autocast():
                 loss = model(input_ids, features, labels=labels, loss_only=True).loss
             if features is None:  # text-only rows: keep the projection in the graph (DDP and freeze_llm=1 need it)
-                loss = loss + 0.0 * sum(p.sum() for p in _unwrap(model).vision_proj.parameters())
+                loss = loss + 0.0 * sum(p.sum() for p in unwrap(model).vision_proj.parameters())
             # v1 divides by accumulation_steps even for the shorter last group of an epoch
             state.scaler.scale(loss / ctx.accumulation_steps).backward()
         losses.append(loss.item())
         supervised = batch.supervised
         metrics.tokens += batch.n_tokens
+        metrics.padded_tokens += batch.input_ids.numel()
         metrics.images += batch.n_images
         metrics.flops += config.train_flops(batch.lengths, supervised, batch.n_images)
     if losses:
         metrics.loss = sum(losses) / len(losses)
     metrics.non_finite = not _apply_update(state, ctx, bad_loss=not all(map(math.isfinite, losses)))
     return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP and torch.compile wrappers."""
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
 
 
 def _apply_update(state: TrainState, ctx: StepContext, bad_loss: bool) -> bool:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, config_path_for, has_projection_bias,
-                         load_weights, read_checkpoint, remove_stale_temp_files, training_tokenizer)
+                         load_weights, read_checkpoint, remove_stale_temp_files, save_checkpoint, training_tokenizer)
 from .dataset import Batch, DataError, VLMDataset, collate
 from .distributed import Distributed
 from .feature_cache import FeatureStore
@@ -33,23 +33,16 @@ from .LMConfig import LMConfig
 from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
                       progress_line)
 from .model import MiniMindVLM, count_parameters
+from .samplers import LengthGroupedSampler, ResumableSampler
 from .tokenizer_utils import TokenizerError, image_token_ids, load_tokenizer
 from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
                            run_record)
 from .train_state import seed_everything
 from .train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: F401
+from .validation import Validator
 from .vision_utils import VisionEncoder, load_vision_encoder, stand_in_warning
 
 log = logging.getLogger("minimind")
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled by seed + epoch; set_epoch each epoch) that can start `skip` samples in."""
-
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
 
 
 class StopRequest:
@@ -127,12 +120,37 @@ def build_data(args: argparse.Namespace, tokenizer, encoder: VisionEncoder, dist
             log.info("feature cache %s: %d images encoded now, %d cached", store.dir, n, len(store))
         dist.barrier()
         store.reload()  # what rank 0 wrote
-    sampler = ResumableSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
+    if args.group_by_length:
+        sampler = LengthGroupedSampler(dataset, [len(s.input_ids) for s in dataset.samples], args.batch_size,
+                                       num_replicas=dist.world, rank=dist.rank, seed=args.seed)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
     pad_to = args.max_seq_len if args.pad_to_max else None
     loader_kwargs = dict(batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                          collate_fn=lambda items: collate(items, pad_to), pin_memory=dist.device.type == "cuda",
                          drop_last=False, persistent_workers=False)
     return TrainData(dataset, sampler, loader_kwargs, math.ceil(len(sampler) / args.batch_size))
+
+
+def build_validator(args: argparse.Namespace, tokenizer, encoder: VisionEncoder, dist: Distributed, store,
+                    autocast) -> Optional[Validator]:
+    """The validation set of --val_data (its images go through the same feature store), or None."""
+    if args.save_best and not args.val_data:
+        raise DataError("--save_best needs --val_data (the best checkpoint is picked by validation)")
+    if not args.val_data:
+        return None
+    dataset = VLMDataset(args.val_data, args.val_images_path or args.images_path, tokenizer, args.max_seq_len,
+                         args.image_prefix, args.multi_turn, False, encoder.preprocess, store, args.skip_text_only)
+    log.info("validation %s: %d samples (%d scored for accuracy); %s", args.val_data, len(dataset),
+             min(args.val_samples, len(dataset)), dataset.skips.summary())
+    if len(dataset) == 0:
+        raise DataError(f"{args.val_data}: no usable validation records ({dataset.skips.summary()})")
+    if store is not None:
+        if dist.is_main:
+            store.ensure(dataset.image_paths(), encoder, num_workers=min(args.num_workers, 4))
+        dist.barrier()
+        store.reload()
+    return Validator(dataset, tokenizer, encoder, dist, args.batch_size, args.val_samples, autocast)
 
 
 def open_wandb(args: argparse.Namespace, stage: Stage, dist: Distributed):
@@ -184,6 +202,8 @@ class Run:
             record = json.dumps(run_record(args, stage, len(self.data.dataset)), indent=2) + "\n"
             atomic_write(self.paths.run, lambda f: f.write(record.encode()))
         autocast, self.amp_dtype = autocast_for(dist.device, args.dtype, args.cpu_bf16)
+        self.validator = build_validator(args, tokenizer, self.encoder, dist, self.data.dataset.feature_store,
+                                         autocast)
         self.state = new_train_state(self.model, dist.device, self.amp_dtype, args.optimizer, args.learning_rate,
                                      args.weight_decay)
         self.state.tokenizer = tokenizer_used  # recorded in every checkpoint; a resume file must match it
@@ -217,6 +237,7 @@ class Run:
                 lr = lr_at(state.step, self.total_steps, args.learning_rate, args.warmup_iters)
                 metrics = train_step(train_model, micro_batches, state, lr, self.ctx)
                 self._after_step(metrics, lr, wandb_run)
+                self._validate_if_due(wandb_run)
                 if stop.signal is not None or state.step >= self.max_steps or state.step % args.save_interval == 0:
                     self.save(final=state.step >= self.max_steps)
                     saved_at = state.step
@@ -294,10 +315,32 @@ class Run:
         self.bar.write(progress_line(epoch, state.step, self.max_steps, lr, r, peak_memory_mb(self.dist.device)))
         record = {"step": state.step, "epoch": state.epoch, "loss": r["loss"], "lr": lr,
                   "tokens_per_s": r["tokens_per_s"], "images_per_s": r["images_per_s"], "mfu": r["mfu"],
-                  "data_wait_pct": r["data_wait_pct"]}
+                  "data_wait_pct": r["data_wait_pct"], "padding_pct": r["padding_pct"]}
         append_jsonl(self.paths.metrics, record)  # one JSON line per log interval: the loss curve, for plots
         if wandb_run is not None:
             wandb_run.log(record, step=state.step)
+
+    def _validate_if_due(self, wandb_run) -> None:
+        """Validate every --eval_interval steps and at the last step; keep the best weights under --save_best."""
+        args, state = self.args, self.state
+        if self.validator is None:
+            return
+        if not (state.step >= self.max_steps or (args.eval_interval > 0 and state.step % args.eval_interval == 0)):
+            return
+        result = self.validator.run(self.model)  # every rank takes part; all get the same numbers
+        improved = state.best is None or result.score > state.best
+        if improved:
+            state.best = result.score
+        if self.dist.is_main:
+            self.bar.write(f"step {state.step} {result.line()}" + (" (best)" if improved else ""))
+            record = {"step": state.step, "epoch": state.epoch, **result.metrics()}
+            append_jsonl(self.paths.metrics, record)
+            if wandb_run is not None:
+                wandb_run.log(result.metrics(), step=state.step)
+            if args.save_best and improved:
+                save_checkpoint(self.model, self.paths.best, tokenizer=self.state.tokenizer)
+                log.info("saved %s (best so far: %s)", self.paths.best, result.line())
+        self.dist.barrier()
 
     def save(self, final: bool) -> None:
         self.state.save(self.model, self.paths.weights, self.paths.resume, self.dist)

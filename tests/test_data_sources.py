@@ -76,11 +76,11 @@ def test_parquet_rows_multi_image_text_only_and_bad_rows(tmp_path, tokenizer, ti
     assert [it["pixels"] and len(it["pixels"]) for it in items[:5]] == [1, 2, [], 1, 2]
     assert "not an image" in items[5]["error"] and "data.parquet row group" in items[5]["error"]
     batch = collate(items)
-    assert [rid for rid, _ in batch["skipped"]] == [ds.samples[5].id]
-    assert batch["pixels"].shape == (6, 3, 224, 224) and batch["n_images"] == 6
+    assert [rid for rid, _ in batch.skipped] == [ds.samples[5].id]
+    assert batch.pixels.shape == (6, 3, 224, 224) and batch.n_images == 6
     # the images come back in row-major order: the second row's blue is the third image
     blue = ds.preprocess(Image.open(io.BytesIO(png("blue"))).convert("RGB"))
-    assert torch.allclose(batch["pixels"][2], blue)
+    assert torch.allclose(batch.pixels[2], blue)
     # the feature cache keys parquet images by content: 3 distinct good images (red, blue, green) + 1 that failed
     encoder = load_vision_encoder(str(tiny_clip_dir))
     store = FeatureStore(str(tmp_path / "cache"), encoder.fingerprint)
@@ -89,8 +89,8 @@ def test_parquet_rows_multi_image_text_only_and_bad_rows(tmp_path, tokenizer, ti
     assert len(store.failed) == 1
     ds_cached = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN, feature_store=store)
     cached = collate([ds_cached[i] for i in range(6)])
-    assert cached["features"].shape == (6, 50, encoder.hidden_size)
-    assert len(cached["skipped"]) == 1
+    assert cached.features.shape == (6, 50, encoder.hidden_size)
+    assert len(cached.skipped) == 1
 
 
 def test_parquet_single_binary_column_and_skip_text_only(tmp_path, tokenizer):
@@ -150,12 +150,13 @@ def test_mixed_batch_equals_rows_one_at_a_time(tmp_path, tokenizer, tiny_clip_di
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer, max_seq_len=MAX_SEQ_LEN)).eval()
 
+    @torch.no_grad()
     def loss_of(items):
         batch = collate(items)
-        pixels = batch["pixels"]
+        pixels = batch.pixels
         features = encoder.encode_pixels(pixels) if pixels is not None else None
-        loss = model(batch["input_ids"], features, labels=batch["labels"], loss_only=True).loss
-        return float(loss), int((batch["labels"][:, 1:] != -100).sum())
+        loss = model(batch.input_ids, features, labels=batch.labels, loss_only=True).loss
+        return float(loss), int((batch.labels[:, 1:] != -100).sum())
 
     items = [ds[i] for i in range(3)]
     mixed, n_mixed = loss_of(items)
@@ -170,7 +171,7 @@ def test_training_on_parquet_with_feature_cache_and_exact_resume(tmp_path, tiny_
     argv = train_argv(path, tmp_path, tiny_clip_dir, tmp_path / "o", "--max_seq_len", "160", "--batch_size", "3",
                       "--feature_cache", str(tmp_path / "cache"))
     full = train(build_parser(SFT).parse_args(argv), SFT)
-    assert full["global_step"] == 8 and full["skipped_records"] == 0
+    assert full["step"] == 8 and full["skipped_records"] == 0
     first = train(build_parser(SFT).parse_args(argv + ["--out_dir", str(tmp_path / "r"), "--max_steps", "3"]), SFT)
     second = train(build_parser(SFT).parse_args(argv + ["--out_dir", str(tmp_path / "r"), "--resume"]), SFT)
     assert first["losses"] + second["losses"] == full["losses"]
@@ -179,4 +180,4 @@ def test_training_on_parquet_with_feature_cache_and_exact_resume(tmp_path, tiny_
     text_first = write_parquet(tmp_path / "text_first.parquet", rows)
     argv = train_argv(text_first, tmp_path, tiny_clip_dir, tmp_path / "f", "--max_seq_len", "160",
                       "--batch_size", "2", "--freeze_llm", "1", "--epochs", "1")
-    assert train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)["global_step"] == 2
+    assert train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)["step"] == 2
