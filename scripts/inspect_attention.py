@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from model.attention_map import inspect_answer  # noqa: E402
 from model.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
-from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH  # noqa: E402
 from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
 
 
@@ -38,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_tokens_drawn", type=int, default=8, help="per-token heat maps drawn (all are printed)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
-    p.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER_PATH)
+    p.add_argument("--tokenizer_path", default=None,
+                   help="default: the checkpoint's own (as 3-eval_chat.py resolves it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
