@@ -363,19 +363,7 @@ def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, m
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "minimind-v"}
 
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
-                            status_code=500)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -415,16 +403,7 @@ def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, m
         return response
 
     async def _chat_completion(request: Request, release: Callable[[], None]):
-        raw = await read_body(request, max_body_bytes, body_timeout_s)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-        except RecursionError:
-            raise APIError(400, "the request body is nested too deeply", None, "invalid_json") from None
-        except ValueError as e:  # e.g. an integer longer than Python's int-string conversion limit
-            raise APIError(400, f"the request body is not acceptable JSON ({_first_line(e)})", None,
-                           "invalid_json") from None
+        body = parse_json_body(await read_body(request, max_body_bytes, body_timeout_s))
         # Images are decoded off the event loop (a large PNG takes a while and must not stall other requests),
         # a few at a time, and resized before the request queues for the model: memory stays bounded.
         async with decode_slots:
@@ -435,19 +414,7 @@ def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, m
             return StreamingResponse(stream_events(runner, job, completion_id, now, model_id, release),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        pieces: list[str] = []
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        try:
-            work = loop.run_in_executor(runner.executor, runner.generate, job, pieces.append, cancel)
-            while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
-                if await request.is_disconnected():  # the client gave up: its queued or running work stops
-                    cancel.set()
-                    await asyncio.wait({work})
-                    raise APIError(499, "the client closed the connection", None, "client_closed")
-            outcome = work.result()
-        finally:
-            cancel.set()  # if this request was cancelled while queued or running, the worker stops early
+        pieces, outcome = await generate_whole(runner, job, request)
         return {
             "id": completion_id, "object": "chat.completion", "created": now, "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
@@ -456,6 +423,56 @@ def create_app(runner: Runner, model_id: str, image_dir: Optional[str] = None, m
         }
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-style JSON error body: ours with their codes, the framework's (404,
+    405, ...) as request errors, anything unforeseen as a 500 that names it."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON, or a 400 that says what is wrong with it."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", None, "invalid_json") from None
+    except ValueError as e:  # e.g. an integer longer than Python's int-string conversion limit
+        raise APIError(400, f"the request body is not acceptable JSON ({_first_line(e)})", None,
+                       "invalid_json") from None
+
+
+async def generate_whole(runner: Runner, job: ChatJob, request: Request) -> tuple[list[str], Outcome]:
+    """Run a non-streamed request on the model worker, watching the client: one that disconnects stops its
+    queued or running work (a 499 for the log). Returns the answer pieces and the worker's outcome."""
+    pieces: list[str] = []
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        work = loop.run_in_executor(runner.executor, runner.generate, job, pieces.append, cancel)
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():  # the client gave up: its queued or running work stops
+                cancel.set()
+                await asyncio.wait({work})
+                raise APIError(499, "the client closed the connection", None, "client_closed")
+        return pieces, work.result()
+    finally:
+        cancel.set()  # if this request was cancelled while queued or running, the worker stops early
 
 
 def _sse(payload: Any) -> str:
