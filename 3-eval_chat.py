@@ -14,6 +14,7 @@ import argparse
 import os
 import random
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -96,15 +97,15 @@ def choose_checkpoint(args: argparse.Namespace) -> tuple[str | None, bool]:
     return (str(found), True) if found is not None else (None, True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    seed_everything(args.seed)
+def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
+    """The checkpoint picked by --ckpt (or the newest one found) with its encoder and tokenizer; None after
+    printing a one-line error."""
     ckpt, picked = choose_checkpoint(args)
     if ckpt is None:
         print(f"error: no checkpoint found (no {args.out_dir}/*_vlm_sft.pth and no model directory in {args.out_dir}/ "
               f"or the project root): download the published model with `python scripts/download.py --what model "
               f"--dim 512`, train one with 2-sft_vlm.py or `make demo`, or pass --ckpt", file=sys.stderr)
-        return 1
+        return None
     if picked:
         print(f"model: {ckpt} (the newest SFT checkpoint or model directory found; choose another with --ckpt)")
     try:
@@ -113,26 +114,45 @@ def main(argv=None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         hint = " (train one with 2-sft_vlm.py or `make demo`)" if not os.path.exists(ckpt) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
-        return 1
+        return None
     note = stand_in_warning(args.clip_path)
     if note:
         print(note)
     print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}, tokenizer: {chat.tokenizer_path}")
-    settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.repetition_penalty, args.seed)
+    return chat
 
-    if args.eval_data:
-        from model.evaluate import answer_accuracy
 
-        images_path = args.eval_images_path or os.path.dirname(args.eval_data)
+def score(chat: VLMChat, args: argparse.Namespace) -> int:
+    """Exact-match accuracy over --eval_data, printed with the per-type breakdown."""
+    from model.evaluate import answer_accuracy
+
+    images_path = args.eval_images_path or os.path.dirname(args.eval_data)
+    try:
+        result = answer_accuracy(chat, args.eval_data, images_path, args.image_prefix, args.eval_limit)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(result.lines()))
+    return 0
+
+
+def chat_loop(chat: VLMChat, images: list, settings: GenerationSettings, stream: bool) -> None:
+    """Questions from stdin about the same images, with history, until EOF or exit/quit."""
+    history: list[tuple[str, str]] = []
+    while True:
         try:
-            result = answer_accuracy(chat, args.eval_data, images_path, args.image_prefix, args.eval_limit)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print("\n".join(result.lines()))
-        return 0
+            question = input("[Q]: ").strip()
+        except EOFError:
+            return
+        if question.lower() in {"exit", "quit"}:
+            return
+        if question:
+            history.append((question, ask(chat, question, images, history, settings, stream)))
 
+
+def answer_images(chat: VLMChat, args: argparse.Namespace, settings: GenerationSettings) -> int:
+    """One question about each image of a folder (or about all --image files together); a bad image is
+    reported in one line and the rest are still answered."""
     image_args = args.image or ["dataset/eval_images"]
     if len(image_args) == 1:
         image_sets = [[path] for path in list_images(image_args[0])]  # each image of a folder on its own
@@ -144,28 +164,32 @@ def main(argv=None) -> int:
     failures = 0
     for paths in image_sets:
         try:
-            image = [open_image(path) for path in paths]
+            images = [open_image(path) for path in paths]
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1
             continue
         print(f"[Image]: {', '.join(os.path.basename(path) for path in paths)}")
         if args.interactive:
-            history: list[tuple[str, str]] = []
-            while True:
-                try:
-                    question = input("[Q]: ").strip()
-                except EOFError:
-                    break
-                if question.lower() in {"exit", "quit"}:
-                    break
-                if question:
-                    history.append((question, ask(chat, question, image, history, settings, not args.no_stream)))
+            chat_loop(chat, images, settings, not args.no_stream)
         else:
             print(f"[Q]: {args.prompt}")
-            ask(chat, args.prompt, image, (), settings, not args.no_stream)
+            ask(chat, args.prompt, images, (), settings, not args.no_stream)
         print()
     return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    chat = load_chat(args)
+    if chat is None:
+        return 1
+    if args.eval_data:
+        return score(chat, args)
+    settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                  args.repetition_penalty, args.seed)
+    return answer_images(chat, args, settings)
 
 
 if __name__ == "__main__":

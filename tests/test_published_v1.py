@@ -358,3 +358,18 @@ def test_python_web_server_starts_streamlit(tmp_path):
             pytest.fail("streamlit did not start")
     finally:
         stop_process(proc)
+
+
+def test_eval_chat_asks_about_several_images_in_an_interactive_chat(published, official_installed, monkeypatch,
+                                                                    tmp_path, capsys):
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (40, 40), (30, 30, 220)).save(blue)
+    questions = iter(["What colours are they?", "", "And the first one?", "exit", "never asked"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(questions))
+    code = _eval_chat().main(["--ckpt", str(published["pth"]), "--clip_path", str(published["clip"]),
+                              "--image", str(published["images"] / "red.png"), "--image", str(blue),
+                              "--interactive", "--temperature", "0", "--max_new_tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[Image]: red.png, blue.png" in out
+    assert out.count("[A]: ") == 2  # the empty line is not a question; "exit" ends the chat
+    assert next(questions) == "never asked"
