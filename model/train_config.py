@@ -66,6 +66,8 @@ def model_size(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    """Every training flag with the stage's defaults. Longer than the other functions on purpose: one flat list,
+    grouped by comments in the order `--help` prints it, is easier to scan than flags spread over helpers."""
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage.name} (run with torchrun for several GPUs)")
     a = p.add_argument
     # v1 arguments
