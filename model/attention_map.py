@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .LMConfig import IMAGE_TOKENS
-from .model import Attention, MiniMindVLM, apply_rope, rope_tables
+from .model import Attention, MiniMindVLM, rope_tables
 
 PATCH_GRID = 7  # ViT-B/32 on 224x224: 7x7 patches after the CLS token
 
@@ -77,10 +77,7 @@ def explicit_attention(attention: Attention, x: torch.Tensor, cos: torch.Tensor,
     """What Attention.forward computes for a whole causal sequence x [B, T, dim] (no cache), written out:
     (its output [B, T, dim], the attention weights [B, heads, T, T] in float32)."""
     B, T, _ = x.shape
-    q = attention.wq(x).view(B, T, attention.n_heads, attention.head_dim)
-    k = attention.wk(x).view(B, T, attention.n_kv_heads, attention.head_dim)
-    v = attention.wv(x).view(B, T, attention.n_kv_heads, attention.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attention.rotated_qkv(x, (cos, sin))
     group = attention.n_heads // attention.n_kv_heads  # query head h reads kv head h // group
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     q, k, v = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()

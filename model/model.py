@@ -140,16 +140,21 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def rotated_qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x [B, T, dim] as [B, T, heads, head_dim], queries and keys rotated."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
                 layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.run_blocks).
         attn_mask: None for plain causal attention, or bool [B, 1, T, keys] when rows hold padding
         (padded_attention_mask)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.rotated_qkv(x, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
         mask, causal = None, T > 1
