@@ -29,15 +29,30 @@ sys.path.insert(0, ROOT)
 from model.LMConfig import PRESETS  # noqa: E402
 from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, is_stand_in  # noqa: E402
 
-# Model and schedule per profile; `full` is what `make demo` runs and the README reports.
+# Model and schedule per profile; `full` is what `make demo` runs and the README reports. During SFT,
+# val_samples held-out questions are validated val_points times: the accuracy curve of the loss plot (a
+# monitoring curve only: nothing is picked by it).
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=1, max_train_images=None,
                  max_test_questions=None, pretrain_epochs=8, pretrain_lr=1e-3, sft_epochs=2, sft_lr=1e-3,
-                 batch_size=16, sft_max_steps=None, eval_limit=None, cpu_bf16=True),
+                 batch_size=16, group_by_length=False, sft_max_steps=None, eval_limit=None, cpu_bf16=True,
+                 val_samples=300, val_points=6),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_train_images=600,
                max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3, sft_epochs=1, sft_lr=2e-3,
-               batch_size=32, sft_max_steps=None, eval_limit=None, cpu_bf16=False),
+               batch_size=32, group_by_length=False, sft_max_steps=None, eval_limit=None, cpu_bf16=False,
+               val_samples=40, val_points=2),
 }
+PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)
+
+
+def write_val_monitor(test_path: str, out_path: str, n: int) -> int:
+    """Every k-th held-out test question (spread over images and question types) into a small validation file."""
+    with open(test_path) as f:
+        records = json.load(f)
+    picked = records[::max(1, len(records) // max(n, 1))][:n]
+    with open(out_path, "w") as f:
+        json.dump(picked, f)
+    return len(picked)
 
 
 def run(cmd: list[str], log_name: str, out_dir: str, echo: bool = True) -> tuple[str, float]:
@@ -108,14 +123,23 @@ def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str
               "--clip_path", clip, "--out_dir", args.out_dir, "--device", "cpu", "--num_workers",
               str(args.num_workers), "--batch_size", str(cfg["batch_size"]), "--feature_cache",
               os.path.join(args.out_dir, "feature_cache"), "--save_interval", "100000",
-              "--images_path", os.path.join(demo, "images", "train")] + (["--cpu_bf16"] if cfg["cpu_bf16"] else [])
+              "--images_path", os.path.join(demo, "images", "train")] + (["--cpu_bf16"] if cfg["cpu_bf16"] else []) \
+        + (["--group_by_length"] if cfg["group_by_length"] else [])
     _, times["pretrain"] = run([py, "1-pretrain_vlm.py", *common, "--from_scratch",
                                 "--data_path", os.path.join(demo, "pretrain.json"),
                                 "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]),
                                 "--log_interval", "10"], "pretrain", args.out_dir)
+    # SFT validates now and then on a few held-out questions: the accuracy curve of the loss plot
+    val_path = os.path.join(args.out_dir, "val_monitor.json")
+    n_val = write_val_monitor(os.path.join(demo, "test.json"), val_path, cfg["val_samples"])
+    with open(os.path.join(demo, "sft.json")) as f:
+        n_sft = len(json.load(f))
+    sft_steps = cfg["sft_max_steps"] or cfg["sft_epochs"] * -(-n_sft // cfg["batch_size"])
     sft_cmd = [py, "2-sft_vlm.py", *common, "--data_path", os.path.join(demo, "sft.json"), "--image_prefix", "",
                "--epochs", str(cfg["sft_epochs"]), "--learning_rate", str(cfg["sft_lr"]), "--log_interval", "50",
-               "--warmup_iters", "20"]
+               "--warmup_iters", "20", "--val_data", val_path, "--val_images_path",
+               os.path.join(demo, "images", "test"), "--val_samples", str(n_val),
+               "--eval_interval", str(max(1, sft_steps // cfg["val_points"]))]
     if cfg["sft_max_steps"]:
         sft_cmd += ["--max_steps", str(cfg["sft_max_steps"])]
     _, times["sft"] = run(sft_cmd, "sft", args.out_dir)
@@ -137,8 +161,11 @@ def evaluate(args: argparse.Namespace, cfg: dict, clip: str, ckpt: str, times: d
     match = re.search(r"accuracy: ([\d.]+) \(n=(\d+), majority baseline ([\d.]+)\)", acc_log)
     if not match:
         sys.exit("demo: the accuracy evaluation printed no accuracy line")
+    per_type = {m.group(1): {"accuracy": float(m.group(2)), "n": int(m.group(3)),
+                             "majority_baseline": float(m.group(4)), "majority_answer": m.group(5)}
+                for m in PER_TYPE.finditer(acc_log)}
     return {"accuracy": float(match.group(1)), "n": int(match.group(2)), "majority_baseline": float(match.group(3)),
-            "eval_images_answered": chat_log.count("[A]:")}
+            "per_type": per_type, "eval_images_answered": chat_log.count("[A]:")}
 
 
 def main() -> None:
@@ -155,13 +182,16 @@ def main() -> None:
     # 6. loss curves
     stem = os.path.join(args.out_dir, str(cfg["dim"]))
     run([sys.executable, "scripts/plot_loss.py", f"{stem}_vlm_pretrain_log.jsonl", f"{stem}_vlm_sft_log.jsonl",
-         "--out", args.loss_plot, "--title", f"demo ({args.profile}) training loss, log scale"], "plot", args.out_dir)
+         "--out", args.loss_plot, "--title", f"demo ({args.profile}): training loss (log scale), validation accuracy"],
+        "plot", args.out_dir)
 
     total = time.perf_counter() - started
     summary = {"profile": args.profile, **scores, "vision_encoder": clip,
                "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
-               "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}}
+               "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")},
+               "schedule": {k: cfg[k] for k in ("pretrain_epochs", "pretrain_lr", "sft_epochs", "sft_lr", "batch_size",
+                                                "group_by_length", "cpu_bf16")}}
     with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
@@ -170,6 +200,9 @@ def main() -> None:
     print(f"eval images    : {scores['eval_images_answered']} answered (see {args.out_dir}/logs/eval_chat.log)")
     print(f"held-out test  : accuracy: {scores['accuracy']:.3f} (n={scores['n']}, majority baseline "
           f"{scores['majority_baseline']:.3f})")
+    for name, t in sorted(scores["per_type"].items()):
+        print(f"  {name:<13}: accuracy {t['accuracy']:.3f} (n={t['n']}, majority baseline "
+              f"{t['majority_baseline']:.3f}, always '{t['majority_answer']}')")
     print(f"time           : {total / 60:.1f} min total; " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"loss curves    : {args.loss_plot}")
     print("chat with it   : python 3-eval_chat.py --ckpt", ckpt, "--clip_path", clip,
