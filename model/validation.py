@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.distributed as torch_dist
 
 from .dataset import IGNORE_INDEX, Sample, VLMDataset, collate
 from .distributed import Distributed
@@ -67,6 +68,7 @@ class Validator:
 
     @torch.no_grad()
     def run(self, model) -> ValidationResult:
+        """Evaluate `model` (put back in training mode afterwards when it was); every rank must call this."""
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -77,10 +79,8 @@ class Validator:
             model.train(was_training)
         totals = torch.tensor([loss_sum, n_tokens, n_samples, correct, scored], dtype=torch.float64)
         if self.dist.enabled:
-            import torch.distributed as tdist
-
             totals = totals.to(self.dist.device)
-            tdist.all_reduce(totals)
+            torch_dist.all_reduce(totals)
         loss_sum, n_tokens, n_samples, correct, scored = totals.tolist()
         return ValidationResult(loss_sum / max(n_tokens, 1), correct / scored if scored else None, int(n_samples),
                                 int(scored), time.perf_counter() - t0)
