@@ -54,3 +54,25 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+def run_stage(stage, argv: list[str]) -> dict:
+    """Train one stage in-process with these command-line flags, as its numbered script would; the summary."""
+    from model.trainer import build_parser, train
+
+    return train(build_parser(stage).parse_args(argv), stage)
+
+
+def count_prompt_images(monkeypatch) -> list[int]:
+    """Spy on VLMChat.build_prompt: the returned list gets the image count of every prompt built."""
+    from model.chat import VLMChat
+
+    counts: list[int] = []
+    original = VLMChat.build_prompt
+
+    def spy(self, question, history=(), n_images=1, reserve=0):
+        counts.append(n_images)
+        return original(self, question, history, n_images, reserve)
+
+    monkeypatch.setattr(VLMChat, "build_prompt", spy)
+    return counts

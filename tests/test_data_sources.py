@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from helpers import COLORS, make_dataset, train_argv
+from helpers import COLORS, make_dataset, run_stage, train_argv
 from model.dataset import DataError, VLMDataset, collate
 from model.feature_cache import FeatureStore
 from model.model import MiniMindVLM
 from model.parquet_data import ParquetImage, read_parquet_records
-from model.trainer import PRETRAIN, SFT, build_parser, train
+from model.trainer import PRETRAIN, SFT
 from model.vision_utils import load_vision_encoder
 
 MAX_SEQ_LEN = 160
@@ -170,14 +170,14 @@ def test_training_on_parquet_with_feature_cache_and_exact_resume(tmp_path, tiny_
     path = write_parquet(tmp_path / "train.parquet", GOOD_ROWS * 2)
     argv = train_argv(path, tmp_path, tiny_clip_dir, tmp_path / "o", "--max_seq_len", "160", "--batch_size", "3",
                       "--feature_cache", str(tmp_path / "cache"))
-    full = train(build_parser(SFT).parse_args(argv), SFT)
+    full = run_stage(SFT, argv)
     assert full["step"] == 8 and full["skipped_records"] == 0
-    first = train(build_parser(SFT).parse_args(argv + ["--out_dir", str(tmp_path / "r"), "--max_steps", "3"]), SFT)
-    second = train(build_parser(SFT).parse_args(argv + ["--out_dir", str(tmp_path / "r"), "--resume"]), SFT)
+    first = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--max_steps", "3"])
+    second = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--resume"])
     assert first["losses"] + second["losses"] == full["losses"]
     # projection-only training on a batch without images still runs (nothing to learn from it)
     rows = [(chat("Say hello.", "hello"), None)] * 2 + [(chat("<image>\nWhat colour is it?", "red"), png("red"))]
     text_first = write_parquet(tmp_path / "text_first.parquet", rows)
     argv = train_argv(text_first, tmp_path, tiny_clip_dir, tmp_path / "f", "--max_seq_len", "160",
                       "--batch_size", "2", "--freeze_llm", "1", "--epochs", "1")
-    assert train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)["step"] == 2
+    assert run_stage(PRETRAIN, argv)["step"] == 2

@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 from conftest import OFFICIAL_TOKENIZER_FIXTURE, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import make_dataset, train_argv
+from helpers import make_dataset, run_stage, train_argv
 from model.chat import GenerationSettings, VLMChat
 from model.checkpoint import (newest_chat_checkpoint, read_checkpoint, save_checkpoint, v1_state_dict)
 from model.model import MiniMindVLM
 from model.tokenizer_utils import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError,
                                    load_tokenizer, tokenizer_fingerprint, tokenizer_record)
-from model.trainer import PRETRAIN, SFT, build_parser, train
+from model.trainer import PRETRAIN, SFT
 from model.vision_utils import load_vision_encoder
 
 GREEDY = GenerationSettings(temperature=0.0, top_k=None, max_new_tokens=12, seed=0)
@@ -251,9 +251,6 @@ def test_api_server_without_the_official_tokenizer_is_one_line(published, offici
 
 
 # ------------------------------------------------------------------------------------------ training
-def _train(stage, argv):
-    return train(build_parser(stage).parse_args(argv), stage)
-
 
 def test_training_from_an_unrecorded_checkpoint_needs_the_official_tokenizer(published, tmp_path, monkeypatch,
                                                                               capsys):
@@ -270,18 +267,18 @@ def test_training_from_an_unrecorded_checkpoint_needs_the_official_tokenizer(pub
     assert "--what tokenizer" in err.err and "step 1" not in err.out and not out.joinpath("64_vlm_pretrain.pth").exists()
 
     monkeypatch.setenv(OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FIXTURE)
-    _train(PRETRAIN, argv)
+    run_stage(PRETRAIN, argv)
     record = json.loads((out / "64_vlm_pretrain.config.json").read_text())["tokenizer"]
     assert record["fingerprint"] == OFFICIAL_TOKENIZER_FINGERPRINT
     # the chained stage checks the record before its first step
     sft = train_argv(data, images, published["clip"], out, "--max_steps", "1", "--max_seq_len", "160",
                      "--image_prefix", "")[1:]
     with pytest.raises(TokenizerError, match="tokenizer mismatch: .*64_vlm_pretrain.pth"):
-        _train(SFT, sft + ["--tokenizer_path", TOKENIZER_PATH])
+        run_stage(SFT, sft + ["--tokenizer_path", TOKENIZER_PATH])
     assert not (out / "64_vlm_sft.pth").exists()
     # a resumed run checks its resume checkpoint's record
     with pytest.raises(TokenizerError, match="64_vlm_pretrain_resume.pth was trained with"):
-        _train(PRETRAIN, ["--from_scratch", *argv, "--tokenizer_path", TOKENIZER_PATH, "--resume"])
+        run_stage(PRETRAIN, ["--from_scratch", *argv, "--tokenizer_path", TOKENIZER_PATH, "--resume"])
 
 
 def test_training_from_a_model_directory(published, tmp_path, official_installed):
@@ -289,7 +286,7 @@ def test_training_from_a_model_directory(published, tmp_path, official_installed
     out = tmp_path / "out"
     argv = train_argv(data, images, published["clip"], out, "--max_steps", "1", "--max_seq_len", "160",
                       "--image_prefix", "")[1:]
-    summary = _train(SFT, argv + ["--init", str(published["dir"])])
+    summary = run_stage(SFT, argv + ["--init", str(published["dir"])])
     assert summary["step"] == 1
     record = json.loads((out / "64_vlm_sft.config.json").read_text())["tokenizer"]
     assert record["fingerprint"] == OFFICIAL_TOKENIZER_FINGERPRINT

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from helpers import run_stage
 from model.checkpoint import CheckpointError, config_path_for, load_model, read_state_dict, save_checkpoint
 from model.model import MiniMindVLM
 
@@ -171,12 +172,12 @@ def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path
     its weights: the resumed run removes the temp files of the killed saves, redoes step 3, and the log holds
     each step once, the redone step 3 in place of the lost one."""
     from helpers import make_dataset, train_argv
-    from model.trainer import PRETRAIN, build_parser, train
+    from model.trainer import PRETRAIN
 
     data, images = make_dataset(tmp_path / "data", n_images=8)
     out = tmp_path / "out"
     argv = train_argv(data, images, tiny_clip_dir, out, "--batch_size", "2", "--epochs", "1")
-    train(build_parser(PRETRAIN).parse_args(argv + ["--max_steps", "2"]), PRETRAIN)
+    run_stage(PRETRAIN, argv + ["--max_steps", "2"])
     log_file = out / "64_vlm_pretrain_log.jsonl"
     with open(log_file, "a") as f:  # what the killed run had written after its last save
         f.write(json.dumps({"step": 3, "epoch": 0, "loss": 123.0, "lr": 0.0}) + "\n")
@@ -186,7 +187,7 @@ def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path
     unrelated = [out / ".64_vlm_sft.pth.a1b2.tmp", out / "notes.tmp"]  # another stage's, a user's file
     for path in stale + unrelated:
         path.write_bytes(b"half of a save")
-    train(build_parser(PRETRAIN).parse_args(argv + ["--resume"]), PRETRAIN)
+    run_stage(PRETRAIN, argv + ["--resume"])
     assert not any(path.exists() for path in stale) and all(path.exists() for path in unrelated)
     assert not list(out.glob(".64_vlm_pretrain*.tmp"))  # and the run's own saves left none
     steps = [json.loads(line) for line in log_file.read_text().splitlines()]

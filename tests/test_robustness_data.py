@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_dataset, train_argv
+from helpers import make_dataset, run_stage, train_argv
 from model.dataset import DataError, VLMDataset
-from model.trainer import PRETRAIN, build_parser, main, train
+from model.trainer import PRETRAIN, main
 
 MAX_SEQ_LEN = 96
 
@@ -101,8 +101,8 @@ def test_long_answer_is_truncated_not_dropped(tmp_path, tokenizer):
 
 def test_all_kinds_together_training_skips_and_counts_them(tmp_path, tiny_clip_dir):
     data, images = write_data(tmp_path, list(BAD))
-    summary = train(build_parser(PRETRAIN).parse_args(
-        train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--epochs", "1")), PRETRAIN)
+    summary = run_stage(PRETRAIN, 
+        train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--epochs", "1"))
     assert summary["skipped_records"] == len(BAD) and summary["skipped_images"] == 0
     assert summary["step"] == 1 and len(summary["losses"]) == 1  # the 4 good records: one batch
 

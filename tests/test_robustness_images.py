@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
-from helpers import train_argv
+from helpers import count_prompt_images, run_stage, train_argv
 from model.checkpoint import save_checkpoint
 from model.dataset import DataError, VLMDataset, collate
 from model.model import MiniMindVLM
-from model.trainer import PRETRAIN, build_parser, train
+from model.trainer import PRETRAIN
 from model.vision_utils import MAX_IMAGE_PIXELS, ImageError, open_image
 
 # name -> None when the file must work, else a phrase its one-line error must contain
@@ -197,7 +197,7 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
 
     # training over them: runs to the end, every bad image counted
     argv = train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--epochs", "1", "--batch_size", "5")
-    summary = train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)
+    summary = run_stage(PRETRAIN, argv)
     assert summary["skipped_images"] == len(BAD) and summary["step"] == -(-len(CASES) // 5)
     assert all(np.isfinite(summary["losses"]))
 
@@ -236,16 +236,7 @@ def test_eval_chat_single_image(eval_chat, images, tiny_ckpt, tiny_clip_dir, cap
 
 def test_eval_chat_two_images_are_asked_about_together(eval_chat, images, tiny_ckpt, tiny_clip_dir, capsys,
                                                         monkeypatch):
-    from model.chat import VLMChat
-
-    counts = []
-    original = VLMChat.build_prompt
-
-    def spy(self, question, history=(), n_images=1, reserve=0):
-        counts.append(n_images)
-        return original(self, question, history, n_images, reserve)
-
-    monkeypatch.setattr(VLMChat, "build_prompt", spy)
+    counts = count_prompt_images(monkeypatch)
     good = [name for name, expected in CASES.items() if expected is None][:2]
     argv = _eval_argv(tiny_ckpt, tiny_clip_dir, images / good[0]) + ["--image", str(images / good[1])]
     code = eval_chat.main(argv)

@@ -17,17 +17,17 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_dataset, train_argv
+from helpers import make_dataset, run_stage, train_argv
 from model import checkpoint as checkpoint_module
 from model.checkpoint import load_model, load_object, read_state_dict
 from model.model import MiniMindVLM
-from model.trainer import PRETRAIN, build_parser, main, train
+from model.trainer import PRETRAIN, main
 
 STEM = "64_vlm_pretrain"
 
 
 def run(argv):
-    return train(build_parser(PRETRAIN).parse_args(argv), PRETRAIN)
+    return run_stage(PRETRAIN, argv)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -6,25 +6,20 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_config
-from helpers import make_dataset, train_argv
-from model.checkpoint import load_model, load_object, read_state_dict
+from helpers import make_dataset, run_stage, train_argv
+from model.checkpoint import load_model, load_object
 from model.dataset import DataError, VLMDataset, collate
 from model.model import MiniMindVLM
 from model.train_config import PRETRAIN, SFT, build_parser, checkpoint_stem, model_size
 from model.train_step import lr_at
-from model.trainer import train
+
 from model.vision_utils import load_vision_encoder
-
-
-def run(stage, argv):
-    return train(build_parser(stage).parse_args(argv), stage)
 
 
 def test_tiny_model_overfits_a_fixed_batch(tmp_path, tokenizer, tiny_clip_dir):
@@ -84,7 +79,7 @@ def test_preset_picks_the_size_and_size_flags_override_it():
 def test_pretrain_checkpoint_is_v1_layout_and_loads_strictly(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 8)
     out = tmp_path / "out"
-    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "3"))
+    summary = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "3"))
     ckpt = out / "64_vlm_pretrain.pth"
     assert summary["checkpoint"] == str(ckpt) and ckpt.exists()
     sd = torch.load(ckpt, weights_only=True)
@@ -97,21 +92,21 @@ def test_pretrain_checkpoint_is_v1_layout_and_loads_strictly(tmp_path, tiny_clip
         "vision_proj.vision_proj.0.bias": (64,)}
     load_model(ckpt)  # strict
     # SFT continues from it by name
-    summary = run(SFT, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "2", "--image_prefix", "")[1:])
+    summary = run_stage(SFT, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "2", "--image_prefix", "")[1:])
     assert (out / "64_vlm_sft.pth").exists()
 
 
 def test_missing_start_checkpoint_says_where_to_get_it(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 2)
     with pytest.raises(FileNotFoundError, match="64_llm.pth.*scripts/download.py --what llm.*--from_scratch"):
-        run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o")[1:])
+        run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o")[1:])
 
 
 def test_resume_gives_the_same_loss_trace(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 12)
-    full = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "a", "--max_steps", "7", "--epochs", "3"))
-    first = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "4", "--epochs", "3"))
-    second = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "7", "--epochs", "3",
+    full = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "a", "--max_steps", "7", "--epochs", "3"))
+    first = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "4", "--epochs", "3"))
+    second = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "7", "--epochs", "3",
                                       "--resume"))
     assert len(full["losses"]) == 7
     assert first["losses"] + second["losses"] == full["losses"]  # exact, CPU fp32
@@ -120,7 +115,7 @@ def test_resume_gives_the_same_loss_trace(tmp_path, tiny_clip_dir):
 def test_steps_count_optimizer_updates_under_accumulation(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 12)  # 6 micro-batches of 2 per epoch
     out = tmp_path / "o"
-    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--batch_size", "2",
+    summary = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--batch_size", "2",
                                        "--accumulation_steps", "2", "--max_steps", "3"))
     assert summary["step"] == 3 and summary["micro_batches"] == 6 and len(summary["losses"]) == 3
     metrics = [json.loads(line) for line in (out / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
@@ -132,7 +127,7 @@ def test_steps_count_optimizer_updates_under_accumulation(tmp_path, tiny_clip_di
     state = load_object(out / "64_vlm_pretrain_resume.pth")
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3, 1, 0)  # the epoch is done
     # an epoch ends a step early: 6 micro-batches in steps of 4 are 2 optimizer steps (4 + 2)
-    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "p", "--batch_size", "2",
+    summary = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "p", "--batch_size", "2",
                                        "--accumulation_steps", "4", "--epochs", "1"))
     assert summary["step"] == 2 and summary["micro_batches"] == 6
 
@@ -158,18 +153,18 @@ def test_bad_records_are_skipped_counted_and_strict_fails(tmp_path, tiny_clip_di
     ]
     data, images = make_dataset(tmp_path, 6, extra_records=bad, jsonl=True)
     (images / "corrupt.png").write_bytes((images / "img_0.png").read_bytes()[:50])
-    summary = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--epochs", "1"))
+    summary = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--epochs", "1"))
     assert summary["step"] == 2  # 7 usable records in batches of 4: trained to the end
     assert summary["skipped_records"] == 8 and summary["skipped_images"] == 1
     with pytest.raises(DataError, match="record no_image_file: missing image"):
-        run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--strict_data"))
+        run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--strict_data"))
 
 
 def test_cached_and_online_features_give_equal_losses(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 8)
-    online = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "a", "--max_steps", "4"))
+    online = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "a", "--max_steps", "4"))
     cache = tmp_path / "cache"
-    cached = run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "4",
+    cached = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "b", "--max_steps", "4",
                                       "--feature_cache", str(cache)))
     assert len(online["losses"]) == len(cached["losses"]) == 4
     for a, b in zip(online["losses"], cached["losses"]):
@@ -177,7 +172,7 @@ def test_cached_and_online_features_give_equal_losses(tmp_path, tiny_clip_dir):
     shards = list(cache.glob("*/shard_*.npy"))
     assert len(shards) == 1
     # a second run reuses the store (no new shard); a different encoder gets its own store
-    run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "c", "--max_steps", "1",
+    run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "c", "--max_steps", "1",
                              "--feature_cache", str(cache)))
     assert len(list(cache.glob("*/shard_*.npy"))) == 1
 
@@ -201,7 +196,7 @@ def test_wandb_offline_logging(tmp_path, tiny_clip_dir, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     data, images = make_dataset(tmp_path, 4)
-    run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--max_steps", "2", "--use_wandb"))
+    run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--max_steps", "2", "--use_wandb"))
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     metrics = [json.loads(line) for line in (tmp_path / "o" / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["tokens_per_s"] > 0 for m in metrics)

@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from helpers import make_dataset, train_argv
+from helpers import make_dataset, run_stage, train_argv
 from model.checkpoint import read_state_dict
 from model.dataset import DataError, VLMDataset, collate
 from model.distributed import Distributed
 from model.model import MiniMindVLM
 from model.samplers import LengthGroupedSampler, ResumableSampler
-from model.trainer import PRETRAIN, build_parser, train
+from model.trainer import PRETRAIN
 from model.validation import Validator, answer_span
 from model.vision_utils import load_vision_encoder
-
-
-def run(stage, argv):
-    return train(build_parser(stage).parse_args(argv), stage)
 
 
 def test_validator_matches_one_at_a_time_scoring(tmp_path, tokenizer, tiny_clip_dir):
@@ -66,7 +62,7 @@ def test_validation_and_save_best_on_a_tiny_run(tmp_path, tiny_clip_dir, capsys)
     data, images = make_dataset(tmp_path, 8)
     val, _ = make_dataset(tmp_path, 4, name="val")
     out = tmp_path / "o"
-    run(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "4", "--eval_interval", "2",
+    run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "4", "--eval_interval", "2",
                              "--val_data", str(val), "--val_samples", "3", "--save_best", "--learning_rate", "3e-3"))
     lines = [json.loads(line) for line in (out / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
     vals = [r for r in lines if "val_loss" in r]
@@ -86,7 +82,7 @@ def test_validation_and_save_best_on_a_tiny_run(tmp_path, tiny_clip_dir, capsys)
 def test_save_best_needs_val_data(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 4)
     with pytest.raises(DataError, match="--save_best needs --val_data"):
-        run(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--save_best"))
+        run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--save_best"))
 
 
 def varied_lengths_dataset(tmp_path, n: int = 24):
@@ -125,10 +121,10 @@ def test_length_grouped_sampler_pads_less_and_covers_every_sample(tmp_path, toke
 def test_group_by_length_resume_is_exact(tmp_path, tiny_clip_dir):
     data, images = varied_lengths_dataset(tmp_path, 20)
     argv = train_argv(data, images, tiny_clip_dir, tmp_path / "full", "--group_by_length", "--max_seq_len", "128")
-    full = run(PRETRAIN, argv)
+    full = run_stage(PRETRAIN, argv)
     part = train_argv(data, images, tiny_clip_dir, tmp_path / "part", "--group_by_length", "--max_seq_len", "128")
-    first = run(PRETRAIN, part + ["--max_steps", "4"])
-    second = run(PRETRAIN, part + ["--resume"])
+    first = run_stage(PRETRAIN, part + ["--max_steps", "4"])
+    second = run_stage(PRETRAIN, part + ["--resume"])
     assert full["step"] == 12 and first["losses"] + second["losses"] == full["losses"]
     log = [json.loads(line) for line in (tmp_path / "full" / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
     assert all(0 <= r["padding_pct"] < 100 for r in log)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+from helpers import count_prompt_images
 from model.chat import VLMChat
 from model.checkpoint import save_checkpoint
 from model.model import MiniMindVLM, count_parameters
@@ -233,14 +234,7 @@ def test_new_image_starts_a_new_conversation(one_turn):
 
 
 def test_several_uploads_are_asked_about_together(app, monkeypatch):
-    seen = []
-    original = VLMChat.build_prompt
-
-    def spy(self, question, history=(), n_images=1, reserve=0):
-        seen.append(n_images)
-        return original(self, question, history, n_images, reserve)
-
-    monkeypatch.setattr(VLMChat, "build_prompt", spy)
+    seen = count_prompt_images(monkeypatch)
     upload(app, "red.png", png_bytes(), "image/png", ("blue.png", png_bytes(color=(0, 0, 220)), "image/png"))
     assert app.session_state["image_names"] == ["red.png", "blue.png"] and len(app.session_state["images"]) == 2
     ask(app, "Are they the same colour?")
