@@ -142,6 +142,8 @@ class Sample:
     images: list[ImageRef]  # one per placeholder span, in order; empty for a text-only sample
     input_ids: list[int]
     labels: list[int]
+    # Set on packed rows (pack_same_image): 0 on the shared prefix, k on the k-th question's tokens.
+    segments: Optional[list[int]] = None
 
 
 def record_id(record: Any, index: int) -> str:
@@ -239,7 +241,8 @@ class VLMDataset(Dataset):
 
     def __init__(self, data_path: str, images_path: str, tokenizer, max_seq_len: int, image_prefix: str = "",
                  multi_turn: bool = False, strict: bool = False,
-                 preprocess: Optional[ImagePreprocessor] = None, feature_store=None, skip_text_only: bool = False):
+                 preprocess: Optional[ImagePreprocessor] = None, feature_store=None, skip_text_only: bool = False,
+                 pack_questions: int = 1):
         self.skips = SkipCounter(strict=strict, source=data_path)
         self.preprocess = preprocess or ImagePreprocessor()
         self.feature_store = feature_store
@@ -271,6 +274,8 @@ class VLMDataset(Dataset):
                 self.skips.skip(rid, str(e))
                 continue
             self.samples.append(Sample(rid, images, ids, labels))
+        if pack_questions > 1:
+            self.samples = pack_same_image(self.samples, pack_questions, max_seq_len, image_ids)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -289,6 +294,8 @@ class VLMDataset(Dataset):
         an image that cannot be used puts its reason under "error" instead."""
         s = self.samples[index]
         item = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels}
+        if s.segments is not None:
+            item["segments"] = s.segments
         try:
             if self.feature_store is not None:
                 item["features"] = [self.feature_store.get(ref) for ref in s.images]
@@ -299,6 +306,68 @@ class VLMDataset(Dataset):
                 raise DataError(f"record {s.id}: {e} (--strict_data)") from None
             item["error"] = str(e)  # counted by the collate step; training goes on
         return item
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def pack_same_image(samples: list[Sample], per_row: int, max_seq_len: int, image_ids: torch.Tensor) -> list[Sample]:
+    """Pack up to per_row samples that share their images into one row: the common prefix (the user turn's
+    start and the image span) once, then each sample's own tokens (its question and answer) as a segment.
+
+    The model lets a segment attend to the prefix and to itself only, at the positions it would have alone
+    (MiniMindLM.run_blocks), so each question is trained exactly as in its own row, while the 50 image tokens
+    are paid once per row instead of once per question. Samples are packed only where that equivalence holds:
+    the same images, a shared prefix that holds every image span and no supervised token, and a segment that
+    starts unsupervised (its first token is never a target). The rest stay rows of their own."""
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        key = tuple(ref if isinstance(ref, str) else ref.key for ref in s.images)
+        groups.setdefault(key if key else ("text", s.id), []).append(s)
+    rows: list[Sample] = []
+    for members in groups.values():
+        open_row: list[Sample] = []
+        prefix = 0
+        for s in members:
+            if open_row:
+                p = min(prefix, shared_prefix(open_row[0].input_ids, s.input_ids))
+                length = p + sum(len(m.input_ids) - p for m in (*open_row, s))
+                if len(open_row) < per_row and length <= max_seq_len and _packable(open_row + [s], p, image_ids):
+                    open_row.append(s)
+                    prefix = p
+                    continue
+                rows.append(_packed_row(open_row, prefix))
+            open_row, prefix = [s], len(s.input_ids)
+        if open_row:
+            rows.append(_packed_row(open_row, prefix))
+    return rows
+
+
+def _packable(members: list[Sample], prefix: int, image_ids: torch.Tensor) -> bool:
+    if not members[0].images:
+        return False
+    _, starts = find_image_spans(torch.tensor([members[0].input_ids[:prefix]]), image_ids)
+    if starts.numel() != len(members[0].images):  # every image span must lie in the shared prefix
+        return False
+    return all(prefix < len(m.input_ids) and m.labels[prefix] == IGNORE_INDEX
+               and all(label == IGNORE_INDEX for label in m.labels[:prefix]) for m in members)
+
+
+def _packed_row(members: list[Sample], prefix: int) -> Sample:
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    ids, labels, segments = first.input_ids[:prefix], first.labels[:prefix], [0] * prefix
+    for k, m in enumerate(members, start=1):
+        ids, labels = ids + m.input_ids[prefix:], labels + m.labels[prefix:]
+        segments += [k] * (len(m.input_ids) - prefix)
+    return Sample(f"{first.id}(+{len(members) - 1})", first.images, ids, labels, segments)
 
 
 def _records_with_images(data_path: str, images_path: str, images_root: str,
@@ -363,6 +432,9 @@ class Batch:
     pixels: Optional[torch.Tensor] = None  # [N, 3, H, W], to be encoded
     lengths: list[int] = field(default_factory=list)  # real (unpadded) tokens of each row
     n_images: int = 0
+    # [B, T] long when a row is packed (pack_same_image): 0 on the shared prefix, k on its k-th question,
+    # -1 on padding; None otherwise
+    segment_ids: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> bool:
@@ -393,6 +465,11 @@ def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
         batch.input_ids[row, :n] = torch.tensor(it["input_ids"])
         batch.labels[row, :n] = torch.tensor(it["labels"])
     batch.lengths = [len(it["input_ids"]) for it in items]
+    if any("segments" in it for it in items):
+        batch.segment_ids = torch.full((len(items), length), -1, dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            batch.segment_ids[row, :n] = torch.tensor(it["segments"]) if "segments" in it else 0
     kind = "features" if "features" in items[0] else "pixels"
     images = [torch.as_tensor(image) for it in items for image in it[kind]]
     setattr(batch, kind, torch.stack(images) if images else None)

@@ -78,7 +78,8 @@ class ProgressWindow:
                "mfu": self.flops / elapsed / peak if peak else None,
                "data_wait_pct": 100 * self.data_wait / elapsed,
                "padding_pct": 100 * (1 - self.tokens / self.padded_tokens) if self.padded_tokens else 0.0,
-               "eta_min": steps_left * elapsed / max(self.steps, 1) / 60}
+               "eta_min": steps_left * elapsed / max(self.steps, 1) / 60,
+               "tokens": self.tokens, "padded_tokens": self.padded_tokens}
         self.__init__(start=now)
         return out
 

@@ -115,6 +115,25 @@ def key_padding(attention_mask: Optional[torch.Tensor], cache, batch: int, start
     return keys
 
 
+def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions [B, T] and attention mask bool [B, 1, T, T] of packed rows (dataset.pack_same_image).
+
+    segment_ids [B, T]: 0 on the shared prefix, k on the k-th segment, -1 on padding. A segment's token sees the
+    prefix and the earlier tokens of its own segment, at the positions it would have in a row of its own
+    (prefix length + its offset in the segment); the prefix and padding see as in a plain causal row."""
+    B, T = segment_ids.shape
+    t = torch.arange(T, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.where(starts, t, 0).cummax(dim=1).values  # index of each token's segment start
+    prefix = (segment_ids == 0).sum(dim=1, keepdim=True)
+    positions = torch.where(segment_ids > 0, prefix + t - segment_start, t)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    shared = (segment_ids == 0)[:, None, :]
+    allowed = (t[None, :, None] >= t[None, None, :]) & (same | shared)
+    return positions, allowed[:, None]
+
+
 def padded_attention_mask(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """bool [B, 1, T, end]: causal attention restricted to real keys, for queries at positions start..end-1.
 
@@ -329,13 +348,23 @@ class MiniMindLM(nn.Module):
         return self.dropout(self.tok_embeddings(input_ids))
 
     def run_blocks(self, h: torch.Tensor, cache: Optional[KVCache] = None,
-                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   attention_mask: Optional[torch.Tensor] = None,
+                   segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the blocks and the final norm on embeddings h [B, T, dim] (positions continue the cache).
 
         attention_mask (1 = token, 0 = padding; see key_padding for its two accepted widths) keeps padded
         positions out of attention; a row's RoPE positions count only its real tokens, so a left-padded row
         is rotated exactly as it would be alone. Without padding this is the plain causal path.
+        segment_ids [B, T] marks packed rows (segment_layout; training and scoring only, no cache).
         """
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
+            positions, attn_mask = segment_layout(segment_ids)
+            if int(positions.max()) >= self._rope_len:
+                self._extend_rope(2 * int(positions.max()) + 2, h.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            return self._blocks(h, cos, sin, None, attn_mask)
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
         end = start + T
@@ -353,12 +382,17 @@ class MiniMindLM(nn.Module):
             positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             attn_mask = padded_attention_mask(keys, start, end)
+        h = self._blocks(h, cos, sin, cache, attn_mask)
+        if cache is not None:
+            cache.length = end
+        return h
+
+    def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache],
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         # the complex table once for all layers (eager only: see apply_rope)
         rope = (cos, sin, None if torch.compiler.is_compiling() else torch.complex(cos.float(), sin.float()))
         for block in self.layers:
             h = block(h, rope, cache, attn_mask)
-        if cache is not None:
-            cache.length = end
         return self.norm(h)
 
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -486,14 +520,16 @@ class MiniMindVLM(MiniMindLM):
     def forward(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 loss_only: bool = False, last_only: bool = False,
-                attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+                attention_mask: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         """logits [B, T, vocab] for every position (and .loss given labels). Two shortcuts skip the output
         head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
         last_only the last position ([B, 1, vocab], generation). attention_mask (1 = token, 0 = padding):
         left padding for generation, right padding for scoring; padded positions are neither attended to
-        nor targets of the loss."""
+        nor targets of the loss. segment_ids [B, T] marks packed rows (several questions sharing one image:
+        dataset.pack_same_image); each question then sees only the image prefix and itself."""
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        h = self.run_blocks(h, cache, attention_mask)
+        h = self.run_blocks(h, cache, attention_mask, segment_ids)
         labels = mask_padding_labels(labels, attention_mask)
         return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
 

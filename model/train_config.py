@@ -108,6 +108,9 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     a("--pad_to_max", action="store_true", help="pad every batch to max_seq_len (v1 behaviour; slower)")
     a("--skip_text_only", action="store_true",
       help="skip records without an image (v1 behaviour); by default they train in the same batches")
+    a("--pack_same_image", type=int, default=1, metavar="K",
+      help="pack up to K single-question records about the same image into one row; each question sees the "
+           "image and itself only, so training is unchanged while the image tokens are paid once per row")
     a("--group_by_length", action="store_true",
       help="batch samples of similar length together (shuffled mega-batches, sorted inside): less padding")
     # validation while training

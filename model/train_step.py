@@ -97,8 +97,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
             features = batch_features(batch, ctx.encoder, ctx.device)
             input_ids = batch.input_ids.to(ctx.device, non_blocking=True)
             labels = batch.labels.to(ctx.device, non_blocking=True)
+            segments = None if batch.segment_ids is None else batch.segment_ids.to(ctx.device, non_blocking=True)
             with ctx.autocast():
-                loss = model(input_ids, features, labels=labels, loss_only=True).loss
+                loss = model(input_ids, features, labels=labels, loss_only=True, segment_ids=segments).loss
             if features is None:  # text-only rows: keep the projection in the graph (DDP and freeze_llm=1 need it)
                 loss = loss + 0.0 * sum(p.sum() for p in unwrap(model).vision_proj.parameters())
             # v1 divides by accumulation_steps even for the shorter last group of an epoch

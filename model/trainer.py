@@ -110,8 +110,12 @@ def build_data(args: argparse.Namespace, tokenizer, encoder: VisionEncoder, dist
     """The dataset (with its feature store filled by rank 0 when --feature_cache is set) and its sampler."""
     store = FeatureStore(args.feature_cache, encoder.fingerprint) if args.feature_cache else None
     dataset = VLMDataset(args.data_path, args.images_path, tokenizer, args.max_seq_len, args.image_prefix,
-                         args.multi_turn, args.strict_data, encoder.preprocess, store, args.skip_text_only)
-    log.info("%s: %d samples; %s", args.data_path, len(dataset), dataset.skips.summary())
+                         args.multi_turn, args.strict_data, encoder.preprocess, store, args.skip_text_only,
+                         args.pack_same_image)
+    packed = sum(s.segments is not None for s in dataset.samples)
+    log.info("%s: %d samples%s; %s", args.data_path, len(dataset),
+             f" ({packed} of them packed rows of up to {args.pack_same_image} questions on one image)"
+             if args.pack_same_image > 1 else "", dataset.skips.summary())
     if len(dataset) == 0:
         raise DataError(f"{args.data_path}: no usable records ({dataset.skips.summary()})")
     if store is not None:
@@ -315,7 +319,8 @@ class Run:
         self.bar.write(progress_line(epoch, state.step, self.max_steps, lr, r, peak_memory_mb(self.dist.device)))
         record = {"step": state.step, "epoch": state.epoch, "loss": r["loss"], "lr": lr,
                   "tokens_per_s": r["tokens_per_s"], "images_per_s": r["images_per_s"], "mfu": r["mfu"],
-                  "data_wait_pct": r["data_wait_pct"], "padding_pct": r["padding_pct"]}
+                  "data_wait_pct": r["data_wait_pct"], "padding_pct": r["padding_pct"],
+                  "tokens": r["tokens"], "padded_tokens": r["padded_tokens"]}  # this interval's, on this rank
         append_jsonl(self.paths.metrics, record)  # one JSON line per log interval: the loss curve, for plots
         if wandb_run is not None:
             wandb_run.log(record, step=state.step)

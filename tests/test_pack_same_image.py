@@ -1,0 +1,87 @@
+"""--pack_same_image: several questions about one image share its tokens in one row and train exactly as alone."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import tiny_config
+from helpers import make_dataset, run_stage, train_argv
+from model.dataset import VLMDataset, collate
+from model.model import MiniMindVLM, segment_layout
+from model.trainer import SFT
+from model.vision_utils import load_vision_encoder
+
+QUESTIONS = [("What colour is it?", "red"), ("Is it red?", "yes"), ("Is there a blue square in the picture?", "no"),
+             ("Name the colour.", "red")]
+
+
+def qa_records(image: str, prefix: str, questions=QUESTIONS) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]} for i, (q, a) in enumerate(questions)]
+
+
+def test_segment_layout_positions_and_mask():
+    #                 prefix   | seg 1 | seg 2   | pad
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1]])
+    positions, mask = segment_layout(seg)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 8]]
+    m = mask[0, 0]
+    assert m[4].tolist() == [True, True, True, True, True, False, False, False, False]  # seg 1: prefix + itself
+    assert m[6].tolist() == [True, True, True, False, False, True, True, False, False]  # seg 2 skips seg 1
+    assert m[2].tolist() == [True, True, True] + [False] * 6  # the prefix is plain causal
+    assert m[8, 8]  # a padded query sees itself: no empty row
+
+
+def test_packed_row_trains_exactly_like_the_questions_alone(tmp_path, tokenizer, tiny_clip_dir):
+    """Logits at every supervised position and the loss of a packed batch equal those of the rows one by one."""
+    data, images = make_dataset(tmp_path, n_images=2)
+    records = qa_records("img_0.png", "a") + qa_records("img_1.png", "b", QUESTIONS[:2])
+    data.write_text(json.dumps(records))
+    encoder = load_vision_encoder(str(tiny_clip_dir))
+    alone = VLMDataset(str(data), str(images), tokenizer, 200, preprocess=encoder.preprocess)
+    packed = VLMDataset(str(data), str(images), tokenizer, 200, preprocess=encoder.preprocess, pack_questions=3)
+    assert len(alone) == 6 and len(packed) == 3  # 3 + 1 questions on img_0, 2 on img_1
+    assert [s.segments is not None for s in packed.samples] == [True, False, True]
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config(tokenizer, max_seq_len=200)).eval()
+
+    @torch.no_grad()
+    def supervised_logits(items) -> tuple[torch.Tensor, float]:
+        batch = collate(items)
+        features = encoder.encode_pixels(batch.pixels)
+        out = model(batch.input_ids, features, labels=batch.labels, loss_only=True, segment_ids=batch.segment_ids)
+        return out.logits, float(out.loss)
+
+    logits_alone, loss_alone = supervised_logits([alone[i] for i in range(6)])
+    logits_packed, loss_packed = supervised_logits([packed[i] for i in range(3)])
+    # the same targets in the same order (row-major: questions keep their order inside a row)
+    assert logits_packed.shape == logits_alone.shape
+    assert torch.allclose(logits_packed, logits_alone, atol=1e-4), (logits_packed - logits_alone).abs().max()
+    assert abs(loss_packed - loss_alone) < 1e-5
+
+
+def test_packing_keeps_apart_what_cannot_share(tmp_path, tokenizer, tiny_clip_dir):
+    """Different images, text-only records and rows that would pass max_seq_len stay rows of their own."""
+    data, images = make_dataset(tmp_path, n_images=2)
+    text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say hi."},
+                                                    {"from": "gpt", "value": "hi"}]} for i in range(2)]
+    data.write_text(json.dumps(qa_records("img_0.png", "a", QUESTIONS[:2]) + qa_records("img_1.png", "b", QUESTIONS[:1])
+                               + text_only))
+    ds = VLMDataset(str(data), str(images), tokenizer, 200, pack_questions=4)
+    assert [s.id for s in ds.samples] == ["a0(+1)", "b0", "t0", "t1"]
+    one_fits = len(VLMDataset(str(data), str(images), tokenizer, 200).samples[0].input_ids) + 5
+    tight = VLMDataset(str(data), str(images), tokenizer, one_fits, pack_questions=4)
+    assert len(tight) == 5
+
+
+def test_training_with_packing_runs_and_resumes_exactly(tmp_path, tiny_clip_dir):
+    data, images = make_dataset(tmp_path, n_images=2)
+    data.write_text(json.dumps(qa_records("img_0.png", "a") + qa_records("img_1.png", "b")))
+    argv = train_argv(data, images, tiny_clip_dir, tmp_path / "o", "--max_seq_len", "200", "--batch_size", "1",
+                      "--pack_same_image", "2", "--epochs", "1", "--image_prefix", "")
+    full = run_stage(SFT, argv)
+    assert full["step"] == 4 and full["skipped_records"] == 0  # 8 questions in 4 rows
+    first = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--max_steps", "2"])
+    second = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--resume"])
+    assert first["losses"] + second["losses"] == full["losses"]
