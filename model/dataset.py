@@ -229,9 +229,12 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[li
         end = start + len(m["content"]) + len(tokenizer.eos_token) + 1
         spans.append((start, end))
         cursor = end
-    labels = []
+    # one pass: spans and tokens both run left to right
+    labels, k = [], 0
     for tok, (b, e) in zip(ids, offsets):
-        labels.append(tok if any(b < end and start < e for start, end in spans) else IGNORE_INDEX)
+        while k < len(spans) and spans[k][1] <= b:
+            k += 1
+        labels.append(tok if k < len(spans) and spans[k][0] < e else IGNORE_INDEX)
     return ids, labels
 
 
@@ -333,30 +336,35 @@ def pack_same_image(samples: list[Sample], per_row: int, max_seq_len: int, image
     rows: list[Sample] = []
     for members in groups.values():
         open_row: list[Sample] = []
-        prefix = 0
+        prefix = images_end = 0
         for s in members:
             if open_row:
                 p = min(prefix, shared_prefix(open_row[0].input_ids, s.input_ids))
                 length = p + sum(len(m.input_ids) - p for m in (*open_row, s))
-                if len(open_row) < per_row and length <= max_seq_len and _packable(open_row + [s], p, image_ids):
+                # every image span inside the shared prefix; no target in it or at a segment's first token
+                if len(open_row) < per_row and length <= max_seq_len and 0 < images_end <= p and \
+                        all(_unsupervised_through(m, p) for m in (*open_row, s)):
                     open_row.append(s)
                     prefix = p
                     continue
                 rows.append(_packed_row(open_row, prefix))
-            open_row, prefix = [s], len(s.input_ids)
+            open_row, prefix, images_end = [s], len(s.input_ids), _images_end(s, image_ids)
         if open_row:
             rows.append(_packed_row(open_row, prefix))
     return rows
 
 
-def _packable(members: list[Sample], prefix: int, image_ids: torch.Tensor) -> bool:
-    if not members[0].images:
-        return False
-    _, starts = find_image_spans(torch.tensor([members[0].input_ids[:prefix]]), image_ids)
-    if starts.numel() != len(members[0].images):  # every image span must lie in the shared prefix
-        return False
-    return all(prefix < len(m.input_ids) and m.labels[prefix] == IGNORE_INDEX
-               and all(label == IGNORE_INDEX for label in m.labels[:prefix]) for m in members)
+def _images_end(s: Sample, image_ids: torch.Tensor) -> int:
+    """Where the sample's last image span ends (0 without images)."""
+    if not s.images:
+        return 0
+    _, starts = find_image_spans(torch.tensor([s.input_ids]), image_ids)
+    return int(starts[-1]) + IMAGE_TOKENS if starts.numel() == len(s.images) else 0
+
+
+def _unsupervised_through(s: Sample, position: int) -> bool:
+    """No label at positions 0..position (the shared prefix and the segment's first token)."""
+    return position < len(s.labels) and all(label == IGNORE_INDEX for label in s.labels[:position + 1])
 
 
 def _packed_row(members: list[Sample], prefix: int) -> Sample:
@@ -377,11 +385,16 @@ def _records_with_images(data_path: str, images_path: str, images_root: str,
     if data_path.endswith(".parquet"):
         yield from read_parquet_records(data_path, MAX_RECORD_CHARS)
         return
+    checked: dict[str, str] = {}  # image name -> its path, checked once (records often share an image)
     for n, record in enumerate(read_records(data_path)):
         rid = record_id(record, n)
         try:
             names = record_image_names(record) if isinstance(record, dict) else []
-            paths = [image_file(name, images_path, images_root, image_prefix) for name in names]
+            paths = []
+            for name in names:
+                if name not in checked:
+                    checked[name] = image_file(name, images_path, images_root, image_prefix)
+                paths.append(checked[name])
         except ValueError as e:
             yield rid, e, []
             continue
