@@ -4,9 +4,11 @@ Steps (each one a real entry point a user would run):
   1. scripts/build_demo_data.py   easy-vqa (MIT) -> v1 JSON pretrain captions, SFT Q/A, held-out test Q/A;
                                   real photos from scikit-image/scikit-learn -> dataset/eval_images
   2. the vision encoder           model/clip_model/clip-vit-base-patch32 when present, otherwise the
-                                  untrained stand-in built by scripts/build_stand_in_clip.py
+                                  untrained stand-in built by scripts/build_stand_in_clip.py (the full
+                                  profile: its patch embeddings, no transformer layer)
   3. 1-pretrain_vlm.py            from scratch (no pretrained LLM offline) on the captions
-  4. 2-sft_vlm.py                 on the questions and answers
+  4. 2-sft_vlm.py                 on the questions and answers, three questions on one image per row
+                                  (--pack_same_image: each question still sees only the image and itself)
   5. 3-eval_chat.py               the default question on every eval image, then exact-match accuracy on the
                                   held-out easy-vqa test questions beside the majority baseline
   6. scripts/plot_loss.py         the loss curves -> images/demo_loss.png
@@ -16,6 +18,7 @@ Steps (each one a real entry point a user would run):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -29,18 +32,20 @@ sys.path.insert(0, ROOT)
 from model.LMConfig import PRESETS  # noqa: E402
 from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, is_stand_in  # noqa: E402
 
-# Model and schedule per profile; `full` is what `make demo` runs and the README reports. During SFT,
+# Model and schedule per profile; `full` is what `make demo` runs and the README reports (the recipe search
+# behind it: bench/demo_recipes.py and bench/RESULTS.md). clip_layers=0: the stand-in's patch embeddings alone,
+# which trained better than one random transformer layer on top. During SFT,
 # val_samples held-out questions are validated val_points times: the accuracy curve of the loss plot (a
 # monitoring curve only: nothing is picked by it).
 PROFILES = {
-    "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=1, max_train_images=None,
-                 max_test_questions=None, pretrain_epochs=8, pretrain_lr=1e-3, sft_epochs=2, sft_lr=1e-3,
-                 batch_size=16, group_by_length=False, sft_max_steps=None, eval_limit=None, cpu_bf16=True,
-                 val_samples=300, val_points=6),
-    "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_train_images=600,
-               max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3, sft_epochs=1, sft_lr=2e-3,
-               batch_size=32, group_by_length=False, sft_max_steps=None, eval_limit=None, cpu_bf16=False,
-               val_samples=40, val_points=2),
+    "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=0, max_seq_len=128,
+                 max_train_images=None, max_test_questions=None, pretrain_epochs=6, pretrain_lr=1e-3,
+                 sft_epochs=3, sft_lr=1e-3, sft_pack=3, sft_max_seq_len=160, batch_size=16, group_by_length=False,
+                 sft_max_steps=None, eval_limit=None, cpu_bf16=True, val_samples=200, val_points=4),
+    "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_seq_len=128,
+               max_train_images=600, max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3,
+               sft_epochs=1, sft_lr=2e-3, sft_pack=1, sft_max_seq_len=128, batch_size=32, group_by_length=False,
+               sft_max_steps=None, eval_limit=None, cpu_bf16=False, val_samples=40, val_points=2),
 }
 PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)
 
@@ -106,7 +111,8 @@ def vision_encoder(args: argparse.Namespace, cfg: dict, times: dict[str, float])
         return DEFAULT_CLIP_PATH
     clip = STAND_IN_CLIP_PATH
     print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
-          f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} layer(s) ({clip}).")
+          f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} transformer layer(s) after its "
+          f"patch embedding ({clip}).")
     marker = os.path.join(ROOT, clip, "config.json")
     layers_ok = os.path.exists(marker) and json.load(open(marker)).get("num_hidden_layers") == cfg["clip_layers"]
     if not layers_ok:
@@ -115,34 +121,62 @@ def vision_encoder(args: argparse.Namespace, cfg: dict, times: dict[str, float])
     return clip
 
 
+def stage_flags(cfg: dict, clip: str, out_dir: str, images_path: str, device: str = "cpu", num_workers: int = 1,
+                preset: str | None = None) -> list[str]:
+    """The flags both training stages share, for a profile's model and schedule."""
+    size = ["--preset", preset] if preset else ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"])]
+    flags = [*size, "--n_heads", str(cfg["n_heads"]), "--n_kv_heads", str(cfg["n_kv_heads"]),
+             "--max_seq_len", str(cfg["max_seq_len"]), "--clip_path", clip, "--out_dir", out_dir, "--device", device,
+             "--num_workers", str(num_workers), "--batch_size", str(cfg["batch_size"]),
+             "--feature_cache", os.path.join(out_dir, "feature_cache"), "--save_interval", "100000",
+             "--images_path", images_path]
+    if cfg["cpu_bf16"] and device == "cpu":
+        flags.append("--cpu_bf16")
+    return flags + (["--group_by_length"] if cfg["group_by_length"] else [])
+
+
+def pretrain_command(cfg: dict, flags: list[str], data_path: str) -> list[str]:
+    """1-pretrain_vlm.py from scratch (no pretrained MiniMind LLM offline) on the captions."""
+    return [sys.executable, "1-pretrain_vlm.py", *flags, "--from_scratch", "--data_path", data_path,
+            "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]), "--log_interval", "10"]
+
+
+def sft_command(cfg: dict, flags: list[str], data_path: str, val_path: str, val_images_path: str) -> list[str]:
+    """2-sft_vlm.py on the questions, sft_pack questions on one image per row (--pack_same_image); it
+    validates about val_points times on the questions in val_path."""
+    with open(data_path) as f:
+        records = json.load(f)
+    with open(val_path) as f:
+        n_val = len(json.load(f))
+    # rows per epoch: the questions of each image in rows of up to sft_pack (what --pack_same_image makes when
+    # the rows fit sft_max_seq_len; the eval interval only needs it roughly)
+    per_image = collections.Counter(str(r.get("image")) for r in records)
+    n_rows = sum(-(-n // cfg["sft_pack"]) for n in per_image.values())
+    sft_steps = cfg["sft_max_steps"] or cfg["sft_epochs"] * -(-n_rows // cfg["batch_size"])
+    cmd = [sys.executable, "2-sft_vlm.py", *flags, "--data_path", data_path, "--image_prefix", "",
+           "--epochs", str(cfg["sft_epochs"]), "--learning_rate", str(cfg["sft_lr"]), "--log_interval", "50",
+           "--warmup_iters", "20", "--val_data", val_path, "--val_images_path", val_images_path,
+           "--val_samples", str(n_val), "--eval_interval", str(max(1, -(-sft_steps // cfg["val_points"])))]
+    if cfg["sft_pack"] > 1:
+        cmd += ["--pack_same_image", str(cfg["sft_pack"])]
+    cmd += ["--max_seq_len", str(cfg["sft_max_seq_len"])]  # after the shared flags: argparse keeps the last
+    if cfg["sft_max_steps"]:
+        cmd += ["--max_steps", str(cfg["sft_max_steps"])]
+    return cmd
+
+
 def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str, float]) -> str:
-    """3. pretrain from scratch (no pretrained MiniMind LLM offline), 4. SFT; returns the SFT checkpoint"""
-    py, demo = sys.executable, os.path.join(args.data_root, "demo")
-    size = ["--preset", args.preset] if args.preset else ["--dim", str(cfg["dim"]), "--n_layers", str(cfg["n_layers"])]
-    common = [*size, "--n_heads", str(cfg["n_heads"]), "--n_kv_heads", str(cfg["n_kv_heads"]), "--max_seq_len", "128",
-              "--clip_path", clip, "--out_dir", args.out_dir, "--device", "cpu", "--num_workers",
-              str(args.num_workers), "--batch_size", str(cfg["batch_size"]), "--feature_cache",
-              os.path.join(args.out_dir, "feature_cache"), "--save_interval", "100000",
-              "--images_path", os.path.join(demo, "images", "train")] + (["--cpu_bf16"] if cfg["cpu_bf16"] else []) \
-        + (["--group_by_length"] if cfg["group_by_length"] else [])
-    _, times["pretrain"] = run([py, "1-pretrain_vlm.py", *common, "--from_scratch",
-                                "--data_path", os.path.join(demo, "pretrain.json"),
-                                "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]),
-                                "--log_interval", "10"], "pretrain", args.out_dir)
+    """3. pretrain, 4. SFT; returns the SFT checkpoint"""
+    demo = os.path.join(args.data_root, "demo")
+    flags = stage_flags(cfg, clip, args.out_dir, os.path.join(demo, "images", "train"), "cpu", args.num_workers,
+                        args.preset)
+    _, times["pretrain"] = run(pretrain_command(cfg, flags, os.path.join(demo, "pretrain.json")), "pretrain",
+                               args.out_dir)
     # SFT validates now and then on a few held-out questions: the accuracy curve of the loss plot
     val_path = os.path.join(args.out_dir, "val_monitor.json")
-    n_val = write_val_monitor(os.path.join(demo, "test.json"), val_path, cfg["val_samples"])
-    with open(os.path.join(demo, "sft.json")) as f:
-        n_sft = len(json.load(f))
-    sft_steps = cfg["sft_max_steps"] or cfg["sft_epochs"] * -(-n_sft // cfg["batch_size"])
-    sft_cmd = [py, "2-sft_vlm.py", *common, "--data_path", os.path.join(demo, "sft.json"), "--image_prefix", "",
-               "--epochs", str(cfg["sft_epochs"]), "--learning_rate", str(cfg["sft_lr"]), "--log_interval", "50",
-               "--warmup_iters", "20", "--val_data", val_path, "--val_images_path",
-               os.path.join(demo, "images", "test"), "--val_samples", str(n_val),
-               "--eval_interval", str(max(1, sft_steps // cfg["val_points"]))]
-    if cfg["sft_max_steps"]:
-        sft_cmd += ["--max_steps", str(cfg["sft_max_steps"])]
-    _, times["sft"] = run(sft_cmd, "sft", args.out_dir)
+    write_val_monitor(os.path.join(demo, "test.json"), val_path, cfg["val_samples"])
+    _, times["sft"] = run(sft_command(cfg, flags, os.path.join(demo, "sft.json"), val_path,
+                                      os.path.join(demo, "images", "test")), "sft", args.out_dir)
     return os.path.join(args.out_dir, f"{cfg['dim']}_vlm_sft.pth")
 
 
@@ -190,8 +224,8 @@ def main() -> None:
                "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")},
-               "schedule": {k: cfg[k] for k in ("pretrain_epochs", "pretrain_lr", "sft_epochs", "sft_lr", "batch_size",
-                                                "group_by_length", "cpu_bf16")}}
+               "schedule": {k: cfg[k] for k in ("pretrain_epochs", "pretrain_lr", "sft_epochs", "sft_lr", "sft_pack",
+                                                "sft_max_seq_len", "batch_size", "group_by_length", "cpu_bf16")}}
     with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
