@@ -97,3 +97,23 @@ def test_train_flops_match_a_hand_count_dense_and_moe():
     #   2 x (12,288 + 3 x 36,864 + 256) = 246,272 active block weights per token
     moe = tiny_config(use_moe=True)
     assert moe.train_flops([30], 5, 1) == 6 * 246_272 * 30 + 714_240 + 12_288_000 + 819_200 == 58_150_400
+
+
+def test_demo_recipes_multi_turn_regrouping_keeps_every_question(tmp_path):
+    """bench/demo_recipes.py's multi-turn records hold each question once, with one <image> at the start."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from demo_recipes import multi_turn_sft
+
+    records = [{"id": f"q{i}", "image": f"img_{i % 2}.png", "conversations": [
+        {"from": "human", "value": f"<image>\nquestion {i}?"}, {"from": "gpt", "value": f"answer {i}"}]}
+        for i in range(7)]
+    src = tmp_path / "sft.json"
+    src.write_text(json.dumps(records))
+    out = json.loads(Path(multi_turn_sft(str(src), 3, str(tmp_path / "packed.json"))).read_text())
+    assert [len(r["conversations"]) // 2 for r in out] == [3, 1, 3]  # img_0: 4 questions, img_1: 3
+    for r in out:
+        humans = [t["value"] for t in r["conversations"][::2]]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+    asked = sorted(h.replace("<image>\n", "") for r in out for h in [t["value"] for t in r["conversations"][::2]])
+    assert asked == sorted(f"question {i}?" for i in range(7))
+    assert multi_turn_sft(str(src), 1, str(tmp_path / "unused.json")) == str(src)
