@@ -360,9 +360,9 @@ class MiniMindLM(nn.Module):
         if segment_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
-            positions, attn_mask = segment_layout(segment_ids)
-            if int(positions.max()) >= self._rope_len:
-                self._extend_rope(2 * int(positions.max()) + 2, h.device)
+            positions, attn_mask = segment_layout(segment_ids)  # every position is below the row length
+            if h.shape[1] > self._rope_len:
+                self._extend_rope(max(h.shape[1], 2 * self._rope_len), h.device)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             return self._blocks(h, cos, sin, None, attn_mask)
         B, T = h.shape[:2]
