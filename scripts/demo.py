@@ -39,7 +39,7 @@ from model.vision_utils import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, is_stand_i
 # monitoring curve only: nothing is picked by it).
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=0, max_seq_len=128,
-                 max_train_images=None, max_test_questions=None, pretrain_epochs=6, pretrain_lr=1e-3,
+                 max_train_images=None, max_test_questions=None, pretrain_epochs=5, pretrain_lr=1e-3,
                  sft_epochs=3, sft_lr=1e-3, sft_pack=3, sft_max_seq_len=160, batch_size=16, group_by_length=False,
                  sft_max_steps=None, eval_limit=None, cpu_bf16=True, val_samples=200, val_points=4),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_seq_len=128,
