@@ -51,7 +51,6 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
     _extend_rope = MiniMindLM._extend_rope
     embed = MiniMindLM.embed
     run_blocks = MiniMindLM.run_blocks
-    _blocks = MiniMindLM._blocks
     aux_loss = MiniMindLM.aux_loss
     logits_and_loss = MiniMindLM.logits_and_loss
     find_image_spans = MiniMindVLM.find_image_spans

@@ -115,6 +115,19 @@ def key_padding(attention_mask: Optional[torch.Tensor], cache, batch: int, start
     return keys
 
 
+def padding_layout(attention_mask: Optional[torch.Tensor], cache, batch: int, start: int,
+                   end: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """RoPE positions [B, T] and attention mask of the queries start..end-1 of padded rows, or (None, None)
+    for the plain causal path (no padding, or right padding only without a cache)."""
+    keys = key_padding(attention_mask, cache, batch, start, end)
+    if keys is None or (cache is None and bool((keys[:, 1:] <= keys[:, :-1]).all())):
+        # Right padding only (scoring, training): causal attention already keeps every real token from the
+        # padding after it, and real positions are 0..n-1, so the fast causal path gives the same logits.
+        return None, None
+    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
+    return positions, padded_attention_mask(keys, start, end)
+
+
 def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE positions [B, T] and attention mask bool [B, 1, T, T] of packed rows (dataset.pack_same_image).
 
@@ -357,42 +370,27 @@ class MiniMindLM(nn.Module):
         is rotated exactly as it would be alone. Without padding this is the plain causal path.
         segment_ids [B, T] marks packed rows (segment_layout; training and scoring only, no cache).
         """
-        if segment_ids is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
-            positions, attn_mask = segment_layout(segment_ids)  # every position is below the row length
-            if h.shape[1] > self._rope_len:
-                self._extend_rope(max(h.shape[1], 2 * self._rope_len), h.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            return self._blocks(h, cos, sin, None, attn_mask)
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
         end = start + T
         if end > self._rope_len:  # longer than max_seq_len (e.g. long generation): grow the table
             self._extend_rope(max(end, 2 * self._rope_len), h.device)
-        keys = key_padding(attention_mask, cache, B, start, end)
-        if keys is not None and cache is None and bool((keys[:, 1:] <= keys[:, :-1]).all()):
-            # Right padding only (scoring, training): causal attention already keeps every real token from the
-            # padding after it, and real positions are 0..n-1, so the fast causal path gives the same logits.
-            keys = None
-        attn_mask = None
-        if keys is None:
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
+            positions, attn_mask = segment_layout(segment_ids)
+        else:
+            positions, attn_mask = padding_layout(attention_mask, cache, B, start, end)
+        if positions is None:
             cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         else:
-            positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            attn_mask = padded_attention_mask(keys, start, end)
-        h = self._blocks(h, cos, sin, cache, attn_mask)
-        if cache is not None:
-            cache.length = end
-        return h
-
-    def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache],
-                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         # the complex table once for all layers (eager only: see apply_rope)
         rope = (cos, sin, None if torch.compiler.is_compiling() else torch.complex(cos.float(), sin.float()))
         for block in self.layers:
             h = block(h, rope, cache, attn_mask)
+        if cache is not None:
+            cache.length = end
         return self.norm(h)
 
     def aux_loss(self) -> Optional[torch.Tensor]:
