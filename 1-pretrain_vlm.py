@@ -5,7 +5,8 @@
 
 Starts from out/{dim}{_moe}_llm.pth (the MiniMind LLM) and writes out/{dim}{_moe}_vlm_pretrain.pth.
 """
-from model.trainer import PRETRAIN, main
+from trainer.config import PRETRAIN
+from trainer.loop import main
 
 if __name__ == "__main__":
     main(PRETRAIN)

@@ -5,7 +5,8 @@
 
 Starts from out/{dim}{_moe}_vlm_pretrain.pth and writes out/{dim}{_moe}_vlm_sft.pth.
 """
-from model.trainer import SFT, main
+from trainer.config import SFT
+from trainer.loop import main
 
 if __name__ == "__main__":
     main(SFT)

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
+from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
 from model.checkpoint import CheckpointError, newest_chat_checkpoint
-from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
+from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -124,7 +124,7 @@ def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
 
 def score(chat: VLMChat, args: argparse.Namespace) -> int:
     """Exact-match accuracy over --eval_data, printed with the per-type breakdown."""
-    from model.evaluate import answer_accuracy
+    from inference.evaluate import answer_accuracy
 
     images_path = args.eval_images_path or os.path.dirname(args.eval_data)
     try:

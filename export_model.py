@@ -7,7 +7,7 @@ Export a `.pth`/`.safetensors` checkpoint to a directory that loads with
 
 The directory holds config.json (model_type "minimind", auto_map to the bundled code), model.safetensors
 (v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), processor_config.json
-(MiniMindVProcessor for AutoProcessor), the model code (LMConfig.py, model.py, hf_model.py, vision_utils.py,
+(MiniMindVProcessor for AutoProcessor), the model code (config.py, decoder.py, vlm.py, hf_model.py, vision.py,
 processing_minimind_v.py) and, with --clip_path, the CLIP vision tower in
 vision_encoder/ so that the model also accepts pixel_values. The export is checked by loading it back
 through AutoModelForCausalLM and comparing logits with the native model (skip with --no_verify).
@@ -32,15 +32,15 @@ import torch
 
 from model.checkpoint import (CheckpointError, checkpoint_tokenizer, load_model, read_checkpoint, read_model_dir,
                               save_checkpoint)
-from model.LMConfig import IMAGE_TOKENS, LMConfig
-from model.model import count_parameters
-from model.tokenizer_utils import image_token_ids, load_tokenizer
+from model.config import IMAGE_TOKENS, LMConfig
+from model.decoder import count_parameters
 from model.processing_minimind_v import MiniMindVProcessor
-from model.vision_utils import ImagePreprocessor
+from model.tokenizer import image_token_ids, load_tokenizer
+from model.vision import ImagePreprocessor
 
-CODE_FILES = ("LMConfig.py", "model.py", "hf_model.py", "vision_utils.py", "processing_minimind_v.py")
+CODE_FILES = ("config.py", "decoder.py", "vlm.py", "hf_model.py", "vision.py", "processing_minimind_v.py")
 VISION_SUBFOLDER = "vision_encoder"
-AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
+AUTO_MAP = {"AutoConfig": "config.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -50,7 +50,7 @@ class ExportError(Exception):
 
 # ---------------------------------------------------------------------------------------------- export
 def preprocessor_config(preprocess: ImagePreprocessor) -> dict[str, Any]:
-    """A CLIPImageProcessor config reproducing model.vision_utils.ImagePreprocessor.
+    """A CLIPImageProcessor config reproducing model.vision.ImagePreprocessor.
 
     v1 squashes the image to size x size (no aspect-preserving resize, no centre crop), bicubic, then
     scales to [0, 1] and normalises with the CLIP mean/std.
@@ -88,7 +88,7 @@ def copy_model_code(out: Path) -> None:
 
 def bundle_vision_tower(clip_path: str, out: Path, preprocess_cfg: dict[str, Any]) -> None:
     """Save only the CLIP vision tower (not the text tower) under out/vision_encoder/."""
-    from model.vision_utils import load_vision_encoder
+    from model.vision import load_vision_encoder
 
     encoder = load_vision_encoder(clip_path)  # raises a message that says how to get CLIP
     target = out / VISION_SUBFOLDER

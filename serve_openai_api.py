@@ -10,7 +10,7 @@ a `data:image/...;base64,` URI, or a local path, accepted only under --image_dir
 fetched). A conversation may hold several images (up to MAX_IMAGES, in one message or spread over user
 messages); their placeholders lead the earliest user turn kept in the prompt, in the order they were sent. Earlier user/assistant messages become the history; system messages are ignored (the
 model was not trained with them). Sampling: temperature, top_p, max_tokens (or max_completion_tokens),
-seed, and the extensions top_k and repetition_penalty; unset fields use model.chat.GenerationSettings.
+seed, and the extensions top_k and repetition_penalty; unset fields use inference.chat.GenerationSettings.
 
 Concurrent requests are decoded together: a dynamic batcher (model/batcher.py) takes up to --max_batch
 waiting requests, waiting at most --batch_wait_ms for a batch to fill, and runs one forward per step for all of
@@ -40,9 +40,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.batcher import DynamicBatcher
-from model.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
-from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image
+from inference.batcher import DynamicBatcher
+from inference.chat import DEFAULT_QUESTION, GenerationSettings, StreamStats, Turn, VLMChat
+from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image
 
 MAX_IMAGES = 8  # each image takes a 50-token placeholder span of the prompt (VLMChat.build_prompt)
 DEFAULT_MAX_TOKENS_LIMIT = 2048
@@ -296,7 +296,7 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
 class Runner:
     """Answers requests through a dynamic batcher: concurrent requests are decoded together.
 
-    The batcher's thread alone runs the model (model.batcher.DynamicBatcher): it takes up to max_batch waiting
+    The batcher's thread alone runs the model (inference.batcher.DynamicBatcher): it takes up to max_batch waiting
     requests, waiting at most max_wait_ms for a batch to fill. Each request waits for its tokens on a worker
     thread of `executor` (which also prepares its prompt and encodes its image), so a batch can form while
     the previous one decodes. max_batch=1 decodes one request at a time.

@@ -1,6 +1,6 @@
 """MiniMind-V web chat (streamlit): upload an image, ask about it, and watch the answer stream in.
 
-Under each answer an "Inside the model" panel (web_inspect.py) shows where the answer looked in the image; it is
+Under each answer an "Inside the model" panel (inference/web_inspect.py) shows where the answer looked in the image; it is
 computed only once opened.
 
 Run it from the repository root, either way:
@@ -52,10 +52,10 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model.chat import GenerationSettings, StreamStats, Turn, VLMChat  # noqa: E402
+from inference.chat import GenerationSettings, StreamStats, Turn, VLMChat  # noqa: E402
 from model.checkpoint import find_model_dirs, weights_file  # noqa: E402
-from model.vision_utils import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in,  # noqa: E402
-                                is_stand_in, open_image)
+from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,  # noqa: E402
+                          open_image)
 
 MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
@@ -307,7 +307,7 @@ def inside_the_model(chat: Optional[VLMChat], index: int, question: str, answer:
     with panel:
         if not panel.open:
             return
-        from web_inspect import show_inspection
+        from inference.web_inspect import show_inspection
 
         show_inspection(chat, image, key, *ids)
 

@@ -20,12 +20,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from model.metrics import peak_memory_mb  # noqa: E402,F401  (the trainer's log and the benches report the same)
+from trainer.metrics import peak_memory_mb  # noqa: E402,F401  (the trainer's log and the benches report the same)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_DIR = ROOT / ".cache" / "bench"  # git-ignored: the 12-layer stand-in CLIP and the feature store
@@ -139,8 +138,8 @@ def bench_parser(doc: str):
     seed, the results file and a label."""
     import argparse
 
-    from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH
-    from model.train_config import add_model_size_args
+    from model.tokenizer import DEFAULT_TOKENIZER_PATH
+    from trainer.config import add_model_size_args
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     a = p.add_argument

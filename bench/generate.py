@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (  # noqa: E402
-    bench_parser, bench_title, command_line, DTYPES, machine_info, peak_memory_mb, read_bandwidth, report,
-    start, sync)
-from model.LMConfig import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
-from model.model import KVCache, MiniMindVLM  # noqa: E402
-from model.tokenizer_utils import image_token_ids, load_tokenizer, render_chat  # noqa: E402
-from model.train_config import model_size  # noqa: E402
+from bench.common import (DTYPES, bench_parser, bench_title, command_line, machine_info, peak_memory_mb,  # noqa: E402
+                          read_bandwidth, report, start, sync)
+from model.config import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.decoder import KVCache  # noqa: E402
+from model.tokenizer import image_token_ids, load_tokenizer, render_chat  # noqa: E402
+from model.vlm import MiniMindVLM  # noqa: E402
+from trainer.config import model_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +105,7 @@ def load_hf_export(model, tokenizer_path: str, dtype: str, tmp: str):
 
     import export_model
     from model.checkpoint import save_checkpoint
-    from model.tokenizer_utils import tokenizer_record
+    from model.tokenizer import tokenizer_record
 
     hf_logging.disable_progress_bar()
     save_checkpoint(model.float(), os.path.join(tmp, "bench.pth"), tokenizer=tokenizer_record(tokenizer_path))

@@ -13,7 +13,6 @@ The last printed line is JSON with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (  # noqa: E402
-    bench_title, CACHE_DIR, command_line, emit, machine_info, ROOT, write_results)
-from model.train_config import add_model_size_args, model_size  # noqa: E402
+from bench.common import CACHE_DIR, ROOT, bench_title, command_line, emit, machine_info, write_results  # noqa: E402
+from trainer.config import add_model_size_args, model_size  # noqa: E402
 
 QUESTIONS = ["Hi", "What is the capital of the moon?", "Describe a quiet morning in a small village by the sea.",
              "List three colours.", "Tell me a long story about a small robot who learns to paint with a cat."]
@@ -108,9 +106,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     os.chdir(ROOT)
     from model.checkpoint import save_checkpoint
-    from model.LMConfig import LMConfig
-    from model.model import MiniMindVLM
-    from model.tokenizer_utils import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, tokenizer_record
+    from model.config import LMConfig
+    from model.tokenizer import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, tokenizer_record
+    from model.vlm import MiniMindVLM
     from scripts.build_stand_in_clip import build_stand_in_clip
 
     info = machine_info(torch.device("cpu"))

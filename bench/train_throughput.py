@@ -1,6 +1,6 @@
 """Training throughput and MFU of the MiniMind-V training step (pretrain and SFT, demo data).
 
-Times the trainer's own step, `model.train_step.train_step` (features from the cache or the CLIP tower,
+Times the trainer's own step, `trainer.step.train_step` (features from the cache or the CLIP tower,
 MiniMindVLM forward with loss_only=True, backward, gradient clipping at 1.0, AdamW, zero_grad, the v1 lr
 schedule), on batches built by the trainer's VLMDataset + collate from the demo data, in four settings per stage:
   online  : pixels decoded each step and encoded by the CLIP tower each step (the trainer without
@@ -43,19 +43,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench.common import (  # noqa: E402
-    bench_parser, bench_title, CACHE_DIR, CLIP12_PATH, command_line, DTYPES, machine_info, matmul_peak_flops, peak_memory_mb,
-    report, start, sync)
-from model.dataset import VLMDataset, collate  # noqa: E402
-from model.feature_cache import FeatureStore  # noqa: E402
-from model.LMConfig import LMConfig  # noqa: E402
-from model.metrics import peak_flops  # noqa: E402
-from model.model import MiniMindVLM  # noqa: E402
-from model.samplers import length_grouped_order  # noqa: E402
-from model.tokenizer_utils import image_token_ids, load_tokenizer  # noqa: E402
-from model.train_config import model_size  # noqa: E402
-from model.train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
-from model.vision_utils import load_vision_encoder  # noqa: E402
+from bench.common import (CACHE_DIR, CLIP12_PATH, DTYPES, bench_parser, bench_title, command_line,  # noqa: E402
+                          machine_info, matmul_peak_flops, peak_memory_mb, report, start, sync)
+from data_pipeline.dataset import VLMDataset, collate  # noqa: E402
+from data_pipeline.feature_store import FeatureStore  # noqa: E402
+from data_pipeline.samplers import length_grouped_order  # noqa: E402
+from model.config import LMConfig  # noqa: E402
+from model.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
+from model.vision import load_vision_encoder  # noqa: E402
+from model.vlm import MiniMindVLM  # noqa: E402
+from trainer.config import model_size  # noqa: E402
+from trainer.metrics import peak_flops  # noqa: E402
+from trainer.step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

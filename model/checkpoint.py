@@ -22,9 +22,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .LMConfig import LMConfig
-from .tokenizer_utils import (DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, resolve_tokenizer_path,
-                              tokenizer_fingerprint, tokenizer_record)
+from .config import LMConfig
+from .tokenizer import (DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, resolve_tokenizer_path,
+                        tokenizer_fingerprint, tokenizer_record)
 
 PathLike = Union[str, os.PathLike]
 PROJ_PREFIX = "vision_proj."
@@ -449,7 +449,7 @@ def untie_head(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tens
 def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tuple[str, str]:
     """(path, fingerprint) of the tokenizer for `ckpt` by the one resolution rule, checked against its record.
 
-    Raises model.tokenizer_utils.TokenizerError (one line) when none is found or the vocabularies differ."""
+    Raises model.tokenizer.TokenizerError (one line) when none is found or the vocabularies differ."""
     path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path)
     return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path)
 
@@ -491,7 +491,7 @@ def load_model(path: Union[PathLike, Checkpoint], image_ids: Optional[list[int]]
     """Build a MiniMindVLM whose config comes from the checkpoint itself and load it strictly.
 
     `path` is a .pth/.safetensors file, a Hugging Face model directory, or an already read Checkpoint."""
-    from .model import MiniMindVLM
+    from .vlm import MiniMindVLM
 
     config, sd = config_from_checkpoint(path, **overrides)
     source = path.path if isinstance(path, Checkpoint) else str(path)
@@ -599,7 +599,7 @@ def remove_stale_temp_files(paths: list[PathLike]) -> list[str]:
 def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[str, str]] = None) -> None:
     """Write the v1-layout weights and the config sidecar, both atomically.
 
-    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer_utils.tokenizer_record)."""
+    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer.tokenizer_record)."""
     config = unwrap(model).config
     atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,

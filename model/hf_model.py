@@ -9,7 +9,7 @@ model.py and vision_utils.py; it therefore imports only through relative imports
 `model` package and as a transformers remote-code module.
 
 Images: pass `image_features` [N, 50, vision_dim] (CLIP encoder output before the post-layernorm, as
-model.vision_utils computes it), or `pixel_values` [N, 3, 224, 224] when the export bundled the CLIP vision
+model.vision computes it), or `pixel_values` [N, 3, 224, 224] when the export bundled the CLIP vision
 tower in the `vision_encoder/` subfolder (export_model.py --clip_path).
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .LMConfig import IMAGE_TOKENS, LMConfig
-from .model import KVCache, MiniMindLM, MiniMindVLM, MoEGate, RMSNorm, mask_padding_labels, rope_tables
+from .config import IMAGE_TOKENS, LMConfig
+from .decoder import KVCache, MiniMindLM, MoEGate, RMSNorm, mask_padding_labels, rope_tables
+from .vlm import MiniMindVLM
 
 # The config field naming the bundled vision-tower subfolder (absent or None when nothing was bundled).
 VISION_SUBFOLDER_FIELD = "vision_encoder_subfolder"
@@ -108,15 +109,15 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ images
     def vision_encoder(self):
-        """The bundled CLIP vision tower (model.vision_utils.VisionEncoder), loaded on first use."""
+        """The bundled CLIP vision tower (model.vision.VisionEncoder), loaded on first use."""
         encoder = self.__dict__.get("_vision_encoder")
         if encoder is None:
             subfolder = getattr(self.config, VISION_SUBFOLDER_FIELD, None)
             if not subfolder:
                 raise ValueError("pixel_values needs a CLIP vision tower, and this export bundles none: pass "
-                                 "image_features [N, 50, vision_dim] computed with model.vision_utils instead, or "
+                                 "image_features [N, 50, vision_dim] computed with model.vision instead, or "
                                  "re-export with `python export_model.py --clip_path DIR`")
-            from .vision_utils import load_vision_encoder
+            from .vision import load_vision_encoder
 
             encoder = load_vision_encoder(self._resolve_subfolder(subfolder), device=self.device)
             # Kept out of the module tree on purpose: a registered submodule would add keys to the state dict.
@@ -188,7 +189,7 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         blocks_cache = _TransformersCacheView(cache) if isinstance(cache, Cache) else cache
         if blocks_cache is not None and not isinstance(blocks_cache, (KVCache, _TransformersCacheView)):
-            raise TypeError(f"cache must be a transformers Cache or a model.model.KVCache, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a transformers Cache or a model.decoder.KVCache, got {type(cache).__name__}")
         h = self.splice_images(self.embed(input_ids), input_ids, image_features)
         h = self.run_blocks(h, blocks_cache, attention_mask)
         if logits_to_keep:

@@ -7,7 +7,7 @@
 
 This file is copied into an exported model directory (export_model.py) and registered there for AutoProcessor
 (processor_config.json); like hf_model.py it imports only relatively. Images go through exactly the native
-pipeline: model.vision_utils.to_rgb (EXIF rotation, transparency over white) and ImagePreprocessor (224x224
+pipeline: model.vision.to_rgb (EXIF rotation, transparency over white) and ImagePreprocessor (224x224
 bicubic, CLIP mean/std), with the size, mean and std of the directory's preprocessor_config.json.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from .LMConfig import IMAGE_SPECIAL_TOKEN
-from .model import pad_rows
-from .vision_utils import ImagePreprocessor, to_rgb
+from .config import IMAGE_SPECIAL_TOKEN
+from .vision import ImagePreprocessor, to_rgb
+from .vlm import pad_rows
 
 # What marks an image in a prompt or message: v1's data tag, or the placeholder itself.
 IMAGE_TAG = "<image>"

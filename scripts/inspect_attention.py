@@ -19,10 +19,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from model.attention_map import inspect_answer  # noqa: E402
-from model.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
+from inference.attention_map import inspect_answer  # noqa: E402
+from inference.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
-from model.vision_utils import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
+from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     note = stand_in_warning(args.clip_path)
     if note:
         print(note)
-    from model.attention_plot import attention_figure, attention_table, figure_png, token_texts
+    from inference.attention_plot import attention_figure, attention_table, figure_png, token_texts
 
     settings = GenerationSettings(temperature=args.temperature, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)

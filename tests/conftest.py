@@ -13,8 +13,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
-from model.LMConfig import LMConfig  # noqa: E402
-from model.tokenizer_utils import image_token_ids, load_tokenizer, tokenizer_record  # noqa: E402
+from model.config import LMConfig  # noqa: E402
+from model.tokenizer import image_token_ids, load_tokenizer, tokenizer_record  # noqa: E402
 
 TOKENIZER_PATH = str(ROOT / "model" / "minimind_tokenizer")
 # The sidecar record of a checkpoint trained with the project's tokenizer (save_checkpoint(..., tokenizer=...)).

@@ -58,14 +58,15 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 def run_stage(stage, argv: list[str]) -> dict:
     """Train one stage in-process with these command-line flags, as its numbered script would; the summary."""
-    from model.trainer import build_parser, train
+    from trainer.config import build_parser
+    from trainer.loop import train
 
     return train(build_parser(stage).parse_args(argv), stage)
 
 
 def count_prompt_images(monkeypatch) -> list[int]:
     """Spy on VLMChat.build_prompt: the returned list gets the image count of every prompt built."""
-    from model.chat import VLMChat
+    from inference.chat import VLMChat
 
     counts: list[int] = []
     original = VLMChat.build_prompt

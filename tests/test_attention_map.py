@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from model.attention_map import answer_query_positions, inspect_answer, inspect_attention
-from model.LMConfig import IMAGE_TOKENS
-from model.model import MiniMindVLM
+
+from inference.attention_map import answer_query_positions, inspect_answer, inspect_attention
+from model.config import IMAGE_TOKENS
+from model.vlm import MiniMindVLM
 
 
 def reference_forward(model: MiniMindVLM, ids: torch.Tensor, features: torch.Tensor):

@@ -1,14 +1,13 @@
-"""model.batcher.DynamicBatcher: concurrent requests decoded together give the tokens they give alone."""
+"""inference.batcher.DynamicBatcher: concurrent requests decoded together give the tokens they give alone."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from model.batcher import DecodeRequest, DynamicBatcher
-from model.model import MiniMindVLM
+
+from inference.batcher import DecodeRequest, DynamicBatcher
+from model.vlm import MiniMindVLM
 
 EOS = 2
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +78,7 @@ def test_train_flops_match_a_hand_count_dense_and_moe():
     by hand for the tiny config: d 64, 2 layers, kv 2 heads x 16 = 32, SwiGLU width 192, vocab 6400, vision 64."""
     import torch
 
-    from model.model import MiniMindVLM
+    from model.vlm import MiniMindVLM
 
     # per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12,288; SwiGLU 3 x 64 x 192 = 36,864
     dense = tiny_config()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
-from conftest import tiny_config
 from model.checkpoint import (CheckpointError, config_from_checkpoint, infer_config, load_model, load_weights,
                               read_state_dict, save_checkpoint)
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 
 def test_llm_only_checkpoint_reports_exactly_the_projection_as_new(tmp_path):

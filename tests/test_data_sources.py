@@ -9,16 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from conftest import tiny_config
 from helpers import COLORS, make_dataset, run_stage, train_argv
-from model.dataset import DataError, VLMDataset, collate
-from model.feature_cache import FeatureStore
-from model.model import MiniMindVLM
-from model.parquet_data import ParquetImage, read_parquet_records
-from model.trainer import PRETRAIN, SFT
-from model.vision_utils import load_vision_encoder
+from PIL import Image
+
+from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.feature_store import FeatureStore
+from data_pipeline.parquet import ParquetImage, read_parquet_records
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN, SFT
 
 MAX_SEQ_LEN = 160
 

@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 import export_model
 from model.checkpoint import load_model, read_state_dict, save_checkpoint, v1_state_dict
-from model.LMConfig import LMConfig
-from model.model import MiniMindVLM
-from model.vision_utils import load_vision_encoder
+from model.config import LMConfig
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
 
 
 def _tiny_checkpoint(tmp_path, tokenizer, **overrides):
@@ -51,11 +51,11 @@ def test_export_loads_with_automodel_and_matches_native_logits(tmp_path, tokeniz
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "minimind"
-    assert config["auto_map"] == {"AutoConfig": "LMConfig.LMConfig",
+    assert config["auto_map"] == {"AutoConfig": "config.LMConfig",
                                   "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
     assert config["image_ids"] == native.config.image_ids
-    for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json", "LMConfig.py", "model.py",
-                 "hf_model.py", "vision_utils.py", "vision_encoder/config.json"):
+    for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json", "config.py", "decoder.py",
+                 "vlm.py", "hf_model.py", "vision.py", "vision_encoder/config.json"):
         assert (out / name).exists(), name
     # v1 key names; the tied head is stored once, as the embedding
     with safe_open(out / "model.safetensors", "pt") as f:

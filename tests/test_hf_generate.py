@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+
 import export_model
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM, pad_rows
+from model.vlm import MiniMindVLM, pad_rows
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def _images():
 def test_auto_processor_loads_and_generate_runs_on_its_output(exported, tiny_clip_dir):
     from transformers import AutoProcessor
 
-    from model.vision_utils import load_vision_encoder, to_rgb
+    from model.vision import load_vision_encoder, to_rgb
 
     native, model, out = exported
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
@@ -146,10 +146,10 @@ def test_processor_batches_prompts_and_messages_with_left_padding(exported):
 
 
 def test_exported_clip_image_processor_is_pixel_identical_to_the_native_preprocessing(exported, tiny_clip_dir):
-    """preprocessor_config.json configures CLIPImageProcessor to reproduce model.vision_utils.ImagePreprocessor."""
+    """preprocessor_config.json configures CLIPImageProcessor to reproduce model.vision.ImagePreprocessor."""
     from transformers import AutoImageProcessor
 
-    from model.vision_utils import load_vision_encoder, to_rgb
+    from model.vision import load_vision_encoder, to_rgb
 
     _, _, out = exported
     clip_processor = AutoImageProcessor.from_pretrained(out)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from PIL import Image, ImageDraw
 
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 spec = importlib.util.spec_from_file_location("inspect_attention_script", ROOT / "scripts" / "inspect_attention.py")
 script = importlib.util.module_from_spec(spec)

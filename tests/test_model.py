@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from model.LMConfig import IMAGE_TOKENS, LMConfig, PRESETS
-from model.model import ImageSpliceError, MiniMindVLM, count_parameters, sample_next
+from model.config import IMAGE_TOKENS, PRESETS, LMConfig
+from model.decoder import count_parameters
+from model.vlm import ImageSpliceError, MiniMindVLM, sample_next
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v1_parity"
 

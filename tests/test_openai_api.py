@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,12 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, build_tiny_clip, tiny_config
+from helpers import free_port
 from PIL import Image
 
-from helpers import free_port
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, build_tiny_clip, tiny_config
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 MAX_BODY_MB = 1
 

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
 from helpers import make_dataset, run_stage, train_argv
-from model.dataset import VLMDataset, collate
-from model.model import MiniMindVLM, segment_layout
-from model.trainer import SFT
-from model.vision_utils import load_vision_encoder
+
+from data_pipeline.dataset import VLMDataset, collate
+from model.decoder import segment_layout
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
+from trainer.config import SFT
 
 QUESTIONS = [("What colour is it?", "red"), ("Is it red?", "yes"), ("Is there a blue square in the picture?", "no"),
              ("Name the colour.", "red")]

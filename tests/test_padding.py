@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from model.model import MiniMindVLM, pad_rows
+
+from model.vlm import MiniMindVLM, pad_rows
 
 PAD = 0
 
@@ -89,9 +89,10 @@ def test_pad_rows_and_mask_errors(model):
 
 def test_evaluation_batches_across_prompt_lengths(tmp_path, tokenizer, tiny_clip_dir):
     from helpers import make_dataset
-    from model.chat import VLMChat
-    from model.evaluate import answer_accuracy
-    from model.vision_utils import load_vision_encoder
+
+    from inference.chat import VLMChat
+    from inference.evaluate import answer_accuracy
+    from model.vision import load_vision_encoder
 
     questions = ["What colour is it?", "Name the colour of this square, please.", "Colour?",
                  "Which colour do you see in the picture in front of you?"]

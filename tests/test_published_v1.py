@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import OFFICIAL_TOKENIZER_FIXTURE, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import make_dataset, run_stage, train_argv
-from model.chat import GenerationSettings, VLMChat
-from model.checkpoint import (newest_chat_checkpoint, read_checkpoint, save_checkpoint, v1_state_dict)
-from model.model import MiniMindVLM
-from model.tokenizer_utils import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError,
-                                   load_tokenizer, tokenizer_fingerprint, tokenizer_record)
-from model.trainer import PRETRAIN, SFT
-from model.vision_utils import load_vision_encoder
+from PIL import Image
+
+from inference.chat import GenerationSettings, VLMChat
+from model.checkpoint import newest_chat_checkpoint, read_checkpoint, save_checkpoint, v1_state_dict
+from model.tokenizer import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, load_tokenizer,
+                             tokenizer_fingerprint, tokenizer_record)
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN, SFT
 
 GREEDY = GenerationSettings(temperature=0.0, top_k=None, max_new_tokens=12, seed=0)
 # The directory's model.py / LMConfig.py: importing either one writes this marker, then fails.
@@ -260,7 +260,7 @@ def test_training_from_an_unrecorded_checkpoint_needs_the_official_tokenizer(pub
     argv += ["--init", str(published["pth"]), "--max_seq_len", "160"]
     monkeypatch.setenv(OFFICIAL_TOKENIZER_ENV, str(tmp_path / "absent"))
     with pytest.raises(SystemExit):
-        import model.trainer as trainer
+        import trainer.loop as trainer
 
         trainer.main(PRETRAIN, argv)
     err = capsys.readouterr()
@@ -327,8 +327,9 @@ def test_web_demo_opens_on_the_published_directory(published, tmp_path, monkeypa
 
 
 def test_python_web_server_starts_streamlit(tmp_path):
-    import web_server
     from helpers import free_port, stop_process
+
+    import web_server
 
     assert web_server.split_flags(["--out_dir", "o", "--server.port", "9", "--server.headless=true", "--device",
                                    "cpu"]) == (["--server.port", "9", "--server.headless=true"],

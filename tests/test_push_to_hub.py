@@ -6,11 +6,12 @@ import json
 import huggingface_hub
 import pytest
 import torch
-
 from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+
 import export_model
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM, count_parameters
+from model.decoder import count_parameters
+from model.vlm import MiniMindVLM
 
 
 class FakeHfApi:

@@ -11,20 +11,19 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import free_port, stop_process
-from model.checkpoint import save_checkpoint
-from model.LMConfig import IMAGE_SPECIAL_TOKEN
-from model.model import MiniMindVLM
+from PIL import Image
 from test_robustness_servers import rss_bytes, start
+
+from model.checkpoint import save_checkpoint
+from model.config import IMAGE_SPECIAL_TOKEN
+from model.vlm import MiniMindVLM
 
 MAX_QUEUE = 4
 BODY_TIMEOUT_S = 2

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import make_dataset, train_argv
-from model.checkpoint import (CheckpointError, load_model, load_object, load_weights, read_state_dict,
-                              save_checkpoint)
-from model.model import MiniMindVLM
-from model.trainer import PRETRAIN, main as train_main
+
+from model.checkpoint import CheckpointError, load_model, load_object, load_weights, read_state_dict, save_checkpoint
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN
+from trainer.loop import main as train_main
 
 CHILD = textwrap.dedent("""
     import io, sys, time
     import torch
     sys.path.insert(0, {root!r})
     from model import checkpoint as ck
-    from model.LMConfig import LMConfig
-    from model.model import MiniMindVLM
+    from model.config import LMConfig
+    from model.vlm import MiniMindVLM
 
     path, mode = sys.argv[1], sys.argv[2]
     def make(seed, dim=64):
@@ -82,7 +82,7 @@ def wait_for_line(proc: subprocess.Popen, wanted: str, timeout: float = 120) -> 
 
 def weights(seed: int, dim: int = 64) -> dict[str, torch.Tensor]:
     """The child's models (the same config and seed)."""
-    from model.LMConfig import LMConfig
+    from model.config import LMConfig
 
     torch.manual_seed(seed)
     return MiniMindVLM(LMConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import run_stage
+
 from model.checkpoint import CheckpointError, config_path_for, load_model, read_state_dict, save_checkpoint
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,8 @@ def test_resume_after_a_kill_between_log_and_save_does_not_repeat_steps(tmp_path
     its weights: the resumed run removes the temp files of the killed saves, redoes step 3, and the log holds
     each step once, the redone step 3 in place of the lost one."""
     from helpers import make_dataset, train_argv
-    from model.trainer import PRETRAIN
+
+    from trainer.config import PRETRAIN
 
     data, images = make_dataset(tmp_path / "data", n_images=8)
     out = tmp_path / "out"

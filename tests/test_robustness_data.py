@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import make_dataset, run_stage, train_argv
-from model.dataset import DataError, VLMDataset
-from model.trainer import PRETRAIN, main
+
+from data_pipeline.dataset import DataError, VLMDataset
+from trainer.config import PRETRAIN
+from trainer.loop import main
 
 MAX_SEQ_LEN = 96
 

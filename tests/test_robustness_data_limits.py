@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.dataset import MAX_RECORD_CHARS, DataError, VLMDataset, read_records
-from model.LMConfig import IMAGE_SPECIAL_TOKEN
+from data_pipeline.dataset import MAX_RECORD_CHARS, DataError, VLMDataset, read_records
+from model.config import IMAGE_SPECIAL_TOKEN
 
 
 def _record(rid: str, question: str = "<image>\nWhat colour is it?", answer: str = "Red.", image: str = "red.png"):
@@ -59,7 +59,7 @@ def test_integer_too_long_to_convert_is_a_counted_skip(tmp_path, images, tokeniz
 def test_one_huge_record_is_skipped_before_tokenising(tmp_path, images, tokenizer, monkeypatch):
     huge = _record("huge", answer="x" * (MAX_RECORD_CHARS + 10))
     tokenised = []
-    import model.dataset as dataset_module
+    import data_pipeline.dataset as dataset_module
 
     original = dataset_module.tokenize_conversation
     monkeypatch.setattr(dataset_module, "tokenize_conversation",

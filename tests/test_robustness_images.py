@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from helpers import count_prompt_images, run_stage, train_argv
 from PIL import Image
 
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
-from helpers import count_prompt_images, run_stage, train_argv
+from data_pipeline.dataset import DataError, VLMDataset, collate
 from model.checkpoint import save_checkpoint
-from model.dataset import DataError, VLMDataset, collate
-from model.model import MiniMindVLM
-from model.trainer import PRETRAIN
-from model.vision_utils import MAX_IMAGE_PIXELS, ImageError, open_image
+from model.vision import MAX_IMAGE_PIXELS, ImageError, open_image
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN
 
 # name -> None when the file must work, else a phrase its one-line error must contain
 CASES: dict[str, str | None] = {

@@ -1,4 +1,4 @@
-"""Bounded work per request and placeholder safety in the shared inference path (model.chat.VLMChat):
+"""Bounded work per request and placeholder safety in the shared inference path (inference.chat.VLMChat):
 prompt building that does not grow with the history, long text cut to max_seq_len with the image span whole,
 user text that cannot forge or cut an image span, cancellation before the prompt runs and between steps, and
 temperatures so small that they would overflow."""
@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-import model.chat as chat_module
-from conftest import tiny_config
-from model.chat import GenerationSettings, StreamStats, VLMChat
-from model.LMConfig import IMAGE_SPECIAL_TOKEN
-from model.model import MiniMindVLM
-from model.tokenizer_utils import count_span_openings, encode, neutralise_placeholder
+import inference.chat as chat_module
+from inference.chat import GenerationSettings, StreamStats, VLMChat
+from model.config import IMAGE_SPECIAL_TOKEN
+from model.tokenizer import count_span_openings, encode, neutralise_placeholder
+from model.vlm import MiniMindVLM
 
 RESERVE = 64
 

@@ -24,12 +24,12 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from helpers import free_port, stop_process
 from PIL import Image
 
-from helpers import free_port, stop_process
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 HOST = "127.0.0.1"
 N_BAD = 200

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 from helpers import make_dataset, run_stage, train_argv
+
 from model import checkpoint as checkpoint_module
 from model.checkpoint import load_model, load_object, read_state_dict
-from model.model import MiniMindVLM
-from model.trainer import PRETRAIN, main
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN
+from trainer.loop import main
 
 STEM = "64_vlm_pretrain"
 

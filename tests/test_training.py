@@ -9,17 +9,16 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, tiny_config
 from helpers import make_dataset, run_stage, train_argv
-from model.checkpoint import load_model, load_object
-from model.dataset import DataError, VLMDataset, collate
-from model.model import MiniMindVLM
-from model.train_config import PRETRAIN, SFT, build_parser, checkpoint_stem, model_size
-from model.train_step import lr_at
+from safetensors.torch import load_file
 
-from model.vision_utils import load_vision_encoder
+from data_pipeline.dataset import DataError, VLMDataset, collate
+from model.checkpoint import load_model, load_object
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN, SFT, build_parser, checkpoint_stem, model_size
+from trainer.step import lr_at
 
 
 def test_tiny_model_overfits_a_fixed_batch(tmp_path, tokenizer, tiny_clip_dir):

@@ -9,17 +9,17 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
 from helpers import make_dataset, run_stage, train_argv
+
+from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
 from model.checkpoint import read_state_dict
-from model.dataset import DataError, VLMDataset, collate
-from model.distributed import Distributed
-from model.model import MiniMindVLM
-from model.samplers import LengthGroupedSampler, ResumableSampler
-from model.trainer import PRETRAIN
-from model.validation import Validator, answer_span
-from model.vision_utils import load_vision_encoder
+from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
+from trainer.config import PRETRAIN
+from trainer.distributed import Distributed
+from trainer.validation import Validator, answer_span
 
 
 def test_validator_matches_one_at_a_time_scoring(tmp_path, tokenizer, tiny_clip_dir):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, tiny_config
+from helpers import free_port, stop_process
 from PIL import Image, ImageDraw
 
-from helpers import free_port, stop_process
-from conftest import ROOT, PROJECT_TOKENIZER, tiny_config
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM
+from model.vlm import MiniMindVLM
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from helpers import count_prompt_images
 from PIL import Image
 
-from conftest import ROOT, PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
-from helpers import count_prompt_images
-from model.chat import VLMChat
+from inference.chat import VLMChat
 from model.checkpoint import save_checkpoint
-from model.model import MiniMindVLM, count_parameters
-from model.vision_utils import ImageError
+from model.decoder import count_parameters
+from model.vision import ImageError
+from model.vlm import MiniMindVLM
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -329,7 +330,7 @@ def test_generation_error_is_shown_and_conversation_kept(one_turn, monkeypatch):
 
 def test_typed_image_placeholder_cannot_forge_a_span(one_turn):
     """A question holding the placeholder (or just its 25 '<') is answered; before, the model refused the prompt."""
-    from model.LMConfig import IMAGE_SPECIAL_TOKEN
+    from model.config import IMAGE_SPECIAL_TOKEN
 
     for question in ["<" * 25 + " what is this?", IMAGE_SPECIAL_TOKEN]:
         ask(one_turn, question)

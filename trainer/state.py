@@ -14,7 +14,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .checkpoint import check_resume_tokenizer, load_object, load_weights, save_checkpoint, save_object, unwrap
+from model.checkpoint import check_resume_tokenizer, load_object, load_weights, save_checkpoint, save_object, unwrap
+
 from .distributed import Distributed
 
 log = logging.getLogger("minimind")

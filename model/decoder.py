@@ -1,22 +1,22 @@
-"""The MiniMind decoder and the vision-language model built on it.
+"""The MiniMind text decoder, read top to bottom:
 
-Read top to bottom:
-  RMSNorm -> rotary embedding -> Attention (GQA, KV cache) -> FeedForward (SwiGLU) / MoE
-  -> Block -> MiniMindLM (text decoder) -> VisionProj -> MiniMindVLM (projection + splice + generate).
+  RMSNorm -> rotary embedding -> KV cache and attention masks -> Attention (GQA) -> FeedForward (SwiGLU) / MoE
+  -> Block -> MiniMindLM (embedding, blocks, final norm, tied output head, loss).
 
-Parameter names and shapes are those of the MiniMind-V v1 release, so v1 checkpoints load strictly.
+Parameter names and shapes are those of the MiniMind-V v1 release, so v1 checkpoints load strictly. The vision
+side (projection, splice, generation) is in vlm.py.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .LMConfig import IMAGE_TOKENS, LMConfig
+from .config import LMConfig
 
 
 class RMSNorm(nn.Module):
@@ -431,204 +431,6 @@ def mask_padding_labels(labels: Optional[torch.Tensor],
     if labels is None or attention_mask is None:
         return labels
     return labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
-
-
-class VisionProj(nn.Module):
-    """Linear 768 -> dim. Attribute path `vision_proj.vision_proj.0` as in v1."""
-
-    def __init__(self, vision_dim: int, dim: int, bias: bool):
-        super().__init__()
-        self.vision_proj = nn.Sequential(nn.Linear(vision_dim, dim, bias=bias))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.vision_proj(features)
-
-
-class ImageSpliceError(ValueError):
-    pass
-
-
-def find_image_spans(input_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, start) of every complete image placeholder span (`image_ids`, 50 ids) in input_ids [B, T], in
-    row-major order. An opening half that does not start a full span means the placeholder was cut short: an
-    ImageSpliceError. The one span search, used by the model's splice and by the dataset's truncation check."""
-    B, T = input_ids.shape
-    n, half = IMAGE_TOKENS, IMAGE_TOKENS // 2
-    if T < half:
-        empty = input_ids.new_zeros(0)
-        return empty, empty
-    image_ids = image_ids.to(input_ids.device)
-    first = input_ids.unfold(1, half, 1).eq(image_ids[:half]).all(-1)  # [B, T-24]: 25 opening ids
-    full = torch.zeros_like(first)
-    if T >= n:
-        full[:, : T - n + 1] = input_ids.unfold(1, n, 1).eq(image_ids).all(-1)
-    if bool((first & ~full).any()):
-        row = int((first & ~full).nonzero()[0, 0])
-        raise ImageSpliceError(f"row {row}: an image placeholder span is cut short "
-                               f"(needs {n} tokens); it was probably truncated")
-    rows, starts = full.nonzero(as_tuple=True)
-    return rows, starts
-
-
-class MiniMindVLM(MiniMindLM):
-    """MiniMindLM plus a projection whose outputs replace each 50-token image placeholder span."""
-
-    def __init__(self, config: LMConfig):
-        super().__init__(config)
-        # Created after the LM init, so it keeps PyTorch's default Linear init (as v1).
-        self.vision_proj = VisionProj(config.vision_dim, config.dim, config.vision_proj_bias)
-        ids = config.image_ids
-        if ids is not None and len(ids) != IMAGE_TOKENS:
-            raise ValueError(f"image_ids must hold {IMAGE_TOKENS} ids, got {len(ids)}")
-        self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * IMAGE_TOKENS),
-                             persistent=False)
-
-    def find_image_spans(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, start) of every complete placeholder span, in row-major order. Raises on a cut-short span."""
-        if self.config.image_ids is None:
-            raise ImageSpliceError("config.image_ids is not set: fill it from the tokenizer "
-                                   "(model.tokenizer_utils.image_token_ids)")
-        return find_image_spans(input_ids, self.image_ids)
-
-    def splice_images(self, h: torch.Tensor, input_ids: torch.Tensor,
-                      image_features: Optional[torch.Tensor]) -> torch.Tensor:
-        """Replace each placeholder span of h [B, T, dim] with projected features, in one step.
-
-        image_features is [N, 50, vision_dim]: one per span in row-major order, or one per row
-        (N == B) when every row holds at most one span (rows without a span skip theirs).
-        """
-        if image_features is None:
-            return h
-        if image_features.dim() == 2:
-            image_features = image_features.unsqueeze(0)
-        rows, starts = self.find_image_spans(input_ids)
-        n_spans, n_images = rows.numel(), image_features.shape[0]
-        if n_spans == 0:
-            return h
-        if n_images != n_spans:
-            per_row = torch.bincount(rows, minlength=input_ids.shape[0])
-            if n_images == input_ids.shape[0] and int(per_row.max()) <= 1:
-                image_features = image_features[rows]
-            else:
-                raise ImageSpliceError(f"{n_spans} image placeholder span(s) but {n_images} image(s) given")
-        proj = self.vision_proj(image_features.to(h.dtype)).to(h.dtype)  # [N, 50, dim]
-        cols = starts[:, None] + torch.arange(IMAGE_TOKENS, device=h.device)  # [N, 50]
-        return h.index_put((rows[:, None].expand_as(cols), cols), proj)
-
-    def forward(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                loss_only: bool = False, last_only: bool = False,
-                attention_mask: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> ModelOutput:
-        """logits [B, T, vocab] for every position (and .loss given labels). Two shortcuts skip the output
-        head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
-        last_only the last position ([B, 1, vocab], generation). attention_mask (1 = token, 0 = padding):
-        left padding for generation, right padding for scoring; padded positions are neither attended to
-        nor targets of the loss. segment_ids [B, T] marks packed rows (several questions sharing one image:
-        dataset.pack_same_image); each question then sees only the image prefix and itself."""
-        h = self.splice_images(self.embed(input_ids), input_ids, image_features)
-        h = self.run_blocks(h, cache, attention_mask, segment_ids)
-        labels = mask_padding_labels(labels, attention_mask)
-        return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
-
-    # ----------------------------------------------------------------- generation
-    @torch.inference_mode()
-    def generate_stream(
-        self,
-        input_ids: torch.Tensor,
-        image_features: Optional[torch.Tensor] = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: float = 1.0,
-        eos_token_id: Optional[int] = None,
-        use_cache: bool = True,
-        generator: Optional[torch.Generator] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token ids [B] one step at a time; stops at eos (not yielded) or max_new_tokens.
-
-        temperature <= 0 is greedy. Rows that reached eos keep yielding eos until all have. Rows of different
-        lengths are left-padded, with attention_mask [B, T] marking the real tokens (pad_rows builds both).
-        """
-        ids = input_ids
-        B = ids.shape[0]
-        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
-        cache = None
-        if use_cache:
-            dtype = next(self.parameters()).dtype
-            cache = KVCache(self.config, B, ids.shape[1] + max_new_tokens, ids.device, dtype)
-        logits = self(ids, image_features, cache=cache, last_only=True, attention_mask=mask).logits[:, -1]
-        for step in range(max_new_tokens):
-            # padding is no earlier token of its row: the repetition penalty sees the row's last token there
-            seen = ids if mask is None else torch.where(mask, ids, ids[:, -1:])
-            next_ids = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
-            if eos_token_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
-                finished |= next_ids.eq(eos_token_id)
-                if bool(finished.all()):
-                    return
-            yield next_ids
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            if step == max_new_tokens - 1:
-                return
-            if cache is not None:  # the cache remembers which of its positions are padding
-                logits = self(next_ids[:, None], cache=cache).logits[:, -1]
-            else:  # recompute everything, image included
-                logits = self(ids, image_features, last_only=True, attention_mask=mask).logits[:, -1]
-
-    def generate(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None,
-                 **kwargs) -> torch.Tensor:
-        """The new token ids [B, n] (prompt excluded, eos excluded); same arguments as generate_stream."""
-        steps = list(self.generate_stream(input_ids, image_features, **kwargs))
-        if not steps:
-            return input_ids.new_zeros(input_ids.shape[0], 0)
-        return torch.stack(steps, dim=1)
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left",
-             device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, T], attention_mask [B, T]) of token rows of different lengths: padded on the left for
-    generation (every row's next token comes at the end), on the right for scoring and training."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("pad_rows needs at least one row, and no empty row")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
-
-
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], repetition_penalty: float,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Pick the next token for each row of logits [B, V]; `seen` [B, T] feeds the repetition penalty."""
-    if repetition_penalty != 1.0:
-        prev = logits.gather(1, seen)
-        # Make already-seen tokens less likely whatever their sign: divide positive, multiply negative.
-        logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def count_parameters(model: nn.Module) -> int:

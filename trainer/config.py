@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .LMConfig import PRESETS
-from .vision_utils import DEFAULT_CLIP_PATH
+from model.config import PRESETS
+from model.vision import DEFAULT_CLIP_PATH
 
 
 @dataclass(frozen=True, kw_only=True)

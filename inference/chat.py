@@ -10,13 +10,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from model.checkpoint import checkpoint_tokenizer, load_model, read_checkpoint
+from model.config import IMAGE_SPECIAL_TOKEN
+from model.decoder import count_parameters
+from model.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
+                             neutralise_placeholder, render_chat)
+from model.vision import VisionEncoder, load_vision_encoder
+from model.vlm import MiniMindVLM
+
 from .batcher import DecodeRequest, DynamicBatcher
-from .checkpoint import checkpoint_tokenizer, load_model, read_checkpoint
-from .LMConfig import IMAGE_SPECIAL_TOKEN
-from .model import MiniMindVLM, count_parameters
-from .tokenizer_utils import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
-                              neutralise_placeholder, render_chat)
-from .vision_utils import VisionEncoder, load_vision_encoder
 
 # Temperatures below this are treated as 0 (greedy): logits / 1e-300 overflow to inf and sampling gets NaN.
 MIN_TEMPERATURE = 1e-3
@@ -172,7 +174,7 @@ class VLMChat:
         before the prompt is run and before every decode step: when it says True the stream ends there, so a
         request whose client has gone costs at most one more step.
 
-        With a batcher the request is decoded together with other concurrent ones (model.batcher), which asks
+        With a batcher the request is decoded together with other concurrent ones (inference.batcher), which asks
         cancelled() at every step as well; closing this generator also takes the request out of its batch."""
         cancelled = cancelled or (lambda: False)
         images = as_image_list(image)

@@ -1,7 +1,7 @@
 """A small dynamic batcher: concurrent generation requests are decoded together, one forward per step.
 
 One decode thread owns the model. It takes the first waiting request, waits up to `max_wait_s` for more (at most
-`max_batch` in all), left-pads their prompts with an attention mask (model.model.pad_rows) and runs one prefill,
+`max_batch` in all), left-pads their prompts with an attention mask (model.vlm.pad_rows) and runs one prefill,
 then one forward per new token for the whole batch. Each row samples with its own settings and seed and streams
 its tokens to its own queue. A row leaves the batch as soon as it ends (end token, its max_new_tokens, or its
 cancel event): its keys and values are dropped from the cache, so the others decode at the smaller size.
@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .model import KVCache, MiniMindVLM, pad_rows, sample_next
+from model.decoder import KVCache
+from model.vlm import MiniMindVLM, pad_rows, sample_next
 
 _END = object()  # pushed after a request's last token
 

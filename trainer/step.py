@@ -14,14 +14,15 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from .checkpoint import unwrap
-from .dataset import Batch
+from data_pipeline.dataset import Batch
+from data_pipeline.feature_store import batch_features
+from model.checkpoint import unwrap
+from model.vision import VisionEncoder
+from model.vlm import MiniMindVLM
+
 from .distributed import Distributed
-from .feature_cache import batch_features
 from .metrics import StepMetrics
-from .model import MiniMindVLM
-from .train_state import TrainState
-from .vision_utils import VisionEncoder
+from .state import TrainState
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
+from model.checkpoint import atomic_write
+from model.vision import ImageError, VisionEncoder
+
 from .dataset import ImageRef, load_image
-from .parquet_data import ParquetImage
-from .vision_utils import ImageError, VisionEncoder
+from .parquet import ParquetImage
 
 if TYPE_CHECKING:
     from .dataset import Batch

@@ -24,23 +24,25 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, config_path_for, has_projection_bias,
-                         load_weights, read_checkpoint, remove_stale_temp_files, save_checkpoint, training_tokenizer)
-from .dataset import Batch, DataError, VLMDataset, collate
+from data_pipeline.dataset import Batch, DataError, VLMDataset, collate
+from data_pipeline.feature_store import FeatureStore
+from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
+from model.checkpoint import (Checkpoint, CheckpointError, atomic_write, config_path_for, has_projection_bias,
+                              load_weights, read_checkpoint, remove_stale_temp_files, save_checkpoint,
+                              training_tokenizer)
+from model.config import LMConfig
+from model.decoder import count_parameters
+from model.tokenizer import TokenizerError, image_token_ids, load_tokenizer
+from model.vision import VisionEncoder, load_vision_encoder, stand_in_warning
+from model.vlm import MiniMindVLM
+
+from .config import RunPaths, Stage, build_parser, checkpoint_stem, model_size, run_record
 from .distributed import Distributed
-from .feature_cache import FeatureStore
-from .LMConfig import LMConfig
 from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
                       progress_line)
-from .model import MiniMindVLM, count_parameters
-from .samplers import LengthGroupedSampler, ResumableSampler
-from .tokenizer_utils import TokenizerError, image_token_ids, load_tokenizer
-from .train_config import (PRETRAIN, SFT, RunPaths, Stage, build_parser, checkpoint_stem, model_size,  # noqa: F401
-                           run_record)
-from .train_state import seed_everything
-from .train_step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: F401
+from .state import seed_everything
+from .step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step
 from .validation import Validator
-from .vision_utils import VisionEncoder, load_vision_encoder, stand_in_warning
 
 log = logging.getLogger("minimind")
 

@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .LMConfig import IMAGE_TOKENS
-from .model import Attention, MiniMindVLM, rope_tables
+from model.config import IMAGE_TOKENS
+from model.decoder import Attention, rope_tables
+from model.vlm import MiniMindVLM
 
 PATCH_GRID = 7  # ViT-B/32 on 224x224: 7x7 patches after the CLS token
 

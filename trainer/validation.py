@@ -15,12 +15,13 @@ from typing import Callable, ContextManager, Optional
 import torch
 import torch.distributed as torch_dist
 
-from .dataset import IGNORE_INDEX, Sample, VLMDataset, collate
+from data_pipeline.dataset import IGNORE_INDEX, Sample, VLMDataset, collate
+from data_pipeline.feature_store import batch_features
+from inference.evaluate import normalise
+from model.vision import VisionEncoder
+from model.vlm import pad_rows
+
 from .distributed import Distributed
-from .evaluate import normalise
-from .feature_cache import batch_features
-from .model import pad_rows
-from .vision_utils import VisionEncoder
 
 
 @dataclass

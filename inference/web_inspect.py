@@ -11,10 +11,11 @@ from typing import Sequence
 import streamlit as st
 from PIL import Image
 
-from model.attention_map import AttentionMaps, inspect_answer
-from model.attention_plot import heatmap_png, layer_rows, token_texts
-from model.chat import VLMChat
-from model.LMConfig import IMAGE_TOKENS
+from model.config import IMAGE_TOKENS
+
+from .attention_map import AttentionMaps, inspect_answer
+from .attention_plot import heatmap_png, layer_rows, token_texts
+from .chat import VLMChat
 
 WHOLE_ANSWER = "whole answer"
 ALL_LAYERS = "all layers (mean)"

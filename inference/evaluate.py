@@ -9,10 +9,11 @@ from typing import Optional
 
 import torch
 
+from data_pipeline.dataset import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
+from model.vision import ImageError, open_image
+from model.vlm import pad_rows
+
 from .chat import VLMChat
-from .dataset import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
-from .model import pad_rows
-from .vision_utils import ImageError, open_image
 
 
 def normalise(answer: str) -> str:

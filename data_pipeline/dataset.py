@@ -21,11 +21,12 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from .LMConfig import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
-from .model import find_image_spans
-from .parquet_data import ParquetImage, read_parquet_records
-from .tokenizer_utils import count_span_openings, image_token_ids, render_chat
-from .vision_utils import ImageError, ImagePreprocessor, open_image
+from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from model.tokenizer import count_span_openings, image_token_ids, render_chat
+from model.vision import ImageError, ImagePreprocessor, open_image
+from model.vlm import find_image_spans
+
+from .parquet import ParquetImage, read_parquet_records
 
 log = logging.getLogger("minimind")
 IGNORE_INDEX = -100
