@@ -1,6 +1,6 @@
 """See inside the model: how much attention answer tokens pay to the 50 image positions, per layer and head.
 
-The normal forward (model.py) uses PyTorch's fused scaled_dot_product_attention, which never builds the
+The normal forward (model/decoder.py) uses PyTorch's fused scaled_dot_product_attention, which never builds the
 attention weights. `inspect_attention` runs the same blocks with the same parameters, but writes attention out
 by hand, softmax(q k^T / sqrt(head_dim)) under the causal mask, and keeps the weight rows of chosen query
 positions. It runs only on request (scripts/inspect_attention.py, the web demo's "inside the model" panel), so
@@ -131,11 +131,3 @@ def inspect_answer(model: MiniMindVLM, prompt_ids: Sequence[int], answer_ids: Se
     ids = torch.tensor([*prompt_ids, *answer_ids[:-1]])  # the last answer token is produced, never read
     return inspect_attention(model, ids, image_features, answer_query_positions(len(prompt_ids), len(answer_ids)))
 
-
-def reference_check(model: MiniMindVLM, input_ids: torch.Tensor,
-                    image_features: Optional[torch.Tensor] = None) -> float:
-    """The largest difference between the inspected logits and the normal (SDPA) forward's."""
-    maps = inspect_attention(model, input_ids, image_features, [0])
-    with torch.no_grad():
-        normal = model(input_ids.reshape(1, -1), image_features).logits[0]
-    return float((maps.logits.float() - normal.float()).abs().max())

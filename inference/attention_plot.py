@@ -1,4 +1,4 @@
-"""Pictures and tables of AttentionMaps (model/attention_map.py): 7x7 heat maps over the image, a per-layer
+"""Pictures and tables of AttentionMaps (inference/attention_map.py): 7x7 heat maps over the image, a per-layer
 strip, the image-versus-text share per layer. Shared by scripts/inspect_attention.py and the web demo."""
 from __future__ import annotations
 

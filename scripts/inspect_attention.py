@@ -5,7 +5,7 @@ answer token to the 50 image positions (CLS + 7x7 patches), per layer, and print
         --image dataset/demo/images/test/test_00003.png --prompt "what shape is in the image?" --out attention.png
 
 The answer is generated greedily by default (--temperature 0), then the prompt and answer are run once more with
-the attention written out by hand (model/attention_map.py); the normal generation path is untouched. Row p of a
+the attention written out by hand (inference/attention_map.py); the normal generation path is untouched. Row p of a
 heat map is the attention of the position whose output produced answer token p.
 """
 from __future__ import annotations
