@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from typing import Optional
 
-import numpy as np
 import torch
 
 from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
 from model.checkpoint import CheckpointError, newest_chat_checkpoint
+from model.seed import seed_everything
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -60,12 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image_prefix", default="")
     p.add_argument("--eval_limit", type=int, default=None, help="score only the first N questions")
     return p.parse_args(argv)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def list_images(path: str) -> list[str]:
