@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -10,14 +9,15 @@ from typing import Optional
 import torch
 
 from data_pipeline.dataset import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
+from model.scoring import exact_match, greedy_answers, normalise_answer
 from model.vision import ImageError, open_image
-from model.vlm import pad_rows
 
 from .chat import VLMChat
 
 
 def normalise(answer: str) -> str:
-    return re.sub(r"[\s.!?。！？]+$", "", answer.strip().lower())
+    """The form answers are compared in (model.scoring.normalise_answer, shared with validation)."""
+    return normalise_answer(answer)
 
 
 def question_type(question: str, answer: str) -> str:
@@ -127,16 +127,12 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
     predictions, hits = [], []
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i:i + batch_size]
-        ids, mask = pad_rows([c[0] for c in chunk], chat.eos_id, "left", device=chat.device)
         feats = torch.stack([features[c[1]] for c in chunk]).to(chat.device)
-        out = chat.model.generate(ids, feats, max_new_tokens=max_new_tokens, temperature=0.0,
-                                  eos_token_id=chat.eos_id, attention_mask=mask)
-        for row, (_, _, answer, _) in zip(out.tolist(), chunk):
-            if chat.eos_id in row:
-                row = row[:row.index(chat.eos_id)]
-            predicted = chat.tokenizer.decode(row, skip_special_tokens=True)
+        greedy = greedy_answers(chat.model, [c[0] for c in chunk], feats, chat.tokenizer, max_new_tokens,
+                                chat.device)
+        for predicted, (_, _, answer, _) in zip(greedy, chunk):
             predictions.append(predicted)
-            hits.append(normalise(predicted) == normalise(answer))
+            hits.append(exact_match(predicted, answer))
     n = len(prompts)
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)

@@ -4,24 +4,28 @@ Every rank evaluates its own slice of the validation samples (rank r takes sampl
 are all-reduced, so under DDP every rank takes part and each gets the same result (rank 0 reports it).
 Accuracy is scored on the first answer of each record (question/answer records), on the first `max_scored`
 samples: the prompt is everything before that answer (its images included), the model answers greedily, and
-the text is compared after lower-casing and trimming trailing punctuation, as model/evaluate.py scores.
+the text is compared after lower-casing and trimming trailing punctuation (model/scoring.py, which
+inference/evaluate.py scores with too). A validation in which no sample could be used (every image failed to
+decode) reports "no samples scored" and has no score: it never counts as the best.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as torch_dist
 
 from data_pipeline.dataset import IGNORE_INDEX, Sample, VLMDataset, collate
 from data_pipeline.feature_store import batch_features
-from inference.evaluate import normalise
+from model.scoring import exact_match, greedy_answers
 from model.vision import VisionEncoder
-from model.vlm import pad_rows
 
 from .distributed import Distributed
+
+
+NO_SAMPLES = "no samples scored"
 
 
 @dataclass
@@ -31,20 +35,37 @@ class ValidationResult:
     n_samples: int  # samples the loss covers (those whose images decoded)
     n_scored: int  # answers scored for accuracy
     seconds: float
+    ranked_by_accuracy: bool = False  # answers were asked for (--val_samples > 0): the accuracy is the score
 
-    def metrics(self) -> dict[str, float]:
-        out = {"val_loss": self.loss}
+    @property
+    def empty(self) -> bool:
+        """Nothing was evaluated (every sample's images failed, say): there is no loss and no accuracy."""
+        return self.n_samples == 0 and self.n_scored == 0
+
+    def metrics(self) -> dict[str, Any]:
+        """The numbers for the JSONL log and wandb; an empty validation has no val_loss (plots skip it)."""
+        if self.empty:
+            return {"val_status": NO_SAMPLES, "val_samples": 0}
+        out: dict[str, Any] = {"val_loss": self.loss}
         if self.accuracy is not None:
             out["val_accuracy"] = self.accuracy
         return out
 
     @property
-    def score(self) -> float:
-        """Higher is better: the accuracy when answers were scored, else the negative loss."""
-        return self.accuracy if self.accuracy is not None else -self.loss
+    def score(self) -> Optional[float]:
+        """Higher is better: the accuracy when answers are scored, else the negative loss. None when there is
+        nothing to rank by (no answer or no sample could be scored): such a validation is never the best, and
+        one kind of score is never compared with the other."""
+        if self.ranked_by_accuracy:
+            return self.accuracy
+        return -self.loss if self.n_samples > 0 else None
 
     def line(self) -> str:
+        if self.empty:
+            return f"validation: {NO_SAMPLES} ({self.seconds:.1f}s)"
         acc = f" val_accuracy {self.accuracy:.3f} (n={self.n_scored})" if self.accuracy is not None else ""
+        if self.ranked_by_accuracy and self.accuracy is None:
+            acc = f" val_accuracy: {NO_SAMPLES}"
         return f"validation: val_loss {self.loss:.4f}{acc} on {self.n_samples} samples ({self.seconds:.1f}s)"
 
 
@@ -63,7 +84,7 @@ class Validator:
     def __init__(self, dataset: VLMDataset, tokenizer, encoder: VisionEncoder, dist: Distributed, batch_size: int,
                  max_scored: int, autocast: Callable[[], ContextManager]):
         self.dataset, self.tokenizer, self.encoder, self.dist = dataset, tokenizer, encoder, dist
-        self.batch_size, self.autocast = batch_size, autocast
+        self.batch_size, self.autocast, self.max_scored = batch_size, autocast, max_scored
         self.loss_indices = list(range(dist.rank, len(dataset), dist.world))
         self.scored_indices = list(range(dist.rank, min(max_scored, len(dataset)), dist.world))
 
@@ -84,7 +105,7 @@ class Validator:
             torch_dist.all_reduce(totals)
         loss_sum, n_tokens, n_samples, correct, scored = totals.tolist()
         return ValidationResult(loss_sum / max(n_tokens, 1), correct / scored if scored else None, int(n_samples),
-                                int(scored), time.perf_counter() - t0)
+                                int(scored), time.perf_counter() - t0, ranked_by_accuracy=self.max_scored > 0)
 
     def _loss(self, model) -> tuple[float, int, int]:
         device = self.dist.device
@@ -102,9 +123,9 @@ class Validator:
         return loss_sum, n_tokens, n_samples
 
     def _exact_match(self, model) -> tuple[int, int]:
-        """Greedy answers to the first question of each scored sample; left-padded batches with a mask give
-        the same tokens as one question at a time."""
-        device, eos = self.dist.device, self.tokenizer.eos_token_id
+        """Greedy answers to the first question of each scored sample (model.scoring: batched, left-padded and
+        masked, the same tokens as one question at a time)."""
+        device = self.dist.device
         correct = scored = 0
         for i in range(0, len(self.scored_indices), self.batch_size):
             good = [(j, it) for j in self.scored_indices[i:i + self.batch_size] for it in [self.dataset[j]]
@@ -118,14 +139,8 @@ class Validator:
                 answers.append(self.tokenizer.decode(it["input_ids"][start:end], skip_special_tokens=True))
                 it["input_ids"], it["labels"] = prompts[-1], it["labels"][:start]
             features = batch_features(collate([it for _, it in good]), self.encoder, device)
-            ids, mask = pad_rows(prompts, eos, "left", device=device)
             max_new = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
-            with self.autocast():
-                out = model.generate(ids, features, max_new_tokens=max_new, temperature=0.0, eos_token_id=eos,
-                                     attention_mask=mask)
-            for row, answer in zip(out.tolist(), answers):
-                if eos in row:
-                    row = row[:row.index(eos)]
-                correct += normalise(self.tokenizer.decode(row, skip_special_tokens=True)) == normalise(answer)
-                scored += 1
+            predicted = greedy_answers(model, prompts, features, self.tokenizer, max_new, device, self.autocast)
+            correct += sum(exact_match(p, a) for p, a in zip(predicted, answers))
+            scored += len(answers)
         return correct, scored
