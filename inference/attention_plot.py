@@ -17,6 +17,9 @@ from .attention_map import PATCH_GRID, AttentionMaps  # noqa: E402
 # CJK answers (the v1 models answer in Chinese) draw with WenQuanYi where it is installed; DejaVu otherwise.
 FONTS = ["DejaVu Sans", "WenQuanYi Micro Hei"]
 HEAT_CMAP = "inferno"
+MAX_ASPECT = 4.0  # height / width of a heat map figure, and its inverse, at most
+# Per-token heat maps drawn in one figure at most: each adds a 1.9-inch column (400 drew an 84,018-pixel PNG).
+MAX_TOKENS_DRAWN = 16
 
 
 def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -82,9 +85,10 @@ def attention_table(maps: AttentionMaps, tokens: Sequence[str]) -> str:
 def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Sequence[str], question: str,
                      max_tokens: int = 8) -> Figure:
     """Row 1: the image, the whole answer's heat map, one per answer token (the first max_tokens).
-    Row 2: one heat map per layer (whole answer). Row 3: image versus text share of attention per layer."""
+    Row 2: one heat map per layer (whole answer). Row 3: image versus text share of attention per layer.
+    At most MAX_TOKENS_DRAWN token maps are drawn, whatever max_tokens asks."""
     plt.rcParams["font.family"] = FONTS
-    shown = list(tokens[:max_tokens])
+    shown = list(tokens[:max(0, min(max_tokens, MAX_TOKENS_DRAWN))])
     top_cols = 2 + len(shown)
     fig = plt.figure(figsize=(max(top_cols, maps.n_layers, 4) * 1.9, 7.2), layout="constrained")
     answer = "".join(tokens)
@@ -125,9 +129,11 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Sequence[s
 
 
 def heatmap_png(image: Image.Image, grid, title: str) -> bytes:
-    """One heat map over the image as PNG bytes (the web demo's panel)."""
+    """One heat map over the image as PNG bytes (the web demo's panel). The figure follows the image's aspect
+    ratio within MAX_ASPECT either way: a 1x700 image would otherwise ask for a figure 2240 inches tall."""
     plt.rcParams["font.family"] = FONTS
-    fig, ax = plt.subplots(figsize=(3.2, 3.2 * image.size[1] / image.size[0] + 0.3), layout="constrained")
+    aspect = min(max(image.size[1] / image.size[0], 1 / MAX_ASPECT), MAX_ASPECT)
+    fig, ax = plt.subplots(figsize=(3.2, 3.2 * aspect + 0.3), layout="constrained")
     overlay(ax, image, grid, title)
     return figure_png(fig)
 

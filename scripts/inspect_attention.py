@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,31 +21,57 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from inference.attention_map import inspect_answer  # noqa: E402
+from inference.attention_plot import (MAX_TOKENS_DRAWN, attention_figure, attention_table, figure_png,  # noqa: E402
+                                      token_texts)
 from inference.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
-from model.checkpoint import CheckpointError  # noqa: E402
+from model.files import CheckpointError  # noqa: E402
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a *_vlm_sft.pth (its shape is read off the file)")
     p.add_argument("--image", required=True, help="one image file")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--out", default="attention.png",
+                   help="the PNG to write; a directory (existing, or ending in /) gets <image name>_attention.png")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--max_tokens_drawn", type=int, default=8, help="per-token heat maps drawn (all are printed)")
+    p.add_argument("--max_tokens_drawn", type=int, default=8,
+                   help=f"per-token heat maps drawn, at most {MAX_TOKENS_DRAWN} (all are printed)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
     p.add_argument("--tokenizer_path", default=None,
                    help="default: the checkpoint's own (as 3-eval_chat.py resolves it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_tokens_drawn < 0:
+        p.error(f"--max_tokens_drawn must be at least 0, got {args.max_tokens_drawn}")
+    return args
 
 
-def main(argv=None) -> int:
+def output_path(out: str, image: str) -> str:
+    """The PNG to write: --out itself, or <image name>_attention.png inside it when it names a directory."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        return os.path.join(out, f"{os.path.splitext(os.path.basename(image))[0]}_attention.png")
+    return out
+
+
+def write_png(path: str, data: bytes) -> Optional[str]:
+    """Write data to path (creating its folder); the one-line reason when that fails."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        return f"cannot write {path}: {e.strerror or e}"
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    out = output_path(args.out, args.image)
     try:
         image = open_image(args.image)
         chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, args.device)
@@ -54,8 +81,6 @@ def main(argv=None) -> int:
     note = stand_in_warning(args.clip_path)
     if note:
         print(note)
-    from inference.attention_plot import attention_figure, attention_table, figure_png, token_texts
-
     settings = GenerationSettings(temperature=args.temperature, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
     stats = StreamStats()
@@ -73,11 +98,14 @@ def main(argv=None) -> int:
     print(f"\nattention to the image (positions {maps.image_start}..{maps.image_start + 49} of "
           f"{len(stats.prompt_ids)} prompt tokens), mean over heads and answer tokens:")
     print(attention_table(maps, tokens))
-    fig = attention_figure(image, maps, tokens, args.prompt, args.max_tokens_drawn)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "wb") as f:
-        f.write(figure_png(fig))
-    print(f"\nwrote {args.out}")
+    if min(args.max_tokens_drawn, len(tokens)) > MAX_TOKENS_DRAWN:
+        print(f"note: drawing the first {MAX_TOKENS_DRAWN} token maps, not {min(args.max_tokens_drawn, len(tokens))} "
+              f"(the most one readable figure holds); the table above lists every token")
+    failure = write_png(out, figure_png(attention_figure(image, maps, tokens, args.prompt, args.max_tokens_drawn)))
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    print(f"\nwrote {out}")
     return 0
 
 
