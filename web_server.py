@@ -15,7 +15,7 @@ Run it from the repository root, either way:
 
 The checkpoint picker lists the .pth files in --out_dir and the MiniMind model directories (a published
 `minimind-v-v1-small` clone, or an export) in --out_dir and the project root; model directories come first, then
-`*_vlm_sft.pth`. The tokenizer is the checkpoint's own (model.checkpoint.checkpoint_tokenizer) unless
+`*_vlm_sft.pth`. The tokenizer is the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer) unless
 --tokenizer_path is given.
 
 Binding: streamlit binds to `--server.address`. `.streamlit/config.toml` sets `address = "127.0.0.1"`, so a
@@ -24,6 +24,9 @@ on other addresses pass `--server.address 0.0.0.0` (there is no authentication: 
 
 Uploads: png, jpg, jpeg, webp, bmp and gif (first frame) up to MAX_UPLOAD_MB. The limit is passed to the uploader,
 set as `server.maxUploadSize` in `.streamlit/config.toml`, and checked again here before an image is decoded.
+The images asked about together are capped by the rule the API applies too (inference.chat.VLMChat.max_images:
+8, or fewer when the model's context cannot hold their 50-token spans); more are refused before decoding.
+The page's plain logic (arguments, checkpoint list, upload checks) lives in inference/web_support.py.
 
 Arguments after `--` belong to this script. Each default can also come from an environment variable
 (MINIMIND_OUT_DIR, MINIMIND_CLIP_PATH, MINIMIND_TOKENIZER_PATH, MINIMIND_DEVICE); a flag given after `--` wins.
@@ -41,7 +44,6 @@ import argparse
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -52,127 +54,15 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from inference.chat import GenerationSettings, StreamStats, Turn, VLMChat  # noqa: E402
-from model.checkpoint import find_model_dirs, weights_file  # noqa: E402
-from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,  # noqa: E402
-                          open_image)
+from inference.chat import (MAX_IMAGES, GenerationSettings, StreamStats, TooManyImagesError, Turn,  # noqa: E402
+                            VLMChat, check_image_count)
+from inference.web_support import (IMAGE_TYPES, MAX_UPLOAD_MB, NO_CHECKPOINT_HELP, UPLOAD_ACCEPT,  # noqa: E402,F401
+                                   checkpoint_stamp, display_copy, error_text, format_params,
+                                   image_id, list_checkpoints, parse_args, resolve_clip_path, split_flags,
+                                   validate_upload)
+from model.vision import ImageError  # noqa: E402
 
-MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
-IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
-# MIME types next to the extensions: the browser filters by both, and streamlit then leaves the server-side check
-# to this script (its own extension check would fail the whole script run instead of showing a message).
-UPLOAD_ACCEPT = [f"image/{t}" for t in ("png", "jpeg", "webp", "bmp", "gif")] + [f".{t}" for t in IMAGE_TYPES]
-ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
-            "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
-STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
-                   "demo), so answers about real photos are not meaningful.")
-NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
-                      "(`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
-                      "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
-
-
-# ---------------------------------------------------------------------------------------------- plain logic
-
-
-@dataclass(frozen=True)
-class ServerArgs:
-    out_dir: str
-    clip_path: str
-    tokenizer_path: Optional[str]  # None: the checkpoint's own
-    device: str
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: str
-    name: str
-    size_mb: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.size_mb:.1f} MB)"
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def parse_args(argv: Sequence[str], env: Optional[dict[str, str]] = None) -> ServerArgs:
-    """Script arguments (those after `--`); defaults come from the environment, then from the repository.
-
-    Unknown arguments are ignored (under AppTest, argv is pytest's). Raises argparse.ArgumentError on a
-    malformed flag instead of exiting.
-    """
-    env = dict(os.environ if env is None else env)
-    defaults = {"out_dir": str(ROOT / "out"), "clip_path": str(ROOT / DEFAULT_CLIP_PATH),
-                "tokenizer_path": None, "device": None}
-    parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
-                                     exit_on_error=False)
-    for name, default in defaults.items():
-        parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
-    ns, _unknown = parser.parse_known_args(list(argv))
-    return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device())
-
-
-def resolve_clip_path(clip_path: str) -> tuple[str, Optional[str]]:
-    """The CLIP directory to load and a warning to show when it is the untrained stand-in."""
-    path = clip_or_stand_in(clip_path, str(ROOT))
-    if path != clip_path:
-        return path, (f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
-                      f"{STAND_IN_CLIP_PATH} is used: {STAND_IN_EFFECT} Get the real one with "
-                      f"`python scripts/download.py --what clip`.")
-    if is_stand_in(path):
-        return path, (f"{clip_path} is the UNTRAINED stand-in CLIP: {STAND_IN_EFFECT} Get the real one "
-                      f"with `python scripts/download.py --what clip`.")
-    return path, None
-
-
-def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list[CheckpointInfo]:
-    """The .pth files directly in out_dir and the model directories in out_dir and `model_dir_roots`, with sizes;
-    model directories first, then *_vlm_sft.pth, then by name."""
-    folder = Path(out_dir)
-    found = []
-    if folder.is_dir():
-        found = [CheckpointInfo(str(p), p.name, p.stat().st_size / 2**20)
-                 for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
-    dirs = {d.resolve(): d for root in (folder, *model_dir_roots) for d in find_model_dirs(root)}
-    found += [CheckpointInfo(str(d), f"{d.name}/", weights_file(d).stat().st_size / 2**20) for d in dirs.values()]
-    return sorted(found, key=lambda c: (not c.name.endswith("/"), not c.name.endswith("_vlm_sft.pth"), c.name))
-
-
-def checkpoint_stamp(path: str) -> tuple[int, int]:
-    """(modification time, size) of a checkpoint's weights: a retrained file with the same name is reloaded."""
-    path = str(weights_file(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (it was moved or deleted); {NO_CHECKPOINT_HELP}")
-    st_ = os.stat(path)
-    return st_.st_mtime_ns, st_.st_size
-
-
-def validate_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
-    """Decode an uploaded image as RGB, or raise ImageError with a one-line reason naming the file."""
-    if len(data) > max_mb * 2**20:
-        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB upload limit")
-    ext = Path(name).suffix.lower().lstrip(".")
-    if ext not in IMAGE_TYPES:
-        raise ImageError(f"{name}: not an accepted image type (use {', '.join(IMAGE_TYPES)})")
-    return open_image(data, name=name)
-
-
-def image_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def format_params(n: int) -> str:
-    return f"{n / 1e6:.2f} M"
-
-
-def error_text(e: BaseException) -> str:
-    """One line for the page: the message of the project's own errors, the type name for anything else."""
-    known = (FileNotFoundError, ValueError, ImageError)
-    return str(e) if isinstance(e, known) and str(e) else f"{type(e).__name__}: {e}"
+SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of several
 
 
 # ---------------------------------------------------------------------------------------------- streamlit
@@ -236,11 +126,12 @@ def set_images(images: list[Image.Image], uids: tuple[str, ...], names: list[str
                             inspections={})
 
 
-def uploader() -> list[Any]:
+def uploader(chat: Optional[VLMChat]) -> list[Any]:
     """The uploaded files, in order (several images are asked about together). The browser filters by
-    UPLOAD_ACCEPT; validate_upload checks type and size."""
+    UPLOAD_ACCEPT; validate_upload checks type and size, handle_upload the count."""
+    limit = chat.max_images() if chat is not None else MAX_IMAGES
     return st.file_uploader(f"Images ({', '.join(IMAGE_TYPES)}; GIF: first frame; up to {MAX_UPLOAD_MB} MB each; "
-                            f"several are asked about together, in order)", type=UPLOAD_ACCEPT,
+                            f"up to {limit} are asked about together, in order)", type=UPLOAD_ACCEPT,
                             max_upload_size=MAX_UPLOAD_MB, key="uploader", accept_multiple_files=True) or []
 
 
@@ -252,9 +143,9 @@ def keep_note() -> str:
     return "Upload an image to ask about it."
 
 
-def handle_upload(uploads: Sequence[Any]) -> None:
-    """Make a new set of valid uploads the current images (a new conversation); if any upload is invalid,
-    report it and keep the previous images and conversation."""
+def handle_upload(uploads: Sequence[Any], chat: Optional[VLMChat]) -> None:
+    """Make a new set of valid uploads the current images (a new conversation); if any upload is invalid, or
+    there are more than one question can take, report it and keep the previous images and conversation."""
     state = st.session_state
     data = [upload.getvalue() for upload in uploads]
     uids = tuple(image_id(d) for d in data)
@@ -267,8 +158,9 @@ def handle_upload(uploads: Sequence[Any]) -> None:
             st.info("The images were removed: started a new conversation.")
         return
     try:
+        check_upload_count(len(uploads), chat)  # before decoding: 300 uploads cost nothing
         images = [validate_upload(upload.name, d) for upload, d in zip(uploads, data)]
-    except ImageError as e:
+    except (ImageError, TooManyImagesError) as e:
         st.error(f"{e}. {keep_note()}")
         return
     had_history = bool(state["history"])
@@ -276,6 +168,24 @@ def handle_upload(uploads: Sequence[Any]) -> None:
     set_images(images, uids, names)
     if had_history:
         st.info(f"New image{'s' if len(names) > 1 else ''} ({', '.join(names)}): started a new conversation.")
+
+
+def check_upload_count(n_images: int, chat: Optional[VLMChat]) -> None:
+    """The rule the API applies too (inference.chat): MAX_IMAGES, or fewer when the model's context is small."""
+    if chat is None:
+        check_image_count(n_images, MAX_IMAGES)
+    else:
+        chat.check_image_count(n_images)
+
+
+def show_images() -> None:
+    images = st.session_state["images"]
+    if not images:
+        st.caption("No image yet: questions are answered from the text alone.")
+        return
+    width = SINGLE_IMAGE_WIDTH if len(images) == 1 else IMAGE_WIDTH
+    st.image([display_copy(image, width) for image in images], caption=st.session_state["image_names"],
+             width=width)
 
 
 def show_history(history: Sequence[Turn], chat: Optional[VLMChat] = None) -> None:
@@ -345,12 +255,12 @@ def main() -> None:
     st.set_page_config(page_title="MiniMind-V", page_icon=":frame_with_picture:", layout="centered")
     init_state()
     try:
-        args = parse_args(sys.argv[1:])
+        args = parse_args(sys.argv[1:], ROOT)
     except argparse.ArgumentError as e:
         st.error(f"Bad command-line argument: {e}. Usage: streamlit run web_server.py -- [--out_dir DIR] "
                  f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda]")
         st.stop()
-    clip_path, clip_warning = resolve_clip_path(args.clip_path)
+    clip_path, clip_warning = resolve_clip_path(args.clip_path, ROOT)
 
     st.sidebar.header("Model")
     ckpt, ckpt_error = sidebar_checkpoint(args.out_dir)
@@ -369,31 +279,13 @@ def main() -> None:
         if message:
             st.error(message)
 
-    handle_upload(uploader())
-    if st.session_state["images"]:
-        st.image(st.session_state["images"], caption=st.session_state["image_names"],
-                 width=320 if len(st.session_state["images"]) == 1 else 200)
-    else:
-        st.caption("No image yet: questions are answered from the text alone.")
+    handle_upload(uploader(chat), chat)
+    show_images()
 
     show_history(st.session_state["history"], chat)
     prompt = st.chat_input("Ask about the image", key="question")
     if prompt is not None:
         ask(chat, prompt, settings)
-
-
-def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(streamlit's flags, this script's flags): `--section.option [value]` belongs to streamlit."""
-    streamlit_flags, app_flags, rest = [], [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg.startswith("--") and "." in arg.split("=")[0]:
-            streamlit_flags.append(arg)
-            if "=" not in arg and rest and not rest[0].startswith("--"):
-                streamlit_flags.append(rest.pop(0))
-        else:
-            app_flags.append(arg)
-    return streamlit_flags, app_flags
 
 
 def launch_streamlit(argv: Sequence[str]) -> None:

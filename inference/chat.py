@@ -10,11 +10,12 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from model.checkpoint import checkpoint_tokenizer, load_model, read_checkpoint
-from model.config import IMAGE_SPECIAL_TOKEN
+from model.checkpoint import load_model, read_checkpoint
+from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
 from model.decoder import count_parameters
 from model.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
                              neutralise_placeholder, render_chat)
+from model.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder
 from model.vlm import MiniMindVLM
 
@@ -24,8 +25,30 @@ from .batcher import DecodeRequest, DynamicBatcher
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"  # v1's default: "What does this picture describe?"
+MAX_IMAGES = 8  # images per question in every front end; each fills a 50-token span of the prompt
+# Context tokens the image spans and the template must leave free, for at least a short question and answer.
+MIN_TEXT_ROOM = 8
 Turn = tuple[str, str]  # (question, answer)
 Images = Union[None, Image.Image, Sequence[Image.Image]]
+
+
+class TooManyImagesError(ValueError):
+    """More images than one question can take: over MAX_IMAGES, or more spans than the model's context holds."""
+
+    def __init__(self, n_images: int, limit: int, context: Optional[int] = None):
+        if context is None or limit >= MAX_IMAGES:
+            reason = f"at most {MAX_IMAGES} images per question"
+        else:
+            reason = (f"this model's context ({context} tokens) holds at most {limit} image(s) per question, each "
+                      f"taking {IMAGE_TOKENS + 1} tokens of the prompt (and never more than {MAX_IMAGES})")
+        super().__init__(f"{n_images} images are too many: {reason}")
+        self.n_images, self.limit = n_images, limit
+
+
+def check_image_count(n_images: int, limit: int = MAX_IMAGES, context: Optional[int] = None) -> None:
+    """Raise TooManyImagesError when n_images is over limit (context: the model's, named in the message)."""
+    if n_images > limit:
+        raise TooManyImagesError(n_images, limit, context)
 
 
 def as_image_list(images: Images) -> list[Image.Image]:
@@ -64,6 +87,7 @@ class VLMChat:
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self._encode_lock = threading.Lock()
+        self._max_images: Optional[int] = None
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
@@ -71,7 +95,7 @@ class VLMChat:
         """Load all three parts; a missing one is an error that says how to get it.
 
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
-        when given, else the checkpoint's own (model.checkpoint.checkpoint_tokenizer), and must match its record.
+        when given, else the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it."""
         source = read_checkpoint(ckpt)
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
@@ -85,6 +109,20 @@ class VLMChat:
     def n_params(self) -> int:
         return count_parameters(self.model)
 
+    def max_images(self) -> int:
+        """The most images one question can hold: MAX_IMAGES, or fewer when the context cannot hold their spans,
+        the chat template and MIN_TEXT_ROOM tokens for the question and the answer."""
+        if self._max_images is None:
+            context, n = self.model.config.max_seq_len, 0
+            while n < MAX_IMAGES and len(self._turn_ids("", None, n + 1)) + MIN_TEXT_ROOM <= context:
+                n += 1
+            self._max_images = n
+        return self._max_images
+
+    def check_image_count(self, n_images: int) -> None:
+        """Raise TooManyImagesError when one question cannot hold n_images (see max_images)."""
+        check_image_count(n_images, self.max_images(), self.model.config.max_seq_len)
+
     def build_prompt(self, question: str, history: Sequence[Turn] = (), n_images: int = 1,
                      reserve: int = 0) -> list[int]:
         """Token ids of the conversation ending with the assistant header for `question`.
@@ -94,8 +132,10 @@ class VLMChat:
         `reserve` are kept (older ones are dropped); when even the question alone does not fit, its oldest tokens
         are cut. The placeholder spans are never cut, and user text cannot forge or cut one (neutralise_placeholder).
         Work is bounded by the budget, not the request: turns are tokenised once each, newest first, and text
-        longer than the budget could ever hold is skipped or cut before tokenising.
+        longer than the budget could ever hold is skipped or cut before tokenising. More images than max_images()
+        raise TooManyImagesError, so the prompt never exceeds max_seq_len.
         """
+        self.check_image_count(int(n_images))
         budget = max(self.model.config.max_seq_len - self.answer_room(reserve, n_images), 1)
         max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
         question = neutralise_placeholder(question[-max_chars:])

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from PIL import Image
 
 import inference.chat as chat_module
-from inference.chat import GenerationSettings, StreamStats, VLMChat
+from inference.chat import GenerationSettings, StreamStats, TooManyImagesError, VLMChat
 from model.config import IMAGE_SPECIAL_TOKEN
 from model.tokenizer import count_span_openings, encode, neutralise_placeholder
 from model.vlm import MiniMindVLM
@@ -80,6 +80,21 @@ def test_a_small_context_asked_for_a_long_answer_keeps_the_question(tokenizer):
     assert small.tokenizer.decode(ids).endswith("\nWhat shape is in the image?</s>\n<s>assistant\n")
     assert len(_spans(small, ids)) == 1 and len(ids) <= 128 - small.answer_room(64, True)
     assert small.answer_room(64, True) > 0  # some room for the answer is still kept
+
+
+@pytest.mark.parametrize("context, most", [(128, 2), (200, 3), (512, 8)])
+def test_images_per_question_are_capped_by_the_context_and_by_max_images(tokenizer, context, most):
+    """8 images in a 200-token context made a 420-token prompt: the spans alone did not fit. Every front end
+    now takes at most max_images() (8, or what the context holds), so the prompt never exceeds max_seq_len."""
+    small = VLMChat(MiniMindVLM(tiny_config(tokenizer, max_seq_len=context)), tokenizer, FakeEncoder())
+    assert small.max_images() == most
+    for n in range(most + 1):
+        ids = small.build_prompt("a long question " * 500, [("q", "a")] * 3, n, reserve=64)
+        assert len(ids) <= context and len(_spans(small, ids)) == n
+    with pytest.raises(TooManyImagesError, match=f"^{most + 1} images are too many: "):
+        small.build_prompt("hi", (), most + 1)
+    with pytest.raises(TooManyImagesError):
+        list(small.stream("hi", [Image.new("RGB", (8, 8))] * (most + 1)))
 
 
 FORGED = [IMAGE_SPECIAL_TOKEN, "<" * 25, "<" * 200 + "x", "look: " + IMAGE_SPECIAL_TOKEN * 3 + ">" * 40,

@@ -25,6 +25,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import web_server  # noqa: E402
+from inference import web_support  # noqa: E402
 
 APP = str(ROOT / "web_server.py")
 
@@ -122,40 +123,39 @@ def test_list_checkpoints_sorted_with_sizes(tmp_path):
 
 
 def test_validate_upload():
-    assert web_server.validate_upload("ok.png", png_bytes()).size == (40, 32)
+    assert web_support.validate_upload("ok.png", png_bytes()).size == (40, 32)
     with pytest.raises(ImageError, match=r"big.png: 10.0 MB is over the 10 MB upload limit"):
-        web_server.validate_upload("big.png", b"\0" * (10 * 2**20 + 1))
+        web_support.validate_upload("big.png", b"\0" * (10 * 2**20 + 1))
     with pytest.raises(ImageError, match="notes.txt: not an accepted image type"):
-        web_server.validate_upload("notes.txt", png_bytes())
+        web_support.validate_upload("notes.txt", png_bytes())
     with pytest.raises(ImageError, match="fake.jpg: not an image"):
-        web_server.validate_upload("fake.jpg", b"hello world")
+        web_support.validate_upload("fake.jpg", b"hello world")
     with pytest.raises(ImageError, match="cut.png: corrupt or truncated"):
-        web_server.validate_upload("cut.png", png_bytes(size=(200, 200))[:-200])
+        web_support.validate_upload("cut.png", png_bytes(size=(200, 200))[:-200])
     frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    first = web_server.validate_upload("anim.gif", buf.getvalue())
+    first = web_support.validate_upload("anim.gif", buf.getvalue())
     assert first.mode == "RGB" and first.getpixel((8, 8))[0] > 200  # the first (red) frame
 
 
 def test_parse_args_env_defaults_and_flags():
     env = {"MINIMIND_OUT_DIR": "/env/out", "MINIMIND_DEVICE": "cpu"}
-    args = web_server.parse_args(["-q", "tests/x.py", "--clip_path", "/my/clip"], env)
+    args = web_support.parse_args(["-q", "tests/x.py", "--clip_path", "/my/clip"], ROOT, env)
     assert (args.out_dir, args.clip_path, args.device) == ("/env/out", "/my/clip", "cpu")
     assert args.tokenizer_path is None  # the checkpoint's own tokenizer
-    assert web_server.parse_args(["--out_dir", "/flag/out"], env).out_dir == "/flag/out"
+    assert web_support.parse_args(["--out_dir", "/flag/out"], ROOT, env).out_dir == "/flag/out"
 
 
-def test_stand_in_clip_only_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(web_server, "ROOT", tmp_path)
-    default = str(tmp_path / web_server.DEFAULT_CLIP_PATH)
-    assert web_server.resolve_clip_path(default) == (default, None)  # nothing to fall back to: loader's error
-    stand_in = tmp_path / web_server.STAND_IN_CLIP_PATH
+def test_stand_in_clip_only_with_a_warning(tmp_path):
+    default = str(tmp_path / web_support.DEFAULT_CLIP_PATH)
+    assert web_support.resolve_clip_path(default, tmp_path) == (default, None)  # nothing to fall back to
+    stand_in = tmp_path / web_support.STAND_IN_CLIP_PATH
     stand_in.mkdir(parents=True)
     (stand_in / "config.json").write_text("{}")
-    path, warning = web_server.resolve_clip_path(default)
+    path, warning = web_support.resolve_clip_path(default, tmp_path)
     assert path == str(stand_in) and "UNTRAINED stand-in" in warning
-    assert web_server.resolve_clip_path("/explicit/clip") == ("/explicit/clip", None)  # no fallback when given
+    assert web_support.resolve_clip_path("/explicit/clip", tmp_path) == ("/explicit/clip", None)  # given: kept
 
 
 # ------------------------------------------------------------------------------------------------- the page
@@ -265,6 +265,43 @@ def test_bad_first_upload(app):
     upload(app, "notes.png", b"not an image")
     assert any("notes.png: not an image" in e and "Upload an image" in e for e in errors(app))
     assert app.session_state["images"] == []
+
+
+@pytest.mark.parametrize("size", [(700, 1), (1, 700), (5000, 2), (1, 1)])
+def test_an_image_of_any_aspect_ratio_is_shown_and_asked_about(app, size):
+    """A 700x1 PNG raised 'height and width must be > 0' in the page's image display on every rerun, and the
+    question box never rendered until the upload was cleared."""
+    upload(app, "line.png", png_bytes(size=size))
+    assert len(app.image) == 1 and not errors(app)
+    app.run()  # a rerun shows it again
+    assert not app.exception and len(app.image) == 1
+    ask(app, "What is this?")
+    assert len(app.session_state["history"]) == 1 and not errors(app)
+
+
+def test_display_copy_keeps_every_side_at_least_one_pixel():
+    line = Image.new("RGB", (700, 1))
+    assert web_support.display_copy(line, 320).size == (320, 1)
+    small = Image.new("RGB", (40, 32))
+    assert web_support.display_copy(small, 320) is small  # narrow enough: shown as it is
+
+
+def test_more_images_than_the_model_takes_are_refused_before_decoding(one_turn, monkeypatch):
+    """300 tiny uploads made a 15,312-token prompt for a 200-token model. The page applies the API's rule: at
+    most 8 per question, fewer when the context cannot hold their spans (the tiny model's 160 holds 2)."""
+    decoded = []
+    monkeypatch.setattr(web_support, "open_image", lambda data, name: decoded.append(name))
+    files = [(f"{i}.png", png_bytes(color=(i, 0, 0)), "image/png") for i in range(300)]
+    for n in (300, 3):
+        expected = f"{n} images are too many: this model's context (160 tokens) holds at most 2 image(s)"
+        upload(one_turn, *files[0], *files[1:n])
+        assert any(expected in e and "Still using the previous image (red.png)" in e for e in errors(one_turn)), \
+            errors(one_turn)
+        assert decoded == [] and one_turn.session_state["image_names"] == ["red.png"]
+        assert_conversation_kept(one_turn)
+    assert "up to 2 are asked about together" in one_turn.file_uploader(key="uploader").label
+    ask(one_turn, "Still there?")  # the chat input is there and the previous image goes on
+    assert len(one_turn.session_state["history"]) == 2
 
 
 @pytest.mark.parametrize("question", ["", "   \n\t "])

@@ -1,0 +1,155 @@
+"""The web demo's plain logic (web_server.py is the streamlit page): its arguments, the checkpoint picker's list,
+upload checks and the image copies the page displays. Nothing here imports streamlit, so it is tested directly."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from PIL import Image
+
+from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,
+                          open_image)
+
+from .model_files import find_model_dirs, weights_file
+
+MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
+IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
+# MIME types next to the extensions: the browser filters by both, and streamlit then leaves the server-side check
+# to the page (its own extension check would fail the whole script run instead of showing a message).
+UPLOAD_ACCEPT = [f"image/{t}" for t in ("png", "jpeg", "webp", "bmp", "gif")] + [f".{t}" for t in IMAGE_TYPES]
+ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
+            "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
+STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
+                   "demo), so answers about real photos are not meaningful.")
+NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
+                      "(`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
+                      "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    out_dir: str
+    clip_path: str
+    tokenizer_path: Optional[str]  # None: the checkpoint's own
+    device: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    name: str
+    size_mb: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.size_mb:.1f} MB)"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv: Sequence[str], root: Path, env: Optional[dict[str, str]] = None) -> ServerArgs:
+    """Script arguments (those after `--`); defaults come from the environment, then from the repository `root`.
+
+    Unknown arguments are ignored (under AppTest, argv is pytest's). Raises argparse.ArgumentError on a
+    malformed flag instead of exiting.
+    """
+    env = dict(os.environ if env is None else env)
+    defaults = {"out_dir": str(root / "out"), "clip_path": str(root / DEFAULT_CLIP_PATH),
+                "tokenizer_path": None, "device": None}
+    parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
+    ns, _unknown = parser.parse_known_args(list(argv))
+    return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device())
+
+
+def resolve_clip_path(clip_path: str, root: Path) -> tuple[str, Optional[str]]:
+    """The CLIP directory to load and a warning to show when it is the untrained stand-in."""
+    path = clip_or_stand_in(clip_path, str(root))
+    if path != clip_path:
+        return path, (f"The real CLIP encoder is missing ({DEFAULT_CLIP_PATH}), so the UNTRAINED stand-in at "
+                      f"{STAND_IN_CLIP_PATH} is used: {STAND_IN_EFFECT} Get the real one with "
+                      f"`python scripts/download.py --what clip`.")
+    if is_stand_in(path):
+        return path, (f"{clip_path} is the UNTRAINED stand-in CLIP: {STAND_IN_EFFECT} Get the real one "
+                      f"with `python scripts/download.py --what clip`.")
+    return path, None
+
+
+def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list[CheckpointInfo]:
+    """The .pth files directly in out_dir and the model directories in out_dir and `model_dir_roots`, with sizes;
+    model directories first, then *_vlm_sft.pth, then by name."""
+    folder = Path(out_dir)
+    found = []
+    if folder.is_dir():
+        found = [CheckpointInfo(str(p), p.name, p.stat().st_size / 2**20)
+                 for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
+    dirs = {d.resolve(): d for root in (folder, *model_dir_roots) for d in find_model_dirs(root)}
+    found += [CheckpointInfo(str(d), f"{d.name}/", weights_file(d).stat().st_size / 2**20) for d in dirs.values()]
+    return sorted(found, key=lambda c: (not c.name.endswith("/"), not c.name.endswith("_vlm_sft.pth"), c.name))
+
+
+def checkpoint_stamp(path: str) -> tuple[int, int]:
+    """(modification time, size) of a checkpoint's weights: a retrained file with the same name is reloaded."""
+    path = str(weights_file(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (it was moved or deleted); {NO_CHECKPOINT_HELP}")
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def validate_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
+    """Decode an uploaded image as RGB, or raise ImageError with a one-line reason naming the file."""
+    if len(data) > max_mb * 2**20:
+        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB upload limit")
+    ext = Path(name).suffix.lower().lstrip(".")
+    if ext not in IMAGE_TYPES:
+        raise ImageError(f"{name}: not an accepted image type (use {', '.join(IMAGE_TYPES)})")
+    return open_image(data, name=name)
+
+
+def display_copy(image: Image.Image, width: int) -> Image.Image:
+    """The image as the page shows it, `width` pixels wide at most. Streamlit scales a wider image down itself,
+    rounding the height down: a 700x1 image at 320 wide became 320x0, and PIL refused it on every rerun. Here
+    the height keeps at least one pixel, and streamlit finds nothing left to scale."""
+    w, h = image.size
+    if w <= width:
+        return image
+    return image.resize((width, max(1, round(h * width / w))), Image.BILINEAR)
+
+
+def image_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def error_text(e: BaseException) -> str:
+    """One line for the page: the message of the project's own errors, the type name for anything else."""
+    known = (FileNotFoundError, ValueError, ImageError)
+    return str(e) if isinstance(e, known) and str(e) else f"{type(e).__name__}: {e}"
+
+
+def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(streamlit's flags, the page's flags): `--section.option [value]` belongs to streamlit."""
+    streamlit_flags, app_flags, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg.startswith("--") and "." in arg.split("=")[0]:
+            streamlit_flags.append(arg)
+            if "=" not in arg and rest and not rest[0].startswith("--"):
+                streamlit_flags.append(rest.pop(0))
+        else:
+            app_flags.append(arg)
+    return streamlit_flags, app_flags
