@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
-from model.checkpoint import CheckpointError, newest_chat_checkpoint
+from inference.model_files import newest_chat_checkpoint
+from model.files import CheckpointError
 from model.seed import seed_everything
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
 

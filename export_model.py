@@ -30,12 +30,13 @@ from typing import Any, Optional
 
 import torch
 
-from model.checkpoint import (CheckpointError, checkpoint_tokenizer, load_model, read_checkpoint, read_model_dir,
-                              save_checkpoint)
+from model.checkpoint import load_model, read_checkpoint, read_model_dir, save_checkpoint
 from model.config import IMAGE_TOKENS, LMConfig
 from model.decoder import count_parameters
+from model.files import CheckpointError
 from model.processing_minimind_v import MiniMindVProcessor
 from model.tokenizer import image_token_ids, load_tokenizer
+from model.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import ImagePreprocessor
 
 CODE_FILES = ("config.py", "decoder.py", "vlm.py", "hf_model.py", "vision.py", "processing_minimind_v.py")
@@ -101,8 +102,8 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
            repo_id: Optional[str] = None) -> Path:
     """Write the Hugging Face directory for checkpoint `ckpt` (a file or a model directory) into `out`.
 
-    The tokenizer is the checkpoint's own (model.checkpoint.checkpoint_tokenizer), or `tokenizer_path` when it has
-    the same vocabulary. Returns the output path."""
+    The tokenizer is the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), or `tokenizer_path`
+    when it has the same vocabulary. Returns the output path."""
     from model.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
 
     if not os.path.exists(ckpt):

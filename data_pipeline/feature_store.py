@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from model.checkpoint import atomic_write
+from model.files import atomic_write
 from model.vision import ImageError, VisionEncoder
 
 from .dataset import ImageRef, load_image

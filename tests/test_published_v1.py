@@ -21,7 +21,8 @@ from helpers import make_dataset, run_stage, train_argv
 from PIL import Image
 
 from inference.chat import GenerationSettings, VLMChat
-from model.checkpoint import newest_chat_checkpoint, read_checkpoint, save_checkpoint, v1_state_dict
+from inference.model_files import newest_chat_checkpoint
+from model.checkpoint import read_checkpoint, save_checkpoint, v1_state_dict
 from model.tokenizer import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, load_tokenizer,
                              tokenizer_fingerprint, tokenizer_record)
 from model.vision import load_vision_encoder

@@ -19,8 +19,10 @@ import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import make_dataset, train_argv
 
-from model.checkpoint import CheckpointError, load_model, load_object, load_weights, read_state_dict, save_checkpoint
+from model.checkpoint import load_model, load_object, load_weights, save_checkpoint
+from model.files import CheckpointError
 from model.vlm import MiniMindVLM
+from model.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.loop import main as train_main
 

@@ -15,8 +15,10 @@ import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import run_stage
 
-from model.checkpoint import CheckpointError, config_path_for, load_model, read_state_dict, save_checkpoint
+from model.checkpoint import config_path_for, load_model, save_checkpoint
+from model.files import CheckpointError
 from model.vlm import MiniMindVLM
+from model.weights import read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +207,7 @@ def test_sidecar_nested_too_deeply_is_one_line(tmp_path):
 
 
 def test_model_dir_listing_skips_a_config_nested_too_deeply(good_sd, tmp_path):
-    from model.checkpoint import find_model_dirs
+    from inference.model_files import find_model_dirs
 
     folder = _hf_dir(tmp_path, good_sd)
     assert find_model_dirs(tmp_path) == [folder]

@@ -19,8 +19,9 @@ from conftest import ROOT
 from helpers import make_dataset, run_stage, train_argv
 
 from model import checkpoint as checkpoint_module
-from model.checkpoint import load_model, load_object, read_state_dict
+from model.checkpoint import load_model, load_object
 from model.vlm import MiniMindVLM
+from model.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.loop import main
 

@@ -14,9 +14,9 @@ from helpers import make_dataset, run_stage, train_argv
 
 from data_pipeline.dataset import DataError, VLMDataset, collate
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
-from model.checkpoint import read_state_dict
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
+from model.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.distributed import Distributed
 from trainer.validation import Validator, answer_span

@@ -27,12 +27,13 @@ from torch.utils.data import DataLoader
 from data_pipeline.dataset import Batch, DataError, VLMDataset, collate
 from data_pipeline.feature_store import FeatureStore
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
-from model.checkpoint import (Checkpoint, CheckpointError, atomic_write, config_path_for, has_projection_bias,
-                              load_weights, read_checkpoint, remove_stale_temp_files, save_checkpoint,
-                              training_tokenizer)
+from model.checkpoint import Checkpoint, config_path_for, load_weights, read_checkpoint, save_checkpoint
 from model.config import LMConfig
+from model.config_inference import has_projection_bias
 from model.decoder import count_parameters
+from model.files import CheckpointError, atomic_write, remove_stale_temp_files
 from model.tokenizer import TokenizerError, image_token_ids, load_tokenizer
+from model.tokenizer_pairing import training_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder, stand_in_warning
 from model.vlm import MiniMindVLM
 

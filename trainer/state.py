@@ -14,7 +14,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from model.checkpoint import check_resume_tokenizer, load_object, load_weights, save_checkpoint, save_object, unwrap
+from model.checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
+from model.tokenizer_pairing import check_resume_tokenizer
 
 from .distributed import Distributed
 

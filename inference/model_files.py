@@ -1,0 +1,49 @@
+"""Finding the checkpoints the chat apps offer: the model directories in a folder, the newest SFT checkpoint,
+and the file whose modification time dates a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from model.files import PathLike
+from model.weights import HF_INDEX_FILES, HF_WEIGHT_FILES, is_model_dir
+
+
+def find_model_dirs(folder: PathLike) -> list[Path]:
+    """The MiniMind model directories directly inside `folder` (config.json with model_type minimind + weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or not is_model_dir(child):
+            continue
+        try:
+            model_type = json.loads((child / "config.json").read_text()).get("model_type")
+        except (ValueError, OSError, AttributeError, RecursionError):  # not a model directory we can list
+            continue
+        if model_type == "minimind":
+            found.append(child)
+    return found
+
+
+def weights_file(path: PathLike) -> Path:
+    """The file holding a checkpoint's weights: the path itself, or the weight file of a model directory."""
+    root = Path(path)
+    if root.is_dir():
+        for name in HF_INDEX_FILES + HF_WEIGHT_FILES:
+            if (root / name).exists():
+                return root / name
+    return root
+
+
+def newest_chat_checkpoint(out_dir: PathLike, root: PathLike = ".") -> Optional[Path]:
+    """The most recently written SFT checkpoint (out_dir/*_vlm_sft.pth) or model directory (in out_dir or root)."""
+    out_dir = Path(out_dir)
+    candidates = sorted(out_dir.glob("*_vlm_sft.pth")) if out_dir.is_dir() else []
+    candidates += find_model_dirs(out_dir) + find_model_dirs(root)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: weights_file(p).stat().st_mtime)

@@ -1,0 +1,38 @@
+"""Which tokenizer goes with a checkpoint or a training run, checked before any token is encoded: a checkpoint
+is only meaningful with the vocabulary it was trained with (see tokenizer.py for the resolution rule).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .checkpoint import Checkpoint
+from .files import PathLike
+from .tokenizer import DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, resolve_tokenizer_path, tokenizer_record
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tuple[str, str]:
+    """(path, fingerprint) of the tokenizer for `ckpt` by the one resolution rule, checked against its record.
+
+    Raises model.tokenizer.TokenizerError (one line) when none is found or the vocabularies differ."""
+    path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path)
+    return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path)
+
+
+def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint]) -> dict[str, str]:
+    """The record ({"path", "fingerprint"}) of the tokenizer a training run uses, checked before any step.
+
+    From scratch: `explicit` or the project's tokenizer. From a checkpoint (a chained stage, --init, or the
+    published *_llm.pth): its own tokenizer by the resolution rule, which must match its record."""
+    if init is None:
+        return tokenizer_record(explicit or DEFAULT_TOKENIZER_PATH)
+    path, fingerprint = checkpoint_tokenizer(init, explicit)
+    return {"path": path, "fingerprint": fingerprint}
+
+
+def check_resume_tokenizer(saved: Optional[dict], record: dict[str, str], resume_path: PathLike) -> None:
+    """A resumed run must use the vocabulary its resume checkpoint was trained with (older files record none)."""
+    if saved and saved.get("fingerprint") != record["fingerprint"]:
+        raise TokenizerError(f"tokenizer mismatch: {resume_path} was trained with the tokenizer at "
+                             f"'{saved.get('path')}' (vocabulary {str(saved.get('fingerprint'))[:12]}), but this run "
+                             f"uses '{record['path']}' (vocabulary {record['fingerprint'][:12]}); pass --tokenizer_path "
+                             f"{saved.get('path')}")
