@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from model.files import atomic_write
 from model.vision import ImageError, VisionEncoder
 
-from .dataset import ImageRef, load_image
+from .images import ImageRef, open_image_ref
 from .parquet import ParquetImage
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class _Pixels(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.paths[i])), ""
+            return i, self.preprocess(open_image_ref(self.paths[i])), ""
         except ImageError as e:
             return i, torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
 

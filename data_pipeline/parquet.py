@@ -2,27 +2,36 @@
 
 One row per sample:
   conversations : a list of {"role", "content"} turns, or a JSON string of that list
-  image_bytes   : one encoded image (binary), a list of them, or null for a text-only sample
+  image_bytes   : one encoded image (binary), a list of them, a {"bytes", "path"} struct as Hugging Face
+                  datasets store images, or null for a text-only sample
 The content holds one `<image>` per image, in order. The file is memory-mapped and read by row group, so a
-multi-GB file is never held in RAM whole: building the dataset streams it once (to count and hash the images),
-and an image is read back later from its row group (the last few row groups' image columns stay cached per
-process). With --feature_cache the images are encoded once, in file order, and training reads features only.
+multi-GB file is never held in RAM whole: building the dataset streams it once (to hash each image and read its
+header), and an image is read back later from its row group (the last few row groups' image columns stay cached
+per process). With --feature_cache the images are encoded once, in file order, and training reads features only.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from model.vision import MAX_IMAGE_PIXELS, ImageError
+
+from .records import DataError, check_data_file
 
 IMAGE_COLUMN = "image_bytes"
 CONVERSATIONS_COLUMN = "conversations"
 ROW_GROUPS_CACHED = 2  # per process: image columns of the last row groups read (random access stays bounded)
 
 
-class ParquetDataError(ValueError):
+class ParquetDataError(DataError):
     """A parquet file that cannot be read as MiniMind-V data at all."""
 
 
@@ -41,8 +50,12 @@ class ParquetImage:
         return f"{os.path.basename(self.file)} row group {self.row_group} row {self.row} image {self.index}"
 
     def read(self) -> bytes:
-        """The encoded image bytes (empty bytes when the cell holds none)."""
-        images = as_image_list(_row_group_images(self.file, self.row_group)[self.row])
+        """The encoded image bytes (empty bytes when the cell holds none); ImageError when the row group can no
+        longer be read (the file changed or went away since the dataset was built)."""
+        try:
+            images = cell_image_bytes(_row_group_images(self.file, self.row_group)[self.row])
+        except (OSError, ValueError, IndexError) as e:  # pyarrow's errors are OSError or ValueError subclasses
+            raise ImageError(f"{self.name}: cannot be read back ({_first_line(e)})") from None
         return images[self.index] if self.index < len(images) else b""
 
 
@@ -65,22 +78,49 @@ def _row_group_images(file: str, row_group: int) -> list:
     return column
 
 
-def as_image_list(cell: Any) -> list[bytes]:
-    """One cell of the image column as a list of encoded images (a single image, a list, or null)."""
+def cell_image_bytes(cell: Any) -> list[bytes]:
+    """The encoded images held in one cell of the image column (a single image, a list, a struct or null);
+    ValueError naming what is there instead of binary data."""
     if cell is None:
         return []
     if isinstance(cell, dict):  # {"bytes": ..., "path": ...}, as Hugging Face datasets store images
-        cell = cell.get("bytes")
-        return [] if cell is None else [bytes(cell)]
+        data = cell.get("bytes")
+        if data is None:
+            return []
+        if not isinstance(data, (bytes, bytearray)):  # bytes(10**12) would allocate a terabyte of zeros
+            raise ValueError(f"bad {IMAGE_COLUMN}: the struct's 'bytes' is a {type(data).__name__}, not binary")
+        return [bytes(data)]
     if isinstance(cell, (bytes, bytearray)):
         return [bytes(cell)]
     if isinstance(cell, list):
-        return [b for item in cell for b in as_image_list(item)]
-    raise ValueError(f"unexpected {IMAGE_COLUMN} value of type {type(cell).__name__}")
+        return [data for item in cell for data in cell_image_bytes(item)]
+    raise ValueError(f"bad {IMAGE_COLUMN}: a {type(cell).__name__}, not binary image data")
 
 
 def image_key(data: bytes) -> str:
     return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def image_header_problem(data: bytes) -> Optional[str]:
+    """Why these bytes cannot be a usable image, from their header alone (Pillow decodes no pixels here), or
+    None. A truncated body still passes; decoding finds that later, when the image is used."""
+    if not data:
+        return "empty image (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except UnidentifiedImageError:
+        return "not an image (unrecognised format)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"refused, image too large (over {MAX_IMAGE_PIXELS} pixels)"
+    except Exception as e:  # noqa: BLE001 - whatever Pillow raises on a malformed header is a bad image
+        return f"unreadable image header ({type(e).__name__}: {_first_line(e)})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"refused, {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+    return None
 
 
 def parse_conversations(cell: Any, max_chars: int) -> list:
@@ -96,7 +136,7 @@ def parse_conversations(cell: Any, max_chars: int) -> list:
         except RecursionError:
             raise ValueError("malformed conversations JSON: nested too deeply") from None
         except ValueError as e:  # e.g. an integer too long to convert
-            raise ValueError(f"malformed conversations JSON: {str(e).splitlines()[0][:120]}") from None
+            raise ValueError(f"malformed conversations JSON: {_first_line(e)}") from None
     if not isinstance(cell, list):
         raise ValueError(f"conversations is a {type(cell).__name__}, not a list of turns")
     return cell
@@ -105,37 +145,57 @@ def parse_conversations(cell: Any, max_chars: int) -> list:
 def read_parquet_records(path: str, max_chars: int) -> Iterator[tuple[str, Any, list[ParquetImage]]]:
     """(record id, record dict or ValueError, images) for each row, streamed one row group at a time.
 
-    The record dict has the turns under "conversations"; a row whose cells cannot be read yields the
-    ValueError instead, so the caller counts it as a bad record.
+    The record dict has the turns under "conversations"; a row whose cells cannot be read, or one holding an
+    image whose header is not an image's, yields the ValueError instead, so the caller counts it as a bad
+    record. A file that cannot be read as parquet data is a ParquetDataError naming it.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_data_file(path)
     try:
         pf = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowException, OSError) as e:
-        raise ParquetDataError(f"{path}: not a readable parquet file ({e})") from None
+        raise ParquetDataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
     with pf:
         names = pf.schema_arrow.names
         if CONVERSATIONS_COLUMN not in names:
             raise ParquetDataError(f"{path}: no '{CONVERSATIONS_COLUMN}' column (columns: {', '.join(names)})")
         columns = [c for c in (CONVERSATIONS_COLUMN, IMAGE_COLUMN, "id") if c in names]
-        base = os.path.basename(path)
+        headers: dict[str, Optional[str]] = {}  # image key -> its header problem: a shared image is read once
         for rg in range(pf.num_row_groups):
-            table = pf.read_row_group(rg, columns=columns)
-            conversations = table.column(CONVERSATIONS_COLUMN).to_pylist()
-            images = table.column(IMAGE_COLUMN).to_pylist() if IMAGE_COLUMN in names else [None] * len(conversations)
-            ids = table.column("id").to_pylist() if "id" in names else None
-            for row, (turns, cell) in enumerate(zip(conversations, images)):
-                rid = str(ids[row]) if ids is not None and ids[row] is not None else f"{base}:rg{rg}:{row}"
-                try:
-                    refs = [ParquetImage(path, rg, row, i, image_key(data))
-                            for i, data in enumerate(as_image_list(cell))]
-                    record: Any = {"conversations": parse_conversations(turns, max_chars)}
-                except ValueError as e:
-                    yield rid, e, []
-                    continue
-                yield rid, record, refs
-            del table, conversations, images
+            try:
+                table = pf.read_row_group(rg, columns=columns).to_pydict()
+            except (pa.ArrowException, OSError) as e:
+                raise ParquetDataError(f"{path}: row group {rg} is unreadable ({_first_line(e)})") from None
+            yield from _row_group_records(path, rg, table, max_chars, headers)
+            del table
+
+
+def _row_group_records(path: str, rg: int, table: dict[str, list], max_chars: int,
+                       headers: dict[str, Optional[str]]) -> Iterator[tuple[str, Any, list[ParquetImage]]]:
+    """The records of one row group's columns (see read_parquet_records)."""
+    conversations = table[CONVERSATIONS_COLUMN]
+    images = table.get(IMAGE_COLUMN, [None] * len(conversations))
+    ids = table.get("id")
+    base = os.path.basename(path)
+    for row, (turns, cell) in enumerate(zip(conversations, images)):
+        rid = str(ids[row]) if ids is not None and ids[row] is not None else f"{base}:rg{rg}:{row}"
+        try:
+            refs = []
+            for i, data in enumerate(cell_image_bytes(cell)):
+                ref = ParquetImage(path, rg, row, i, image_key(data))
+                if ref.key not in headers:
+                    headers[ref.key] = image_header_problem(data)
+                if headers[ref.key] is not None:
+                    raise ValueError(f"unreadable image: {ref.name}: {headers[ref.key]}")
+                refs.append(ref)
+            record: Any = {"conversations": parse_conversations(turns, max_chars)}
+        except ValueError as e:
+            yield rid, e, []
+            continue
+        yield rid, record, refs
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]

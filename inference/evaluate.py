@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from data_pipeline.dataset import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
+from data_pipeline.records import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
 from model.scoring import exact_match, greedy_answers, normalise_answer
 from model.vision import ImageError, open_image
 

@@ -13,9 +13,10 @@ from conftest import tiny_config
 from helpers import COLORS, make_dataset, run_stage, train_argv
 from PIL import Image
 
-from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.feature_store import FeatureStore
 from data_pipeline.parquet import ParquetImage, read_parquet_records
+from data_pipeline.records import DataError
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
 from trainer.config import PRETRAIN, SFT
@@ -56,25 +57,28 @@ GOOD_ROWS = [
     (chat("<image>\n<image>\nSame colour?", "yes"), [png("green"), png("green")]),
 ]
 BAD_ROWS = [
-    (chat("<image>\nWhat colour is it?", "green"), b"not an image at all"),  # undecodable: skipped at load
+    (chat("<image>\nWhat colour is it?", "green"), b"not an image at all"),  # no image header: skipped when built
     (chat("<image>\n<image>\nq", "a"), png("red")),  # 2 tags, 1 image
     (chat("<image>\nq", "  "), png("red")),  # empty answer
     ("[{\"role\": \"user\", ", png("red")),  # malformed JSON
 ]
+# a whole PNG header but a cut body: only decoding finds it, when the item is fetched
+TRUNCATED_ROW = (chat("<image>\nWhat colour is it?", "green"), png("green")[:60])
 
 
 def test_parquet_rows_multi_image_text_only_and_bad_rows(tmp_path, tokenizer, tiny_clip_dir):
-    path = write_parquet(tmp_path / "data.parquet", GOOD_ROWS + BAD_ROWS)
-    assert pq.ParquetFile(path).num_row_groups == 3  # read by row group
+    path = write_parquet(tmp_path / "data.parquet", GOOD_ROWS + BAD_ROWS + [TRUNCATED_ROW])
+    assert pq.ParquetFile(path).num_row_groups == 4  # read by row group
     ds = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN)
-    assert len(ds) == 6  # the undecodable image is found when it is loaded, like a corrupt file
-    assert dict(ds.skips.counts) == {"image count mismatch": 1, "empty answer": 1, "malformed conversations JSON": 1}
+    assert len(ds) == 6  # the truncated image is found when it is loaded, like a corrupt file
+    assert dict(ds.skips.counts) == {"unreadable image": 1, "image count mismatch": 1, "empty answer": 1,
+                                     "malformed conversations JSON": 1}
     assert [len(s.images) for s in ds.samples] == [1, 2, 0, 1, 2, 1]
     assert all(isinstance(ref, ParquetImage) for s in ds.samples for ref in s.images)
     # several images: one placeholder span each, in order; the text-only sample has none
     items = [ds[i] for i in range(6)]
     assert [it["pixels"] and len(it["pixels"]) for it in items[:5]] == [1, 2, [], 1, 2]
-    assert "not an image" in items[5]["error"] and "data.parquet row group" in items[5]["error"]
+    assert "corrupt or truncated" in items[5]["error"] and "data.parquet row group 3 row 0" in items[5]["error"]
     batch = collate(items)
     assert [rid for rid, _ in batch.skipped] == [ds.samples[5].id]
     assert batch.pixels.shape == (6, 3, 224, 224) and batch.n_images == 6

@@ -43,9 +43,9 @@ def test_packed_row_trains_exactly_like_the_questions_alone(tmp_path, tokenizer,
     data.write_text(json.dumps(records))
     encoder = load_vision_encoder(str(tiny_clip_dir))
     alone = VLMDataset(str(data), str(images), tokenizer, 200, preprocess=encoder.preprocess)
-    packed = VLMDataset(str(data), str(images), tokenizer, 200, preprocess=encoder.preprocess, pack_questions=3)
+    packed = VLMDataset(str(data), str(images), tokenizer, 200, preprocess=encoder.preprocess, pack_same_image=3)
     assert len(alone) == 6 and len(packed) == 3  # 3 + 1 questions on img_0, 2 on img_1
-    assert [s.segments is not None for s in packed.samples] == [True, False, True]
+    assert [s.segment_ids is not None for s in packed.samples] == [True, False, True]
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer, max_seq_len=model_len)).eval()
 
@@ -71,10 +71,10 @@ def test_packing_keeps_apart_what_cannot_share(tmp_path, tokenizer, tiny_clip_di
                                                     {"from": "gpt", "value": "hi"}]} for i in range(2)]
     data.write_text(json.dumps(qa_records("img_0.png", "a", QUESTIONS[:2]) + qa_records("img_1.png", "b", QUESTIONS[:1])
                                + text_only))
-    ds = VLMDataset(str(data), str(images), tokenizer, 200, pack_questions=4)
+    ds = VLMDataset(str(data), str(images), tokenizer, 200, pack_same_image=4)
     assert [s.id for s in ds.samples] == ["a0(+1)", "b0", "t0", "t1"]
     one_fits = len(VLMDataset(str(data), str(images), tokenizer, 200).samples[0].input_ids) + 5
-    tight = VLMDataset(str(data), str(images), tokenizer, one_fits, pack_questions=4)
+    tight = VLMDataset(str(data), str(images), tokenizer, one_fits, pack_same_image=4)
     assert len(tight) == 5
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import make_dataset, run_stage, train_argv
 
-from data_pipeline.dataset import DataError, VLMDataset
+from data_pipeline.dataset import VLMDataset
+from data_pipeline.records import DataError
 from trainer.config import PRETRAIN
 from trainer.loop import main
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipeline.dataset import MAX_RECORD_CHARS, DataError, VLMDataset, read_records
+from data_pipeline.dataset import VLMDataset
+from data_pipeline.records import MAX_RECORD_CHARS, DataError, read_records
 from model.config import IMAGE_SPECIAL_TOKEN
 
 

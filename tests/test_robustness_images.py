@@ -26,7 +26,8 @@ from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import count_prompt_images, run_stage, train_argv
 from PIL import Image
 
-from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.dataset import VLMDataset, collate
+from data_pipeline.records import DataError
 from model.checkpoint import save_checkpoint
 from model.vision import MAX_IMAGE_PIXELS, ImageError, open_image
 from model.vlm import MiniMindVLM

@@ -13,7 +13,8 @@ from conftest import ROOT, tiny_config
 from helpers import make_dataset, run_stage, train_argv
 from safetensors.torch import load_file
 
-from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.dataset import VLMDataset, collate
+from data_pipeline.records import DataError
 from model.checkpoint import load_model, load_object
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM

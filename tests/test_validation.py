@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT, tiny_config
 from helpers import make_dataset, run_stage, train_argv
 
-from data_pipeline.dataset import DataError, VLMDataset, collate
+from data_pipeline.dataset import VLMDataset, collate
+from data_pipeline.records import DataError
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM

@@ -17,7 +17,8 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.distributed as torch_dist
 
-from data_pipeline.dataset import IGNORE_INDEX, Sample, VLMDataset, collate
+from data_pipeline.dataset import VLMDataset, collate
+from data_pipeline.tokens import IGNORE_INDEX, Sample
 from data_pipeline.feature_store import batch_features
 from model.scoring import exact_match, greedy_answers
 from model.vision import VisionEncoder
