@@ -16,7 +16,7 @@ from conftest import ROOT
 from helpers import make_dataset, train_argv
 from test_data_sources import chat, png, write_parquet
 
-from data_pipeline.dataset import VLMDataset
+from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.records import MAX_RECORD_CHARS, DataError
 from model.config import IMAGE_SPECIAL_TOKEN
 from trainer.config import PRETRAIN
@@ -175,3 +175,28 @@ def test_record_over_the_limit_once_tags_are_expanded_is_skipped_before_tokenisi
         ds = VLMDataset(str(path), str(images), tokenizer, MAX_SEQ_LEN)
         assert len(ds) == 1 and dict(ds.skips.counts) == {"record too large": 1}, ds.skips.summary()
         assert len(seen) == 1 and seen[0] < 100  # only the good record reached the placeholders and tokenizer
+
+
+
+def test_parquet_file_changed_after_the_dataset_was_built_is_a_skipped_image(tmp_path, tokenizer):
+    """Reading an image back from a row group that is no longer readable is the item's image error, counted by
+    collate (or a DataError under --strict_data), not an arrow exception in the middle of an epoch."""
+    path = _good_file(tmp_path / "changing.parquet")
+    ds = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN)
+    strict = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN, strict=True)
+    path.write_bytes(b"no longer parquet")
+    assert "changing.parquet row group 0 row 0 image 0: cannot be read back" in ds[0]["error"]
+    with pytest.raises(DataError, match="record changing.parquet:rg0:0: .*cannot be read back"):
+        strict[0]
+
+
+def test_dataset_options_are_keyword_only(tmp_path, tokenizer):
+    """Eleven positional arguments (one a bare False) read as anything; past the first four they must be named."""
+    red = png("red")
+    path = write_parquet(tmp_path / "data.parquet", [(chat("<image>\nWhat colour is it?", "red"), red),
+                                                     (chat("<image>\nIs it red?", "yes"), red)])
+    with pytest.raises(TypeError, match="positional"):
+        VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN, "", False)
+    packed = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN, pack_same_image=2)
+    assert [s.segment_ids is not None for s in packed.samples] == [True]
+    assert "segment_ids" in packed[0] and collate([packed[0]]).segment_ids is not None
