@@ -135,6 +135,21 @@ def test_several_image_parts_in_one_message(client):
     assert double.usage.prompt_tokens - single.usage.prompt_tokens >= 50  # a second 50-token image span
 
 
+def test_images_the_context_cannot_hold_are_refused_and_prompts_stay_within_it(client, server):
+    """8 images in a 200-token context were accepted with prompt_tokens 420. The tiny model's 160 tokens hold the
+    spans of 2 images (51 tokens each) and some text: 3 are a 400, and 2 with a long question fit in 160."""
+    png = {"type": "image_url", "image_url": {"url": _data_uri(_png())}}
+    three = [{"role": "user", "content": [png] * 3 + [{"type": "text", "text": "Same?"}]}]
+    error = _assert_error(_post(server, {"messages": three}), 400, "context_length_exceeded")
+    assert "3 images are too many" in error["message"] and "160 tokens" in error["message"]
+    across = [{"role": "user", "content": [png, png]}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": [png, {"type": "text", "text": "and this one?"}]}]
+    _assert_error(_post(server, {"messages": across}), 400, "context_length_exceeded")
+    two = [{"role": "user", "content": [png, png, {"type": "text", "text": "describe them " * 400}]}]
+    reply = client.chat.completions.create(model="tiny", messages=two, max_tokens=8, temperature=0)
+    assert 100 < reply.usage.prompt_tokens <= 160
+
+
 def test_history_and_local_image_under_image_dir(client, server):
     messages = [
         {"role": "system", "content": "ignored"},
@@ -230,7 +245,7 @@ def test_server_answers_while_generating_and_survives_a_dropped_stream(server):
 
 
 def test_local_paths_are_refused_without_image_dir():
-    from serve_openai_api import APIError, resolve_image_path
+    from inference.openai_request import APIError, resolve_image_path
 
     with pytest.raises(APIError) as e:
         resolve_image_path(str(ROOT / "images"), None, "p")

@@ -148,7 +148,8 @@ def test_api_runner_drops_a_request_cancelled_while_it_queued(chat, monkeypatch)
     """The API worker passes its cancel flag into the stream: a request whose client left never runs the model."""
     import threading
 
-    from serve_openai_api import ChatJob, Runner
+    from inference.openai_app import Runner
+    from inference.openai_request import ChatJob
 
     calls = [0]
     original = MiniMindVLM.forward
