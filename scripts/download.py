@@ -11,8 +11,11 @@ For users with internet access. Pieces (``--what``):
                   into dataset/pretrain_images and dataset/sft_images, + eval_images/)
 * ``llm``         out/{dim}_llm.pth from the same dataset repo -> out/{dim}_llm.pth
 * ``tokenizer``   the official MiniMind tokenizer (jingyaogong/minimind-v-v1-small) -> model/minimind_tokenizer_official/
+* ``bench``       the POPE (lmms-lab/POPE) and MMStar (Lin-Chen/MMStar) parquet files, each pinned to a commit
+                  (inference/bench_specs.py) -> dataset/bench/pope/, dataset/bench/mmstar/, each with a
+                  bench_source.json naming the repo and revision (``3-eval_chat.py --benchmark`` records it)
 
-``all`` is everything except ``model``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
+``all`` is everything except ``model`` and ``bench``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
 change it): its main branch later dropped the v1 files. Downloads show progress bars, and an interrupted one
 resumes where it stopped when the command is run again (huggingface_hub keeps the partial file).
 
@@ -21,13 +24,14 @@ environment variable when set (e.g. ``HF_ENDPOINT=https://hf-mirror.com``).
 
 Usage::
 
-    python scripts/download.py [--what model clip eval_images dataset llm tokenizer | all] [--dim 512|768]
+    python scripts/download.py [--what model clip eval_images dataset llm tokenizer bench | all] [--dim 512|768]
                                [--revision SHA] [--root .]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import zipfile
@@ -36,6 +40,11 @@ from typing import Callable
 
 import huggingface_hub
 from huggingface_hub import hf_hub_download, snapshot_download
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from inference.bench_specs import BENCHMARKS, BENCH_DIR, MANIFEST_NAME  # noqa: E402  (no torch import)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIRROR_HINT = "HF_ENDPOINT=https://hf-mirror.com"
@@ -64,7 +73,7 @@ TOKENIZER_REPO = "jingyaogong/minimind-v-v1-small"
 TOKENIZER_DIR = "model/minimind_tokenizer_official"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-PIECES = ("model", "clip", "eval_images", "dataset", "llm", "tokenizer")
+PIECES = ("model", "clip", "eval_images", "dataset", "llm", "tokenizer", "bench")
 ALL_PIECES = ("clip", "dataset", "llm", "tokenizer")  # `--what all`: what training needs
 
 
@@ -246,6 +255,27 @@ def download_model(root: Path, dim: int = 512) -> Path:
     return target
 
 
+def download_bench(root: Path) -> Path:
+    """Download the POPE and MMStar parquet files at their pinned commits into ``root/dataset/bench/<name>/`` (the
+    Hub paths kept), and write bench_source.json beside them: the evaluation records the revision from it."""
+    for spec in BENCHMARKS.values():
+        target = root / spec.default_path
+        for filename in spec.files:
+            _call_hub(
+                f"{spec.repo}/{filename} (dataset, revision {spec.revision[:12]})",
+                hf_hub_download,
+                repo_id=spec.repo,
+                repo_type="dataset",
+                revision=spec.revision,
+                filename=filename,
+                local_dir=str(target),
+            )
+        manifest = {"benchmark": spec.name, "repo": spec.repo, "revision": spec.revision, "files": list(spec.files)}
+        (target / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        print(f"  {spec.name}: {target}")
+    return root / BENCH_DIR
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; exits with a one-line message if a download fails."""
     parser = argparse.ArgumentParser(description="Download MiniMind-V assets from the Hugging Face hub.")
@@ -253,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=512, choices=LLM_DIMS,
                         help="model width for --what llm and --what model (512: minimind-v-v1-small, 768: minimind-v-v1)")
     parser.add_argument("--revision", default=DATASET_REVISION,
-                        help="dataset repo revision (default: the v1 snapshot, whose files the v1 scripts read)")
+                        help="dataset repo revision (default: the v1 snapshot, whose files the v1 scripts read); "
+                             "--what bench always fetches the benchmarks' pinned commits")
     parser.add_argument("--root", default=".", help="repository root to download into")
     parser.add_argument("--delete_zips", action="store_true", help="delete image zips after extracting them")
     args = parser.parse_args(argv)
@@ -276,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 result = download_dataset(root, delete_zips=args.delete_zips, revision=args.revision)
             elif piece == "llm":
                 result = download_llm(root, args.dim, args.revision)
+            elif piece == "bench":
+                result = download_bench(root)
             else:
                 result = download_tokenizer(root)
             print(f"[{piece}] done: {result}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -184,3 +185,41 @@ def test_network_error_becomes_one_line_exit(
     assert "openai/clip-vit-base-patch32" in message
     assert "ConnectionError" in message
     assert "HF_ENDPOINT=https://hf-mirror.com" in message
+
+
+BENCH_PINS = {"lmms-lab/POPE": "4db1276663dfa5eb8ad16a52d24c31a09e470896",
+              "Lin-Chen/MMStar": "bc98d668301da7b14f648724866e57302778ab27"}
+
+
+def test_bench_fetches_the_pinned_parquet_files_and_records_the_revision(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "bench", "--revision", "main", "--root", str(tmp_path)])  # --revision is the v1 dataset's
+    files = [(kw["repo_id"], kw["filename"]) for fn, kw in hub.calls if fn == "hf_hub_download"]
+    assert files == [("lmms-lab/POPE", f"data/test-0000{i}-of-00003.parquet") for i in range(3)] + \
+        [("Lin-Chen/MMStar", "mmstar.parquet")]
+    for _, kw in hub.calls:
+        assert kw["repo_type"] == "dataset" and kw["revision"] == BENCH_PINS[kw["repo_id"]]
+    assert (tmp_path / "dataset/bench/pope/data/test-00002-of-00003.parquet").exists()
+    assert (tmp_path / "dataset/bench/mmstar/mmstar.parquet").exists()
+    manifest = json.loads((tmp_path / "dataset/bench/pope/bench_source.json").read_text())
+    assert manifest == {"benchmark": "pope", "repo": "lmms-lab/POPE", "revision": BENCH_PINS["lmms-lab/POPE"],
+                        "files": [f"data/test-0000{i}-of-00003.parquet" for i in range(3)]}
+
+
+def test_all_does_not_fetch_the_benchmarks(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "all", "--root", str(tmp_path)])
+    assert not {kw["repo_id"] for _, kw in hub.calls} & set(BENCH_PINS)
+    assert not (tmp_path / "dataset/bench").exists()
+
+
+def test_a_failed_bench_download_is_one_line_and_writes_no_manifest(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(**kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\ndetail")
+
+    monkeypatch.setattr(dl, "hf_hub_download", offline)
+    with pytest.raises(SystemExit) as excinfo:
+        dl.main(["--what", "bench", "--root", str(tmp_path)])
+    message = str(excinfo.value.code)
+    assert "\n" not in message and "lmms-lab/POPE/data/test-00000-of-00003.parquet" in message
+    assert not (tmp_path / "dataset/bench/pope/bench_source.json").exists()
