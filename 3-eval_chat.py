@@ -7,6 +7,7 @@
     python 3-eval_chat.py --image cat.png --interactive          # a chat loop with history
     python 3-eval_chat.py --image a.png --image b.png --prompt "Are they the same colour?"   # several images
     python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
+    python 3-eval_chat.py --benchmark pope [--bench_path FILE_OR_DIR] [--limit 200]   # or --benchmark mmstar
 """
 from __future__ import annotations
 
@@ -59,7 +60,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_images_path", default=None, help="image folder for --eval_data")
     p.add_argument("--image_prefix", default="")
     p.add_argument("--eval_limit", type=int, default=None, help="score only the first N questions")
+    p.add_argument("--benchmark", choices=("pope", "mmstar"), default=None,
+                   help="score a standard benchmark from its parquet files (get them with `python "
+                        "scripts/download.py --what bench`)")
+    p.add_argument("--bench_path", default=None,
+                   help="the benchmark's parquet file or a folder of them (default dataset/bench/<benchmark>)")
+    p.add_argument("--limit", type=positive_int, default=None, help="--benchmark: read only the first N rows")
+    p.add_argument("--bench_out", default=None,
+                   help="--benchmark: the JSON file for the results (default <out_dir>/bench_<benchmark>_<model>.json)")
+    p.add_argument("--bench_batch_size", type=positive_int, default=32, help="--benchmark: questions per batch")
     return p.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def list_images(path: str) -> list[str]:
@@ -130,6 +147,46 @@ def score(chat: VLMChat, args: argparse.Namespace) -> int:
     return 0
 
 
+def benchmark_files(args: argparse.Namespace) -> Optional[list[str]]:
+    """--benchmark's parquet files, checked before the model is loaded; None after a one-line error."""
+    from inference.bench_data import BenchmarkError, benchmark_files as find_files
+    from inference.bench_specs import BENCHMARKS
+
+    spec = BENCHMARKS[args.benchmark]
+    try:
+        return find_files(args.bench_path or spec.default_path, spec)
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str]) -> int:
+    """--benchmark: the standard metrics, printed and written to a JSON file with the model's fingerprint."""
+    from inference.bench_data import BenchmarkError
+    from inference.bench_specs import BENCHMARKS
+    from inference.benchmarks import model_record, result_record, run_benchmark, summary_lines, write_result
+
+    spec = BENCHMARKS[args.benchmark]
+    ckpt, _ = choose_checkpoint(args)
+    model_name = os.path.splitext(os.path.basename(os.path.normpath(ckpt)))[0]
+    out = args.bench_out or os.path.join(args.out_dir, f"bench_{spec.name}_{model_name}.json")
+    try:
+        run = run_benchmark(chat, spec, files, args.limit, args.bench_batch_size)
+        record = result_record(run, model_record(chat, ckpt, args.clip_path,
+                                                 stand_in_warning(args.clip_path) is not None))
+    except (BenchmarkError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(run)))
+    try:
+        write_result(record, out)
+    except OSError as e:
+        print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"results: {out}")
+    return 0
+
+
 def chat_loop(chat: VLMChat, images: list, settings: GenerationSettings, stream: bool) -> None:
     """Questions from stdin about the same images, with history, until EOF or exit/quit."""
     history: list[tuple[str, str]] = []
@@ -176,9 +233,14 @@ def answer_images(chat: VLMChat, args: argparse.Namespace, settings: GenerationS
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
+    files = benchmark_files(args) if args.benchmark else None
+    if args.benchmark and files is None:
+        return 1
     chat = load_chat(args)
     if chat is None:
         return 1
+    if files is not None:
+        return benchmark(chat, args, files)
     if args.eval_data:
         return score(chat, args)
     settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
