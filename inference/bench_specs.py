@@ -50,13 +50,17 @@ class BenchmarkSpec:
     prompt_source: str
     max_new_tokens: int  # enough for the answer the prompt asks for; generation stops at </s> before that
     chance: str
+    drop_phrase: str = ""  # removed from the question before the suffix is added, as the source does
 
     @property
     def default_path(self) -> str:
         return f"{BENCH_DIR}/{self.name}"
 
     def prompt(self, question: str) -> str:
-        return question.strip() + self.prompt_suffix
+        question = question.strip()
+        if self.drop_phrase:
+            question = question.replace(self.drop_phrase, "")
+        return question + self.prompt_suffix
 
 
 POPE = BenchmarkSpec(
@@ -88,6 +92,7 @@ MMSTAR = BenchmarkSpec(
     prompt_source="lmms-eval lmms_eval/tasks/mmstar/_default_template_yaml (post_prompt)",
     max_new_tokens=32,  # room for an answer that repeats the option's text instead of its letter
     chance="0.25 accuracy (four options)",
+    drop_phrase=" Please answer yes or no.",  # lmms-eval's mmstar_doc_to_text drops it before adding its suffix
 )
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (POPE, MMSTAR)}

@@ -102,6 +102,13 @@ def test_choice_is_read_as_a_letter_or_an_option_text(answer, expected):
     assert parse_choice(answer, OPTIONS) == expected
 
 
+def test_prompts_are_the_sources_wording():
+    assert POPE.prompt(" Is there a dog in the image? ") == ("Is there a dog in the image?\nAnswer the question using "
+                                                             "a single word or phrase.")
+    assert MMSTAR.prompt("Is it red? Please answer yes or no.\nOptions: A: yes, B: no") == (
+        "Is it red?\nOptions: A: yes, B: no\nAnswer with the option's letter from the given choices directly")
+
+
 def test_pope_metrics_by_hand():
     truths = ["yes", "yes", "yes", "no", "no", "no", "yes", "no"]
     predictions = ["yes", "no", None, "yes", "no", "no", "yes", None]
@@ -343,3 +350,14 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(BenchmarkError, match="not a regular file"):
         benchmark_files(str(fifo), POPE)
+
+
+def test_the_state_dict_fingerprint_follows_the_weights(tokenizer):
+    torch.manual_seed(0)
+    a = MiniMindVLM(tiny_config(tokenizer))
+    b = MiniMindVLM(tiny_config(tokenizer))
+    b.load_state_dict(a.state_dict())
+    assert benchmarks.state_dict_sha256(a) == benchmarks.state_dict_sha256(b)
+    with torch.no_grad():
+        b.output.weight[0, 0] += 1e-3
+    assert benchmarks.state_dict_sha256(a) != benchmarks.state_dict_sha256(b)
