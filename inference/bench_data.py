@@ -99,8 +99,9 @@ def check_columns(path: str, schema, spec: BenchmarkSpec) -> list[str]:
     names = schema.names
     missing = [c for c in spec.text_columns + (spec.image_column,) if c not in names]
     if missing:
-        raise BenchmarkError(f"{path}: no '{missing[0]}' column, which {spec.name} needs (columns: "
-                             f"{', '.join(names)}); is this the {spec.name} file?")
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise BenchmarkError(f"{path}: no '{missing[0]}' column, which {spec.name} needs (columns: {shown}); is "
+                             f"this the {spec.name} file?")
     for column in spec.text_columns:
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
@@ -183,7 +184,7 @@ def read_items(spec: BenchmarkSpec, files: list[str], skips: SkipCounter,
                     if limit is not None and seen >= limit:
                         return
                     seen += 1
-                    named = [f" ({c} {row[c]})" for c in spec.id_columns if row.get(c) is not None][:1]
+                    named = [f" ({c} {str(row[c])[:80]})" for c in spec.id_columns if row.get(c) is not None][:1]
                     row_id = f"{base} row group {rg} row {i}" + "".join(named)
                     try:
                         yield row_item(spec, row, row_id)

@@ -13,7 +13,8 @@ from typing import Iterable, Optional
 
 YES, NO = "yes", "no"
 # First words read as yes or no. The published MiniMind-V models were trained mostly on Chinese answers, so the
-# plain Chinese yes/no openings count too: 是 (yes, it is), 有 (yes, there is), 否 / 不是 (no), 没有 (there is none).
+# plain Chinese yes/no openings count too: 是 (yes, it is), 有 (yes, there is), 否 / 不是 (no),
+# 没有 (there is none).
 _YES_WORDS = ("yes", "是", "有")
 _NO_WORDS = ("no", "否", "不是", "没有")
 _LEADING_NOISE = " \t\r\n\"'“”‘’`*([{<"

@@ -6,7 +6,8 @@ This module imports nothing heavy, so that scripts/download.py can read the same
 Sources (looked up for this module; the Hub pages and task files named here are where to check them):
 
 * POPE, `lmms-lab/POPE` (a dataset repo). Commit 4db1276663dfa5eb8ad16a52d24c31a09e470896 is the head of main
-  ("Upload dataset", 6 commits; https://huggingface.co/datasets/lmms-lab/POPE/tree/4db1276663dfa5eb8ad16a52d24c31a09e470896).
+  ("Upload dataset", 6 commits;
+  https://huggingface.co/datasets/lmms-lab/POPE/tree/4db1276663dfa5eb8ad16a52d24c31a09e470896).
   Its default config, split `test`, is data/test-0000{0,1,2}-of-00003.parquet (85 MB each, 9,000 rows: 3,000 in
   each of the adversarial, popular and random splits, told apart by the `category` column). Columns, as lmms-eval
   and the dataset's loaders read them: id, question_id, question, answer ("yes"/"no"), image_source, image (a
@@ -16,7 +17,8 @@ Sources (looked up for this module; the Hub pages and task files named here are 
   (RUCAIBox/POPE evaluate.py): "yes" is the positive class; accuracy, precision, recall, F1 and the share of "yes"
   answers.
 * MMStar, `Lin-Chen/MMStar` (a dataset repo). Commit bc98d668301da7b14f648724866e57302778ab27 is the head of main
-  ("Merge branch 'main'", 7 commits; https://huggingface.co/datasets/Lin-Chen/MMStar/tree/bc98d668301da7b14f648724866e57302778ab27).
+  ("Merge branch 'main'", 7 commits;
+  https://huggingface.co/datasets/Lin-Chen/MMStar/tree/bc98d668301da7b14f648724866e57302778ab27).
   The file is mmstar.parquet (41.8 MB, split `val`, 1,500 rows, 250 in each of 6 categories). Columns from the
   dataset card: index (int64), question (string, the options written into it as "Options: A: ..., B: ..., ..."),
   image (a Hugging Face Image), answer (string, a letter A-D), category (string), l2_category (string), meta_info
