@@ -111,8 +111,8 @@ def sidebar_settings() -> GenerationSettings:
                               max_new_tokens=max_new_tokens)
 
 
-def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: Optional[str], device: str) -> tuple[Optional[VLMChat],
-                                                                                              Optional[str]]:
+def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: Optional[str],
+             device: str) -> tuple[Optional[VLMChat], Optional[str]]:
     if ckpt is None:
         return None, None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+from PIL import Image
 
 import export_model
 from model.checkpoint import save_checkpoint
@@ -158,3 +159,65 @@ def test_exported_clip_image_processor_is_pixel_identical_to_the_native_preproce
     pixels = clip_processor(images=images, return_tensors="pt")["pixel_values"]
     for image, got in zip(images, pixels):
         assert torch.allclose(got, encoder.preprocess(to_rgb(image)), atol=1e-5, rtol=0)
+
+
+def _processor(tokenizer):
+    from model.processing_minimind_v import MiniMindVProcessor
+
+    return MiniMindVProcessor(tokenizer)
+
+
+def test_processor_takes_numpy_arrays_and_tensors_as_it_takes_pil_images(tokenizer):
+    """A numpy array or a tensor failed deep inside with AttributeError ('numpy.ndarray' has no 'mode')."""
+    import numpy as np
+
+    processor = _processor(tokenizer)
+    image = _images()[1]  # 97 x 131 RGB noise
+    hwc = np.asarray(image)
+    chw = torch.from_numpy(hwc.copy()).permute(2, 0, 1)
+    message = [{"role": "user", "content": "What is it?"}]
+    expected = processor(images=image, text=message)["pixel_values"]
+    for given in (hwc, chw, chw.float() / 255, torch.from_numpy(hwc.copy()), np.stack([hwc])):
+        got = processor(images=given, text=message)["pixel_values"]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    grey = np.full((20, 30), 77, np.uint8)
+    torch.testing.assert_close(processor(images=[grey], text=message)["pixel_values"],
+                               processor(images=[Image.fromarray(grey)], text=message)["pixel_values"])
+    for bad, what in (("cat.png", "a str is not an image"), (hwc.astype(np.float64), "float64 values are not pixels"),
+                      (np.zeros((5, 6, 7), np.uint8), r"an array of shape \(5, 6, 7\) is not an image")):
+        with pytest.raises(TypeError, match=rf"images\[0\]: {what}; pass PIL images, HxWxC"):
+            processor(images=[bad], text=message)
+
+
+def test_processor_names_an_empty_text_or_an_unknown_role(tokenizer):
+    """Both said 'pad_rows needs at least one row, and no empty row'."""
+    processor = _processor(tokenizer)
+    with pytest.raises(ValueError, match="text row 0 gives no tokens: an empty prompt"):
+        processor(text="")
+    with pytest.raises(ValueError, match="text row 1 gives no tokens"):
+        processor(text=["hello", ""])
+    with pytest.raises(ValueError, match="message 0: role 'bot' is not supported .use system, user, assistant."):
+        processor(text=[{"role": "bot", "content": "hi"}])
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
+        processor(text=[[{"role": "user", "content": "hi"}], []])
+
+
+def test_batched_message_lists_get_their_placeholders_as_single_conversations_do(tokenizer):
+    """A batch of message lists with images added no placeholder (the marker count did not match); a single
+    conversation with two images added one."""
+    processor = _processor(tokenizer)
+    images = _images()
+    chats = [[{"role": "user", "content": "Colour?"}], [{"role": "user", "content": "A longer question, shape?"}]]
+    alone = [processor(images=[im], text=chat) for im, chat in zip(images, chats)]
+    for batch in (processor(images=images[:2], text=chats), processor(images=[[images[0]], [images[1]]], text=chats)):
+        for i, single in enumerate(alone):
+            row = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            assert row.tolist() == single["input_ids"][0].tolist(), i
+        torch.testing.assert_close(batch["pixel_values"], torch.cat([a["pixel_values"] for a in alone]))
+    both = processor(images=images[:2], text=chats[0])
+    assert tokenizer.decode(both["input_ids"][0]).count("<" * 25 + ">" * 25) == 2
+    nested = processor(images=[images[:2], []], text=chats)
+    row0 = nested["input_ids"][0][nested["attention_mask"][0].bool()]
+    assert row0.tolist() == both["input_ids"][0].tolist() and nested["pixel_values"].shape[0] == 2
+    with pytest.raises(ValueError, match="text row 1 holds 0 image marker"):
+        processor(images=[[images[0]], [images[1]]], text=[chats[0], "a prompt without a marker"])
