@@ -3,7 +3,7 @@
 Export a `.pth`/`.safetensors` checkpoint to a directory that loads with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`:
 
-    python export_model.py --ckpt out/sft_vlm_512.pth --out out/minimind-v-hf [--clip_path DIR]
+    python export_model.py --ckpt out/512_vlm_sft.pth --out out/minimind-v-hf [--clip_path DIR]
 
 The directory holds config.json (model_type "minimind", auto_map to the bundled code), model.safetensors
 (v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), processor_config.json
