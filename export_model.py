@@ -7,8 +7,8 @@ Export a `.pth`/`.safetensors` checkpoint to a directory that loads with
 
 The directory holds config.json (model_type "minimind", auto_map to the bundled code), model.safetensors
 (v1 key names), the tokenizer, preprocessor_config.json (the v1 image preprocessing), processor_config.json
-(MiniMindVProcessor for AutoProcessor), the model code (config.py, decoder.py, vlm.py, hf_model.py, vision.py,
-processing_minimind_v.py) and, with --clip_path, the CLIP vision tower in
+(MiniMindVProcessor for AutoProcessor), the model code (config.py, decoder.py, feed_forward.py, vlm.py, hf_model.py,
+vision.py, processing_minimind_v.py) and, with --clip_path, the CLIP vision tower in
 vision_encoder/ so that the model also accepts pixel_values. The export is checked by loading it back
 through AutoModelForCausalLM and comparing logits with the native model (skip with --no_verify).
 
@@ -39,7 +39,8 @@ from model.tokenizer import image_token_ids, load_tokenizer
 from model.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import ImagePreprocessor
 
-CODE_FILES = ("config.py", "decoder.py", "vlm.py", "hf_model.py", "vision.py", "processing_minimind_v.py")
+CODE_FILES = ("config.py", "decoder.py", "feed_forward.py", "vlm.py", "hf_model.py", "vision.py",
+              "processing_minimind_v.py")
 VISION_SUBFOLDER = "vision_encoder"
 AUTO_MAP = {"AutoConfig": "config.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

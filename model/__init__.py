@@ -1,8 +1,9 @@
 """The network and its files.
 
   config.py             LMConfig and the two published sizes (PRESETS)
-  decoder.py            the MiniMind text decoder: RMSNorm, RoPE, KV cache and attention layout, GQA attention,
-                        SwiGLU, blocks, loss
+  decoder.py            the MiniMind text decoder: RMSNorm, RoPE, the KV cache, attention_layout (which keys
+                        each query sees, at which positions), GQA attention, blocks, loss
+  feed_forward.py       the blocks' feed-forward: SwiGLU and its mixture-of-experts form
   vlm.py                MiniMindVLM: the projection, the splice of image features into the placeholder span,
                         generation
   vision.py             the frozen CLIP vision tower, image decoding and preprocessing

@@ -1,7 +1,8 @@
 """The MiniMind text decoder, read top to bottom:
 
-  RMSNorm -> rotary embedding -> KV cache and attention masks -> Attention (GQA) -> FeedForward (SwiGLU) / MoE
-  -> Block -> MiniMindLM (embedding, blocks, final norm, tied output head, loss).
+  RMSNorm -> rotary embedding -> KV cache -> attention_layout (which keys each query sees, at which RoPE
+  positions: padding, cache, packed rows) -> Attention (GQA) -> Block (with feed_forward.py's SwiGLU or MoE)
+  -> MiniMindLM (embedding, blocks, final norm, tied output head, loss).
 
 Parameter names and shapes are those of the MiniMind-V v1 release, so v1 checkpoints load strictly. The vision
 side (projection, splice, generation) is in vlm.py.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .feed_forward import FeedForward, MOEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +70,7 @@ class KVCache:
     """Pre-allocated keys and values for every layer; `length` tokens are filled.
 
     key_mask is None while no cached position is padding, else bool [B, length]: which cached positions are
-    real tokens (run_blocks keeps it, so later steps need no attention_mask).
+    real tokens (attention_layout keeps it, so later steps need no attention_mask).
     """
 
     def __init__(self, config: LMConfig, batch: int, max_len: int, device, dtype):
@@ -76,7 +78,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
-        self.max_len = max_len
         self.key_mask: Optional[torch.Tensor] = None
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +88,46 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def key_padding(attention_mask: Optional[torch.Tensor], cache, batch: int, start: int,
-                end: int) -> Optional[torch.Tensor]:
-    """Which of the keys 0..end-1 are real tokens (bool [B, end]), or None when none is padding (the fast path).
+def attention_layout(new_tokens: int, batch: int, device: torch.device,
+                     attention_mask: Optional[torch.Tensor] = None, cache=None,
+                     segment_ids: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor],
+                                                                          Optional[torch.Tensor]]:
+    """(RoPE positions [B, T], attention mask) of the `new_tokens` queries that follow the cache's filled ones.
 
-    attention_mask (1 = token, 0 = padding) covers either the new tokens (end - start columns; the cache's
-    key_mask supplies the rest) or the whole sequence so far (end columns, the transformers convention).
+    positions None: the queries sit at start..end-1 in every row. mask None: plain causal attention (for one
+    query: every key so far); else bool, True where a query may look: [B, 1, T, keys], or [T, keys] for a
+    chunk after an unpadded cache. The situations, fastest first:
+      - no padding anywhere, no cache or an empty one: (None, None), the plain causal path;
+      - right padding only, without a cache (scoring, training): also (None, None), since causal attention
+        already keeps every real token from the padding after it and its positions are 0..n-1;
+      - a chunk of several tokens after an unpadded filled cache: query i sees keys up to start + i;
+      - padding (attention_mask, or the cache's key_mask from an earlier step): a row's positions count only
+        its real tokens, so a left-padded row is rotated exactly as it would be alone, and padding is no key;
+      - packed rows (segment_ids; no cache, no attention_mask): see _packed_layout.
+    attention_mask (1 = token, 0 = padding) covers either the new tokens or the whole sequence so far (the
+    transformers convention). A KVCache keeps which of its positions are real in key_mask.
     """
+    start = cache.length if cache is not None else 0
+    end = start + new_tokens
+    if segment_ids is not None:
+        if cache is not None or attention_mask is not None:
+            raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
+        return _packed_layout(segment_ids)
+    keys = _real_keys(attention_mask, cache, batch, start, end)
+    if keys is None:
+        if start > 0 and new_tokens > 1:  # a chunk after a filled cache: is_causal would align it top-left
+            return None, torch.ones(new_tokens, end, dtype=torch.bool, device=device).tril(diagonal=start)
+        return None, None
+    if cache is None and bool((keys[:, 1:] <= keys[:, :-1]).all()):  # right padding only
+        return None, None
+    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
+    return positions, _causal_over_real_keys(keys, start, end)
+
+
+def _real_keys(attention_mask: Optional[torch.Tensor], cache, batch: int, start: int,
+               end: int) -> Optional[torch.Tensor]:
+    """Which of the keys 0..end-1 are real tokens (bool [B, end]), or None when none is padding; a KVCache
+    records it in key_mask for the next steps."""
     past = getattr(cache, "key_mask", None) if cache is not None else None
     if attention_mask is None:
         if past is None:
@@ -115,21 +149,21 @@ def key_padding(attention_mask: Optional[torch.Tensor], cache, batch: int, start
     return keys
 
 
-def padding_layout(attention_mask: Optional[torch.Tensor], cache, batch: int, start: int,
-                   end: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """RoPE positions [B, T] and attention mask of the queries start..end-1 of padded rows, or (None, None)
-    for the plain causal path (no padding, or right padding only without a cache)."""
-    keys = key_padding(attention_mask, cache, batch, start, end)
-    if keys is None or (cache is None and bool((keys[:, 1:] <= keys[:, :-1]).all())):
-        # Right padding only (scoring, training): causal attention already keeps every real token from the
-        # padding after it, and real positions are 0..n-1, so the fast causal path gives the same logits.
-        return None, None
-    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
-    return positions, padded_attention_mask(keys, start, end)
+def _causal_over_real_keys(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """bool [B, 1, T, end]: causal attention restricted to real keys, for queries at positions start..end-1.
+
+    A padded query sees itself as well, so that no row is empty: an all-masked row would give NaN, which the
+    next layer's values would carry into real rows (0 weight times NaN is NaN).
+    """
+    q = torch.arange(start, end, device=keys.device)[:, None]
+    k = torch.arange(end, device=keys.device)[None, :]
+    allowed = ((k <= q)[None] & keys[:, None, :]) | (k == q)[None]
+    return allowed[:, None]
 
 
-def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE positions [B, T] and attention mask bool [B, 1, T, T] of packed rows (dataset.pack_same_image).
+def _packed_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions [B, T] and attention mask bool [B, 1, T, T] of packed rows (several questions sharing one
+    image: data_pipeline's pack_same_image).
 
     segment_ids [B, T]: 0 on the shared prefix, k on the k-th segment, -1 on padding. A segment's token sees the
     prefix and the earlier tokens of its own segment, at the positions it would have in a row of its own
@@ -145,18 +179,6 @@ def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     shared = (segment_ids == 0)[:, None, :]
     allowed = (t[None, :, None] >= t[None, None, :]) & (same | shared)
     return positions, allowed[:, None]
-
-
-def padded_attention_mask(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """bool [B, 1, T, end]: causal attention restricted to real keys, for queries at positions start..end-1.
-
-    A padded query sees itself as well, so that no row is empty: an all-masked row would give NaN, which the
-    next layer's values would carry into real rows (0 weight times NaN is NaN).
-    """
-    q = torch.arange(start, end, device=keys.device)[:, None]
-    k = torch.arange(end, device=keys.device)[None, :]
-    allowed = ((k <= q)[None] & keys[:, None, :]) | (k == q)[None]
-    return allowed[:, None]
 
 
 class Attention(nn.Module):
@@ -183,122 +205,39 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
                 layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rope: (cos, sin, rotation) of these positions, as apply_rope takes them (MiniMindLM.run_blocks).
-        attn_mask: None for plain causal attention, or bool [B, 1, T, keys] when rows hold padding
-        (padded_attention_mask)."""
+        attn_mask: attention_layout's mask (None: plain causal attention, or every key for a single query)."""
         B, T, _ = x.shape
         q, k, v = self.rotated_qkv(x, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-
-        mask, causal = None, T > 1
         if cache is not None:
-            start = cache.length
             k, v = cache.store(layer, k, v)
             if T == 1 and not self.training:
                 # One new token sees the whole cache, so the query heads sharing a kv head can stand in as
                 # that kv head's queries: [B, n_kv, group, D] against [B, n_kv, L, D], no kv repeat (head h
                 # uses kv head h // group, as enable_gqa does); a padding mask [B, 1, 1, L] broadcasts.
-                out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
-                                                     attn_mask=attn_mask)
+                out = self._attend(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask, False)
                 return self.resid_dropout(self.wo(out.reshape(B, 1, -1)))
-            if start > 0 and T > 1:
-                # A chunk after a filled cache: query i sees keys up to start + i.
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                causal = False
-            elif T == 1:
-                causal = False
-        if attn_mask is not None:
-            mask, causal = attn_mask, False
-        dtype = q.dtype
-        if dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
-            # PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in fp32 (forward included,
-            # fp32 costs a third): train attention in fp32 on CPU (CPU bf16 autocast, which would cast the
-            # inputs back to bf16, is paused for this op); inference stays in bf16.
-            with torch.autocast("cpu", enabled=False):
-                out = self._attend(q.float(), k.float(), v.float(), mask, causal).to(dtype)
-        else:
-            out = self._attend(q, k, v, mask, causal)
+        out = self._attend(q, k, v, attn_mask, causal=attn_mask is None and T > 1)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
 
-    def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        # enable_gqa repeats each kv head for consecutive query heads (repeat_interleave), as v1 does.
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_heads != self.n_kv_heads,
-        )
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D]; each kv head serves
+        Hq / Hkv consecutive query heads (enable_gqa repeats it with repeat_interleave, as v1 does).
 
+        CPU bf16 training attends in fp32: PyTorch's CPU flash-attention backward is about 3x slower in bf16 than
+        in fp32 (forward included, fp32 costs a third), so CPU bf16 autocast, which would cast the inputs back to
+        bf16, is paused for this op; inference stays in bf16."""
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+            with torch.autocast("cpu", enabled=False):
+                return self._sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+        return self._sdpa(q, k, v, mask, causal)
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, config: LMConfig):
-        super().__init__()
-        hidden = config.ffn_hidden_dim
-        self.w1 = nn.Linear(config.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, hidden, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-class MoEGate(nn.Module):
-    def __init__(self, config: LMConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.n_experts = config.n_routed_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.alpha = config.aux_loss_alpha
-        self.seq_aux = config.seq_aux
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, dim] -> (expert index [N, k], weight [N, k], aux loss) for N = B*T tokens."""
-        B, T, _ = x.shape
-        scores = F.linear(x.reshape(-1, x.shape[-1]), self.weight).softmax(dim=-1)
-        weight, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
-        aux = scores.new_zeros(())
-        if self.training and self.alpha > 0:
-            if self.seq_aux:  # load balance measured per sequence
-                counts = torch.zeros(B, self.n_experts, device=x.device)
-                counts.scatter_add_(1, index.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
-                load = counts / (T * self.top_k / self.n_experts)
-                aux = (load * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
-            else:
-                load = F.one_hot(index.view(-1), self.n_experts).float().mean(0) * self.n_experts
-                aux = (scores.mean(0) * load).sum() * self.alpha
-        return index, weight, aux
-
-
-class MOEFeedForward(nn.Module):
-    def __init__(self, config: LMConfig):
-        super().__init__()
-        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
-        self.gate = MoEGate(config)
-        # v1 builds the shared expert whenever the field is not None (even False); kept for key compatibility.
-        self.shared_experts = FeedForward(config) if config.n_shared_experts is not None else None
-        self.aux_loss = torch.zeros(())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index, weight, self.aux_loss = self.gate(x)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.zeros_like(flat)
-        token_of_slot = torch.arange(flat.shape[0], device=x.device).repeat_interleave(index.shape[1])
-        expert_of_slot, weight_of_slot = index.reshape(-1), weight.reshape(-1, 1)
-        # Each expert runs once on exactly the tokens routed to it (same path in training and eval).
-        for e, expert in enumerate(self.experts):
-            slots = (expert_of_slot == e).nonzero(as_tuple=True)[0]
-            if slots.numel() == 0:
-                continue
-            tokens = token_of_slot[slots]
-            out.index_add_(0, tokens, (expert(flat[tokens]) * weight_of_slot[slots]).to(out.dtype))
-        out = out.view_as(x)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              causal: bool) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Block(nn.Module):
@@ -365,22 +304,17 @@ class MiniMindLM(nn.Module):
                    segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the blocks and the final norm on embeddings h [B, T, dim] (positions continue the cache).
 
-        attention_mask (1 = token, 0 = padding; see key_padding for its two accepted widths) keeps padded
-        positions out of attention; a row's RoPE positions count only its real tokens, so a left-padded row
-        is rotated exactly as it would be alone. Without padding this is the plain causal path.
-        segment_ids [B, T] marks packed rows (segment_layout; training and scoring only, no cache).
+        attention_mask (1 = token, 0 = padding) keeps padded positions out of attention; a row's RoPE positions
+        count only its real tokens, so a left-padded row is rotated exactly as it would be alone. segment_ids
+        [B, T] marks packed rows (training and scoring only, no cache). attention_layout says which keys each
+        query sees, and at which positions; without padding this is the plain causal path.
         """
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
         end = start + T
         if end > self._rope_len:  # longer than max_seq_len (e.g. long generation): grow the table
             self._extend_rope(max(end, 2 * self._rope_len), h.device)
-        if segment_ids is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
-            positions, attn_mask = segment_layout(segment_ids)
-        else:
-            positions, attn_mask = padding_layout(attention_mask, cache, B, start, end)
+        positions, attn_mask = attention_layout(T, B, h.device, attention_mask, cache, segment_ids)
         if positions is None:
             cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         else:

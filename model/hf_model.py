@@ -4,9 +4,9 @@ The wrapper holds the very modules `MiniMindVLM` builds (`tok_embeddings`, `laye
 `vision_proj`) directly under itself, so its state-dict keys are the v1 keys and the numerics are the native
 ones: the forward pass borrows `MiniMindVLM`'s own methods instead of re-implementing them.
 
-This file is copied verbatim into an exported model directory (see export_model.py) next to LMConfig.py,
-model.py and vision_utils.py; it therefore imports only through relative imports, which work both inside the
-`model` package and as a transformers remote-code module.
+This file is copied verbatim into an exported model directory (see export_model.py's CODE_FILES) next to the
+model code it uses (config.py, decoder.py, feed_forward.py, vlm.py, vision.py); it therefore imports only through
+relative imports, which work both inside the `model` package and as a transformers remote-code module.
 
 Images: pass `image_features` [N, 50, vision_dim] (CLIP encoder output before the post-layernorm, as
 model.vision computes it), or `pixel_values` [N, 3, 224, 224] when the export bundled the CLIP vision
@@ -23,7 +23,8 @@ from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import IMAGE_TOKENS, LMConfig
-from .decoder import KVCache, MiniMindLM, MoEGate, RMSNorm, mask_padding_labels, rope_tables
+from .decoder import KVCache, MiniMindLM, RMSNorm, mask_padding_labels, rope_tables
+from .feed_forward import MoEGate
 from .vlm import MiniMindVLM
 
 # The config field naming the bundled vision-tower subfolder (absent or None when nothing was bundled).

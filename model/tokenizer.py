@@ -71,7 +71,8 @@ def official_tokenizer_path() -> str:
     return os.environ.get(OFFICIAL_TOKENIZER_ENV) or str(PROJECT_ROOT / OFFICIAL_TOKENIZER_PATH)
 
 
-def _describe(fingerprint: str) -> str:
+def _vocabulary_label(fingerprint: str) -> str:
+    """A vocabulary as error messages name it: the fingerprint's first 12 digits, and whether it is the official one."""
     name = " (the official MiniMind tokenizer)" if fingerprint == OFFICIAL_TOKENIZER_FINGERPRINT else ""
     return f"{fingerprint[:12]}{name}"
 
@@ -103,7 +104,7 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
         if record.get("fingerprint") == OFFICIAL_TOKENIZER_FINGERPRINT and _has_tokenizer(official_tokenizer_path()):
             return official_tokenizer_path()
         raise TokenizerError(f"{source} was trained with the tokenizer at '{recorded}' (vocabulary "
-                             f"{_describe(record.get('fingerprint', '?'))}), which is not there: pass "
+                             f"{_vocabulary_label(record.get('fingerprint', '?'))}), which is not there: pass "
                              f"--tokenizer_path DIR pointing at that tokenizer")
     if _has_tokenizer(official_tokenizer_path()):
         return official_tokenizer_path()
@@ -122,9 +123,9 @@ def check_tokenizer(path: str, record: Optional[dict], source: str) -> str:
     expected = (record or {}).get("fingerprint") or OFFICIAL_TOKENIZER_FINGERPRINT
     if fingerprint != expected:
         what = "was trained with" if record else "records no tokenizer, so it needs"
-        raise TokenizerError(f"tokenizer mismatch: {source} {what} vocabulary {_describe(expected)}, but the "
-                             f"tokenizer at '{path}' has vocabulary {_describe(fingerprint)}; its token ids mean "
-                             f"different things, so the answers would be garbage")
+        raise TokenizerError(f"tokenizer mismatch: {source} {what} vocabulary {_vocabulary_label(expected)}, but "
+                             f"the tokenizer at '{path}' has vocabulary {_vocabulary_label(fingerprint)}; its token "
+                             f"ids mean different things, so the answers would be garbage")
     return fingerprint
 
 

@@ -34,5 +34,5 @@ def check_resume_tokenizer(saved: Optional[dict], record: dict[str, str], resume
     if saved and saved.get("fingerprint") != record["fingerprint"]:
         raise TokenizerError(f"tokenizer mismatch: {resume_path} was trained with the tokenizer at "
                              f"'{saved.get('path')}' (vocabulary {str(saved.get('fingerprint'))[:12]}), but this run "
-                             f"uses '{record['path']}' (vocabulary {record['fingerprint'][:12]}); pass --tokenizer_path "
-                             f"{saved.get('path')}")
+                             f"uses '{record['path']}' (vocabulary {record['fingerprint'][:12]}); pass "
+                             f"--tokenizer_path {saved.get('path')}")

@@ -43,7 +43,8 @@ class MissingVisionEncoderError(FileNotFoundError):
     pass
 
 
-def _describe(source: ImageSource, name: Optional[str]) -> str:
+def _image_label(source: ImageSource, name: Optional[str]) -> str:
+    """How an image is named in error messages: the name given, its path, or "<uploaded image>"."""
     if name:
         return name
     if isinstance(source, (str, os.PathLike)):
@@ -80,7 +81,7 @@ def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
     opening, loading or converting it (OSError, ValueError, SyntaxError, NotImplementedError, struct
     errors, ...) becomes ImageError; Pillow's warnings about odd metadata are silenced.
     """
-    label = _describe(source, name)
+    label = _image_label(source, name)
     if isinstance(source, bytes) and not source:
         raise ImageError(f"{label}: empty file (0 bytes)")
     if isinstance(source, (str, os.PathLike)):

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from helpers import make_dataset, run_stage, train_argv
 
 from data_pipeline.dataset import VLMDataset, collate
-from model.decoder import segment_layout
+from model.decoder import attention_layout
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
 from trainer.config import SFT
@@ -23,10 +23,12 @@ def qa_records(image: str, prefix: str, questions=QUESTIONS) -> list[dict]:
         {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]} for i, (q, a) in enumerate(questions)]
 
 
-def test_segment_layout_positions_and_mask():
+def test_packed_layout_positions_and_mask():
     #                 prefix   | seg 1 | seg 2   | pad
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1]])
-    positions, mask = segment_layout(seg)
+    with pytest.raises(ValueError, match="segment_ids"):  # packed rows carry their own mask
+        attention_layout(9, 1, seg.device, torch.ones(1, 9), segment_ids=seg)
+    positions, mask = attention_layout(9, 1, seg.device, segment_ids=seg)
     assert positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 8]]
     m = mask[0, 0]
     assert m[4].tolist() == [True, True, True, True, True, False, False, False, False]  # seg 1: prefix + itself

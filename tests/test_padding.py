@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from model.decoder import KVCache, attention_layout
 from model.vlm import MiniMindVLM, pad_rows
 
 PAD = 0
@@ -85,6 +86,52 @@ def test_pad_rows_and_mask_errors(model):
     assert ids.tolist() == [[5, 6, 7], [8, PAD, PAD]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(ids, attention_mask=mask[:, :2])
+
+
+def test_attention_layout_masks_only_what_needs_a_mask():
+    """Plain rows, right padding without a cache and a decode step on an unpadded cache get no mask and no
+    positions (the fast kernels); left padding, padding remembered by the cache and a chunk after a filled
+    cache get one."""
+    cpu = torch.device("cpu")
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for mask in (None, torch.ones(2, 5, dtype=torch.long), right):
+        assert attention_layout(5, 2, cpu, mask) == (None, None)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions, mask = attention_layout(5, 2, cpu, left)
+    assert positions.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]  # a row's positions count its real tokens
+    assert mask.shape == (2, 1, 5, 5) and mask[0, 0, 4].tolist() == [False, False, True, True, True]
+    assert mask[0, 0, 0].tolist() == [True, False, False, False, False]  # a padded query sees itself: no NaN
+    cache = KVCache(tiny_config(), 2, 16, cpu, torch.float32)
+    cache.length = 5
+    assert attention_layout(1, 2, cpu, cache=cache) == (None, None)  # one query sees every cached key
+    positions, chunk = attention_layout(3, 2, cpu, cache=cache)
+    assert positions is None and torch.equal(chunk, torch.ones(3, 8, dtype=torch.bool).tril(5))
+    cache.key_mask = left.bool()  # padding recorded at the prefill holds for every later step
+    positions, mask = attention_layout(1, 2, cpu, cache=cache)
+    assert positions.tolist() == [[3], [5]] and mask[0, 0, 0].tolist() == [False, False] + [True] * 4
+    assert cache.key_mask.shape == (2, 6)
+
+
+def test_cpu_bf16_training_attends_in_fp32(monkeypatch):
+    """CPU bf16 attention backward is slow in PyTorch: CPU bf16 training attends in fp32 and casts back, while
+    inference stays in bf16."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config()).to(torch.bfloat16).train()
+    ids = torch.randint(0, 6400, (2, 8))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert seen == [torch.float32] * 2 and out.logits.dtype == torch.bfloat16
+    seen.clear()
+    with torch.no_grad():
+        model.eval()(ids)
+    assert seen == [torch.bfloat16] * 2
 
 
 def test_evaluation_batches_across_prompt_lengths(tmp_path, tokenizer, tiny_clip_dir):
