@@ -3,11 +3,10 @@ and the file whose modification time dates a checkpoint.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from model.files import PathLike
+from model.files import CheckpointError, PathLike, read_json_object
 from model.weights import HF_INDEX_FILES, HF_WEIGHT_FILES, is_model_dir
 
 
@@ -21,8 +20,8 @@ def find_model_dirs(folder: PathLike) -> list[Path]:
         if child.name.startswith(".") or not is_model_dir(child):
             continue
         try:
-            model_type = json.loads((child / "config.json").read_text()).get("model_type")
-        except (ValueError, OSError, AttributeError, RecursionError):  # not a model directory we can list
+            model_type = read_json_object(child / "config.json").get("model_type")
+        except CheckpointError:  # unreadable: not a model directory to offer (loading it would say why)
             continue
         if model_type == "minimind":
             found.append(child)
