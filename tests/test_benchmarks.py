@@ -361,3 +361,28 @@ def test_the_state_dict_fingerprint_follows_the_weights(tokenizer):
     with torch.no_grad():
         b.output.weight[0, 0] += 1e-3
     assert benchmarks.state_dict_sha256(a) != benchmarks.state_dict_sha256(b)
+
+
+def test_a_question_longer_than_the_context_is_cut_and_counted(tmp_path, chat):
+    assert chat.model.config.max_seq_len == 160
+    rows = mmstar_rows(2)
+    rows[0]["question"] = "Colour?\nOptions: A: red, B: green"  # fits the tiny model's 160 tokens with its image
+    rows[0]["answer"] = "A"
+    rows[1]["question"] = "Describe every detail you can see. " * 40 + rows[1]["question"]
+    path = write(tmp_path / "mmstar.parquet", rows, MMSTAR_SCHEMA)
+    run = benchmarks.run_benchmark(chat, MMSTAR, [str(path)], progress=False)
+    assert len(run.answers) == 2 and run.cut_to_fit == 1
+    assert "cut to fit the context 1" in benchmarks.summary_lines(run)[0]
+
+
+def test_an_unwritable_results_file_is_one_line(tmp_path, eval_chat, tiny_ckpt, tiny_clip_dir, capsys):
+    path = write(tmp_path / "mmstar.parquet", mmstar_rows(2), MMSTAR_SCHEMA)
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "results.json"  # a folder that is a file
+    code = eval_chat.main(_argv(tiny_ckpt, tiny_clip_dir, "--benchmark", "mmstar", "--bench_path", str(path),
+                                "--bench_out", str(out)))
+    stdout, stderr = capsys.readouterr()
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 1 and "Traceback" not in stderr and len(errors) == 1
+    assert errors[0].startswith(f"error: cannot write {out}: "), errors
+    assert "mmstar: accuracy" in stdout  # the scores were printed before the write failed
