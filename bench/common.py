@@ -155,9 +155,19 @@ def bench_parser(doc: str):
 
 def start(parser, argv: Optional[list[str]]):
     """Parse a bench's arguments, run from the repository root, and set the thread count (--threads)."""
-    args = parser.parse_args(argv)
+    args = resolve_size(parser.parse_args(argv))
     os.chdir(ROOT)
     setup_threads(args.threads)
+    return args
+
+
+def resolve_size(args):
+    """Fill --dim and --n_layers with the sizes --preset and the overrides give (trainer.config.model_size), so the
+    bench's labels name the model it ran."""
+    from trainer.config import model_size
+
+    size = model_size(args)
+    args.dim, args.n_layers = size["dim"], size["n_layers"]
     return args
 
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import CACHE_DIR, ROOT, bench_title, command_line, emit, machine_info, write_results  # noqa: E402
+from bench.common import (CACHE_DIR, ROOT, bench_title, command_line, emit, machine_info, resolve_size,  # noqa: E402
+                          write_results)
 from trainer.config import add_model_size_args, model_size  # noqa: E402
 
 QUESTIONS = ["Hi", "What is the capital of the moon?", "Describe a quiet morning in a small village by the sea.",
@@ -103,7 +104,7 @@ def run_level(base: str, clients: int, per_client: int, max_tokens: int) -> dict
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = resolve_size(build_parser().parse_args(argv))
     os.chdir(ROOT)
     from model.checkpoint import save_checkpoint
     from model.config import LMConfig

@@ -1,6 +1,7 @@
 """Training faults: a NaN loss (stop after saving the last good weights, or skip and count), SIGTERM in the
 middle of an epoch (save, exit 0, and --resume continues with exactly the loss trace of an uninterrupted run),
-and a full disk while saving (the previous checkpoint stays intact and loadable, one-line error)."""
+a full disk while saving (the previous checkpoint stays intact and loadable, one-line error), a run in which
+nothing trained (one-line error, exit 1), temp files of interrupted saves, and flag values the loop cannot use."""
 from __future__ import annotations
 
 import errno
@@ -18,6 +19,7 @@ import torch
 from conftest import ROOT
 from helpers import make_dataset, run_stage, train_argv
 
+from data_pipeline.dataset import VLMDataset
 from model import checkpoint as checkpoint_module
 from model.checkpoint import load_model, load_object
 from model.vlm import MiniMindVLM
@@ -201,3 +203,49 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data, ti
     # with room again, --resume continues from step 2 to the end
     summary = run(argv + ["--resume"])
     assert summary["step"] == 6 and len(summary["losses"]) == 4
+
+
+# ------------------------------------------------------------------------------------------------- nothing trained
+def test_a_run_in_which_nothing_trained_is_a_one_line_error(tmp_path, data, tiny_clip_dir, monkeypatch, capsys):
+    real = VLMDataset.__getitem__
+
+    def every_image_fails(self, index):  # as when every image file is junk that only decoding finds out
+        item = real(self, index)
+        item.pop("pixels", None)
+        item["error"] = "cannot identify image file"
+        return item
+
+    monkeypatch.setattr(VLMDataset, "__getitem__", every_image_fails)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as code:
+        main(PRETRAIN, train_argv(*data, tiny_clip_dir, out, "--max_steps", "3"))
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert code.value.code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: nothing trained: none of the 3 optimizer steps of this run trained"), lines
+    assert str(data[0]) in lines[0] and "12 samples whose images failed to decode" in lines[0], lines
+    assert not (out / f"{STEM}.pth").exists()  # no final weights for a run that trained nothing
+
+
+# ------------------------------------------------------------------------------------------------- temp files
+def test_temp_files_of_interrupted_saves_are_removed_at_start(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".{STEM}_best.pth.k2j4x9.tmp", out / f".{STEM}_best.config.json.k2j4x9.tmp",
+             out / f".{STEM}.pth.a8b7c6.tmp", out / f".{STEM}_resume.pth.q1w2e3.tmp"]
+    for path in stale:
+        path.write_bytes(b"PK\x03\x04 half a checkpoint")
+    (out / "notes.tmp").write_text("not ours")
+    run(train_argv(*data, tiny_clip_dir, out, "--max_steps", "1"))
+    assert not [p for p in stale if p.exists()] and (out / "notes.tmp").exists()
+
+
+# ------------------------------------------------------------------------------------------------- flag values
+@pytest.mark.parametrize("flag", ["--log_interval", "--save_interval", "--accumulation_steps", "--batch_size",
+                                  "--max_steps", "--pack_same_image"])
+def test_a_count_flag_below_one_is_a_one_line_error(tmp_path, data, tiny_clip_dir, capsys, flag):
+    with pytest.raises(SystemExit) as code:
+        main(PRETRAIN, train_argv(*data, tiny_clip_dir, tmp_path / "out", flag, "0"))
+    err = capsys.readouterr().err
+    assert code.value.code == 1 and "Traceback" not in err, err
+    assert error_lines(err) == [f"error: {flag} must be at least 1 (got 0)"], err

@@ -1,6 +1,7 @@
 """The shared training loop: learning, checkpoints in the v1 layout, exact resume, bad records, cache, DDP."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from data_pipeline.records import DataError
 from model.checkpoint import load_model, load_object
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
-from trainer.config import PRETRAIN, SFT, build_parser, checkpoint_stem, model_size
+from trainer.config import PRETRAIN, SFT, ConfigError, RunConfig, build_parser, checkpoint_stem, model_size
 from trainer.step import lr_at
 
 
@@ -74,6 +75,22 @@ def test_preset_picks_the_size_and_size_flags_override_it():
     args = build_parser(SFT).parse_args(["--preset", "minimind-v", "--n_layers", "2", "--use_moe"])
     assert (model_size(args)["dim"], model_size(args)["n_layers"], checkpoint_stem(args)) == (768, 2, "768_moe")
     assert model_size(build_parser(SFT).parse_args([]))["dim"] == 512  # minimind-v-small by default
+
+
+def test_flags_resolve_once_into_a_frozen_run_config():
+    args = build_parser(PRETRAIN).parse_args(["--preset", "minimind-v", "--n_layers", "2"])
+    config = RunConfig.from_args(args)
+    assert (config.dim, config.n_layers, checkpoint_stem(config)) == (768, 2, "768")
+    assert args.dim is None and args.n_layers == 2  # the parsed flags are read, never written
+    model_size(args)
+    assert args.dim is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dim = 64  # type: ignore[misc]
+    for stage in (PRETRAIN, SFT):  # every flag of both stages has its field
+        assert RunConfig.from_args(build_parser(stage).parse_args([])).as_dict().keys() == \
+            vars(build_parser(stage).parse_args([])).keys()
+    with pytest.raises(ConfigError, match="--eval_interval must be at least 0"):
+        RunConfig.from_args(build_parser(SFT).parse_args(["--eval_interval", "-1"]))
 
 
 def test_pretrain_checkpoint_is_v1_layout_and_loads_strictly(tmp_path, tiny_clip_dir):

@@ -80,6 +80,38 @@ def test_validation_and_save_best_on_a_tiny_run(tmp_path, tiny_clip_dir, capsys)
     assert state["best"] == max(scores)
 
 
+def test_validation_with_nothing_scored_says_so_and_is_never_the_best(tmp_path, tiny_clip_dir, monkeypatch,
+                                                                        capsys):
+    data, images = make_dataset(tmp_path, 8)
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps([{"id": f"val{i}", "image": f"img_{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."}]}
+        for i in range(3)]))
+    real = VLMDataset.__getitem__
+
+    def val_images_fail(self, index):  # every validation image fails to decode; the training images are fine
+        item = real(self, index)
+        if item["id"].startswith("val"):
+            item.pop("pixels", None)
+            item["error"] = "cannot identify image file"
+        return item
+
+    monkeypatch.setattr(VLMDataset, "__getitem__", val_images_fail)
+    out = tmp_path / "o"
+    run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, out, "--max_steps", "2", "--eval_interval", "1",
+                                   "--val_data", str(val), "--save_best"))
+    reports = [line for line in capsys.readouterr().out.splitlines() if "validation:" in line]
+    assert [r.split(" (")[0] for r in reports] == ["step 1 validation: no samples scored",
+                                                   "step 2 validation: no samples scored"], reports
+    assert not any("(best)" in r for r in reports)
+    lines = [json.loads(line) for line in (out / "64_vlm_pretrain_log.jsonl").read_text().splitlines()]
+    assert [r for r in lines if "val_status" in r] == [
+        {"step": s, "epoch": e, "val_status": "no samples scored", "val_samples": 0} for s, e in ((1, 0), (2, 1))]
+    assert not [r for r in lines if "val_loss" in r]  # no 0.0 loss for plots to draw
+    assert not (out / "64_vlm_pretrain_best.pth").exists()
+    assert torch.load(out / "64_vlm_pretrain_resume.pth", weights_only=True)["best"] is None
+
+
 def test_save_best_needs_val_data(tmp_path, tiny_clip_dir):
     data, images = make_dataset(tmp_path, 4)
     with pytest.raises(DataError, match="--save_best needs --val_data"):

@@ -1,4 +1,5 @@
-"""What a training run is asked to do: the two stages' defaults and the command-line flags.
+"""What a training run is asked to do: the two stages' defaults, the command-line flags, and `RunConfig`, the
+flags resolved once (the preset's size filled in, the values checked) into the frozen record the loop reads.
 
 The model-size flags (--preset, --dim, --n_layers, ...) are defined once here, in `add_model_size_args`, and read
 back by `model_size` for the trainer, the benchmarks and the demo.
@@ -7,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
 
 import torch
 
@@ -52,25 +53,21 @@ def add_model_size_args(parser: argparse.ArgumentParser, default_preset: str = "
     a("--max_seq_len", type=int, default=200)
 
 
-def model_size(args: argparse.Namespace) -> dict[str, Any]:
-    """The LMConfig size fields the flags ask for (the preset, then any explicit override). Also writes the
-    resolved dim and n_layers back into `args`, so file names and logs read them from one place."""
+def model_size(args: Union[argparse.Namespace, "RunConfig"]) -> dict[str, Any]:
+    """The LMConfig size fields the flags ask for (the preset, then any explicit override); `args` is left as
+    it is."""
     size = dict(PRESETS[args.preset])
     if args.dim is not None:
         size["dim"] = args.dim
     if args.n_layers is not None:
         size["n_layers"] = args.n_layers
-    args.dim, args.n_layers = size["dim"], size["n_layers"]
     return {**size, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "use_moe": args.use_moe,
             "max_seq_len": args.max_seq_len}
 
 
-def build_parser(stage: Stage) -> argparse.ArgumentParser:
-    """Every training flag with the stage's defaults. Longer than the other functions on purpose: one flat list,
-    grouped by comments in the order `--help` prints it, is easier to scan than flags spread over helpers."""
-    p = argparse.ArgumentParser(description=f"MiniMind-V {stage.name} (run with torchrun for several GPUs)")
+def add_v1_args(p: argparse.ArgumentParser, stage: Stage) -> None:
+    """The flags v1's training scripts took (same names and meanings), with the model-size flags."""
     a = p.add_argument
-    # v1 arguments
     a("--out_dir", default="out")
     a("--epochs", type=int, default=19)
     a("--batch_size", type=int, default=32)
@@ -91,6 +88,14 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     a("--save_interval", type=int, default=100, help="optimizer steps between checkpoints")
     a("--local_rank", type=int, default=-1, help="accepted for v1 compatibility")
     add_model_size_args(p)
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    """Every training flag with the stage's defaults: v1's flags first (`add_v1_args`), then the newer ones, in
+    the order `--help` prints them, grouped by comments."""
+    p = argparse.ArgumentParser(description=f"MiniMind-V {stage.name} (run with torchrun for several GPUs)")
+    add_v1_args(p, stage)
+    a = p.add_argument
     # paths
     a("--clip_path", default=DEFAULT_CLIP_PATH)
     a("--tokenizer_path", default=None,
@@ -137,6 +142,90 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     return p
 
 
+class ConfigError(ValueError):
+    """A flag value the run cannot use (the message names the flag)."""
+
+
+# Flags that count something the loop divides by or steps through: each must be at least this.
+FLAG_MINIMUMS = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1, "save_interval": 1,
+                 "pack_same_image": 1, "max_seq_len": 1, "num_workers": 0, "eval_interval": 0, "val_samples": 0,
+                 "max_steps": 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every training flag, resolved once: `dim` and `n_layers` hold the sizes the preset and overrides give, and
+    the counts are checked. The loop, the file names and the logs read this; nothing writes to it."""
+
+    out_dir: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    device: str
+    dtype: str
+    use_wandb: bool
+    wandb_project: str
+    num_workers: int
+    data_path: str
+    ddp: bool  # v1 compatibility only
+    accumulation_steps: int
+    grad_clip: float
+    warmup_iters: int
+    log_interval: int
+    save_interval: int
+    local_rank: int  # v1 compatibility only
+    preset: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    use_moe: bool
+    max_seq_len: int
+    clip_path: str
+    tokenizer_path: Optional[str]
+    images_path: str
+    image_prefix: str
+    init: Optional[str]
+    from_scratch: bool
+    resume: bool
+    multi_turn: bool
+    strict_data: bool
+    feature_cache: Optional[str]
+    pad_to_max: bool
+    skip_text_only: bool
+    pack_same_image: int
+    group_by_length: bool
+    val_data: Optional[str]
+    val_images_path: Optional[str]
+    eval_interval: int
+    val_samples: int
+    save_best: bool
+    optimizer: str
+    weight_decay: float
+    freeze_llm: int
+    max_steps: Optional[int]
+    seed: int
+    nan_policy: str
+    compile: bool
+    cpu_bf16: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+        """Resolve parsed flags (build_parser's); a value the run cannot use raises ConfigError."""
+        names = {f.name for f in fields(cls)}
+        if set(vars(args)) != names:  # a flag added to the parser but not here (or the reverse): a bug
+            raise TypeError(f"RunConfig and the parser disagree on {sorted(set(vars(args)) ^ names)}")
+        for name, minimum in FLAG_MINIMUMS.items():
+            value = getattr(args, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"--{name} must be at least {minimum} (got {value})")
+        size = model_size(args)
+        return cls(**{**vars(args), "dim": size["dim"], "n_layers": size["n_layers"]})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The files one stage writes under --out_dir."""
@@ -148,18 +237,19 @@ class RunPaths:
     best: str  # ..._best.pth: the weights with the best validation metric (--save_best)
 
     @classmethod
-    def of(cls, args: argparse.Namespace, stage: Stage) -> "RunPaths":
+    def of(cls, args: RunConfig, stage: Stage) -> "RunPaths":
         base = os.path.join(args.out_dir, f"{checkpoint_stem(args)}_vlm_{stage.name}")
         return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl",
                    run=base + "_run.json", best=base + "_best.pth")
 
 
-def run_record(args: argparse.Namespace, stage: Stage, n_samples: int) -> dict:
+def run_record(args: RunConfig, stage: Stage, n_samples: int) -> dict:
     """The facts about a training run that its checkpoint's model card states."""
     fields = ("data_path", "images_path", "epochs", "batch_size", "accumulation_steps", "learning_rate",
               "max_seq_len", "dtype", "max_steps")
     return {"stage": stage.name, "samples": n_samples, **{k: getattr(args, k) for k in fields if hasattr(args, k)}}
 
 
-def checkpoint_stem(args: argparse.Namespace) -> str:
-    return f"{args.dim}{'_moe' if args.use_moe else ''}"
+def checkpoint_stem(args: Union[argparse.Namespace, "RunConfig"]) -> str:
+    """The size part of the output file names: the resolved width, and _moe for a mixture of experts."""
+    return f"{model_size(args)['dim']}{'_moe' if args.use_moe else ''}"

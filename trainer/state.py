@@ -3,13 +3,19 @@
 `step` counts optimizer updates (nanoGPT's iter_num, the Hugging Face Trainer's global_step); `batches_in_epoch`
 counts the micro-batches of the current epoch already trained, which is where the sampler restarts. A resume
 file is only written at an optimizer-step boundary, so the two always agree.
+
+A position only means something in the order it was counted in, so the resume file also records what shapes that
+order (`order_record`): the batch size, the world size, the seed, the micro-batches per step, length grouping and
+a fingerprint of the training rows (which the data file, --max_seq_len, --pack_same_image, --multi_turn and
+--skip_text_only decide). A resume that changes any of them is refused (`ResumeError`), naming what changed.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +45,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+class ResumeError(ValueError):
+    """A resume file that cannot be continued under this run's flags (the message says which and how)."""
+
+
+# The flags that decide which rows form which batch, in which order, and how many batches make a step. The last
+# four act through the rows (and the fingerprint would catch them) but are recorded so that a refusal names the
+# flag. The data file is checked by its rows, not its path, so a data set copied elsewhere still resumes.
+# --pad_to_max is not here: padding changes no order and no position.
+ORDER_FLAGS = ("batch_size", "accumulation_steps", "seed", "group_by_length", "pack_same_image", "max_seq_len",
+               "multi_turn", "skip_text_only")
+
+
+def rows_fingerprint(row_lengths: Sequence[int]) -> str:
+    """The samplers' whole view of the data: how many rows and each one's length (the order depends on no more)."""
+    digest = hashlib.sha256(",".join(map(str, row_lengths)).encode()).hexdigest()[:12]
+    return f"{len(row_lengths)} rows, lengths {digest}"
+
+
+def order_record(flags: Any, world_size: int, row_lengths: Sequence[int]) -> dict[str, Any]:
+    """What fixes the training order and the meaning of a saved position (see the module docstring)."""
+    return {**{name: getattr(flags, name) for name in ORDER_FLAGS}, "world_size": world_size,
+            "training_rows": rows_fingerprint(row_lengths)}
+
+
+def check_order(saved: Optional[dict[str, Any]], current: dict[str, Any], resume_path: str) -> None:
+    """Refuse to continue a resume file in another order than it was saved in; warn when the file (written
+    before orders were recorded) cannot be checked."""
+    if saved is None:
+        log.warning("%s records no batching flags (written by an older version): the training order could not be "
+                    "checked; resume with the flags the run started with", resume_path)
+        return
+    for name, now in current.items():
+        then = saved.get(name)
+        if then == now:
+            continue
+        what = {"world_size": "world size (processes)", "training_rows": "training rows (from --data_path)"}.get(
+            name, f"--{name}")
+        raise ResumeError(f"--resume: {resume_path} was saved with {what} {then!r}, but this run has {now!r}; a "
+                          f"resumed run must keep its order: resume with the saved value, or start a new run "
+                          f"without --resume")
 
 
 @dataclass
@@ -55,6 +97,7 @@ class TrainState:
     nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
     tokenizer: Optional[dict[str, str]] = None  # the record of the tokenizer trained with ({"path", "fingerprint"})
     best: Optional[float] = None  # the best validation score so far (--save_best)
+    order: Optional[dict[str, Any]] = None  # order_record of this run; a resume file must match it
 
     def save(self, model: torch.nn.Module, weights_path: str, resume_path: str, dist: Distributed) -> None:
         """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
@@ -64,7 +107,7 @@ class TrainState:
             save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                          "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "best": self.best,
-                         "rng": rngs, "tokenizer": self.tokenizer},
+                         "rng": rngs, "tokenizer": self.tokenizer, "order": self.order},
                         resume_path)
         dist.barrier()
 
@@ -73,6 +116,8 @@ class TrainState:
         state = load_object(resume_path)
         if self.tokenizer is not None:  # before anything is restored: a resume must keep its vocabulary
             check_resume_tokenizer(state.get("tokenizer"), self.tokenizer, resume_path)
+        if self.order is not None:  # ... and its order (a position counts batches of that order)
+            check_order(state.get("order"), self.order, str(resume_path))
         load_weights(model, state["model"], source=resume_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
