@@ -27,11 +27,28 @@ AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True), and decoded w
   hf_slowdown         native / transformers decode tok/s, best of the --reps interleaved runs of each
                       (1.0 = as fast as the native path)
   same_tokens_hf      generate() produced exactly the native greedy tokens
+With --kernel (how the decoder's linears run on CPU: model.cpu_kernels; auto measures the paths at load) or
+--quantize int8 (model.quantize), the model is converted after a plain fp32 copy is set aside as the reference
+(peak_rss_mb then holds both), and:
+  kernel              the path used (default, transposed, onednn, onednn_bf16 or int8); kernel_line says why
+  decode_tok_s_fp32   the plain fp32 reference's decode tok/s, timed in turns with the converted model's reps
+  speedup_vs_fp32     decode_tok_s_cache / decode_tok_s_fp32 over those interleaved reps
+  same_tokens_fp32    the timed prompt's greedy tokens equal the reference's
+  token_agreement_fp32  over --agree_prompts prompts (fixed questions, one seeded random image each): share of
+                      the reference's --agree_tokens greedy tokens that the converted model also ranks first
+                      when fed the reference's answer so far (no drift after a first difference)
+  same_answers_fp32   share of those prompts whose whole greedy answer is identical
+  fp32_bw_fraction    decode_tok_s_cache x the fp32 weight_bytes_per_token / mem_read_gbs: the speed against
+                      what fp32 weights allow (above 1.0 only a path reading fewer bytes can go)
+  load_peak_rss_mb, load_rss_mb (and _fp32): peak and final resident memory of a separate process loading the
+                      model from a checkpoint and converting it as the apps do (bench/load_memory.py)
+--ckpt loads trained weights instead of random ones (the agreement of a trained model is the one that matters).
 The last printed line is JSON with these keys.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -44,9 +61,12 @@ import torch  # noqa: E402
 
 from bench.common import (DTYPES, bench_parser, bench_title, command_line, machine_info, peak_memory_mb,  # noqa: E402
                           read_bandwidth, report, start, sync)
-from model.config import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.config import CLIP_DIM, IMAGE_TOKENS, LMConfig  # noqa: E402
+from model.cpu_inference import QUANTIZE_CHOICES, prepare_for_cpu_inference  # noqa: E402
+from model.cpu_kernels import CHOICES, current_kernel, decode_linears, linear_nbytes  # noqa: E402
+from bench.versus_fp32 import compare_with_reference, prompt_ids, timed_generate  # noqa: E402
 from model.decoder import KVCache  # noqa: E402
-from model.tokenizer import image_token_ids, load_tokenizer, render_chat  # noqa: E402
+from model.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 from trainer.config import model_size  # noqa: E402
 
@@ -62,24 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     a("--skip_nocache", action="store_true")
     a("--hf", action="store_true", help="also time the transformers export's generate() (see above)")
+    a("--kernel", default="default", choices=CHOICES, help="CPU path of the decoder's linears (model.cpu_kernels)")
+    a("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: quantise the decoder's linears")
+    a("--agree_prompts", type=int, default=8, help="prompts of the agreement with the fp32 reference")
+    a("--agree_tokens", type=int, default=32, help="greedy tokens per agreement prompt")
+    a("--ckpt", default="", help="trained weights to load instead of random ones (their config sets the size)")
     return p
-
-
-def timed_generate(model, ids, feats, n: int, use_cache: bool, device) -> tuple[float, float, torch.Tensor]:
-    """(seconds to the first token, seconds from the first token to the last, the token ids)."""
-    sync(device)
-    out = []
-    t0 = time.perf_counter()
-    t_first = t0
-    for i, tok in enumerate(model.generate_stream(ids, feats, max_new_tokens=n, temperature=0.0,
-                                                   use_cache=use_cache)):
-        out.append(tok)
-        if i == 0:
-            sync(device)
-            t_first = time.perf_counter()
-    sync(device)
-    t_end = time.perf_counter()
-    return t_first - t0, t_end - t_first, torch.stack(out, 1)
 
 
 class _TokenClock:
@@ -125,11 +133,16 @@ def timed_hf_generate(hf, ids, feats, n: int, device) -> tuple[float, list[int]]
 
 
 def weight_bytes(model: MiniMindVLM) -> tuple[int, int]:
-    """(all unique weights, the weights one decode step reads: blocks, final norm, output head), in bytes."""
-    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    per_token = sum(p.numel() * p.element_size() for p in model.layers.parameters())
-    per_token += sum(p.numel() * p.element_size() for p in model.norm.parameters())
-    per_token += model.output.weight.numel() * model.output.weight.element_size()
+    """(all unique weights, the weights one decode step reads: blocks, final norm, output head), in bytes.
+    A linear converted for a CPU kernel or to int8 counts the bytes it holds (the tied head then has its own)."""
+    def size(params) -> int:
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())
+
+    converted = [linear for _, _, linear in decode_linears(model) if not isinstance(linear, torch.nn.Linear)]
+    total = size(model.parameters()) + sum(linear_nbytes(linear) for linear in converted)
+    linears = {id(p) for _, _, linear in decode_linears(model) for p in linear.parameters()}
+    per_token = size(p for p in model.layers.parameters() if id(p) not in linears) + size(model.norm.parameters())
+    per_token += sum(linear_nbytes(linear) for _, _, linear in decode_linears(model))
     return total, per_token
 
 
@@ -186,8 +199,24 @@ def time_hf(model, ids, feats, n: int, args: argparse.Namespace, device, dtype, 
             "same_tokens_hf": tokens_hf == decode["tokens_cache"][0].tolist()}
 
 
+def converting(args: argparse.Namespace) -> bool:
+    return args.kernel != "default" or args.quantize != "none"
+
+
+def build_model(args: argparse.Namespace, tokenizer, device, dtype) -> MiniMindVLM:
+    """Random weights of the --preset/--dim size (seeded), or the trained ones of --ckpt."""
+    if args.ckpt:
+        from model.checkpoint import load_model
+
+        return load_model(args.ckpt, image_ids=image_token_ids(tokenizer), device=device).to(device, dtype).eval()
+    config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)
+    torch.manual_seed(args.seed)
+    return MiniMindVLM(config).to(device, dtype).eval()
+
+
 def table_rows(result: dict[str, Any], args: argparse.Namespace, device) -> list[list[Any]]:
-    rows = [["prefill (prompt %d tokens incl. 50 image), ms" % result["prompt_tokens"], result["prefill_ms"]],
+    rows = [["CPU kernel of the decoder's linears", result["kernel"]],
+            ["prefill (prompt %d tokens incl. 50 image), ms" % result["prompt_tokens"], result["prefill_ms"]],
             ["decode tok/s, KV cache (%d new tokens)" % result["new_tokens"], result["decode_tok_s_cache"]],
             ["decode tok/s, no cache", result["decode_tok_s_nocache"] or "not run"],
             ["KV cache speed-up", result["cache_speedup"] or "not run"],
@@ -195,6 +224,19 @@ def table_rows(result: dict[str, Any], args: argparse.Namespace, device) -> list
             ["read bandwidth (sum of %d MB fp32), GB/s" % args.bw_mb, result["mem_read_gbs"]],
             ["decode_bw_fraction", result["decode_bw_fraction"]],
             ["peak RSS, MB" if device.type == "cpu" else "peak GPU memory, MB", result["peak_rss_mb"]]]
+    if result["decode_tok_s_fp32"] is not None:
+        rows += [["plain fp32 decode tok/s (interleaved reference)", result["decode_tok_s_fp32"]],
+                 ["speed-up over plain fp32", result["speedup_vs_fp32"]],
+                 ["fp32_bw_fraction (fp32 weight bytes per token)", result["fp32_bw_fraction"]],
+                 ["same greedy tokens as fp32 (timed prompt)", result["same_tokens_fp32"]],
+                 [f"tokens ranked first as fp32 does ({result['agreement_prompts']} prompts x "
+                  f"{args.agree_tokens})", result["token_agreement_fp32"]],
+                 ["identical greedy answers", result["same_answers_fp32"]]]
+    if result["load_peak_rss_mb"] is not None:
+        rows += [["load + convert: peak / final RSS, MB", f"{result['load_peak_rss_mb']:.0f} / "
+                                                          f"{result['load_rss_mb']:.0f}"],
+                 ["load plain fp32: peak / final RSS, MB", f"{result['load_peak_rss_mb_fp32']:.0f} / "
+                                                           f"{result['load_rss_mb_fp32']:.0f}"]]
     if args.hf:
         rows += [["transformers generate() of the export, decode tok/s (DynamicCache)", result["decode_tok_s_hf"]],
                  ["native / transformers decode tok/s", result["hf_slowdown"]],
@@ -202,50 +244,76 @@ def table_rows(result: dict[str, Any], args: argparse.Namespace, device) -> list
     return rows
 
 
+def print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"{result['machine']} | {result['model']} {args.dtype} | kernel {result['kernel']} | prompt "
+          f"{result['prompt_tokens']} tokens | prefill {result['prefill_ms']:.1f} ms | decode "
+          f"{result['decode_tok_s_cache']:.1f} tok/s with cache, {result['decode_tok_s_nocache'] or float('nan'):.1f} "
+          f"without | {result['weight_bytes_per_token'] / 1e6:.1f} MB weights/token, read bw "
+          f"{result['mem_read_gbs']:.1f} GB/s -> {100 * result['decode_bw_fraction']:.0f}% | peak "
+          f"{result['peak_rss_mb']:.0f} MB", flush=True)
+    if result["decode_tok_s_fp32"] is not None:
+        print(f"against plain fp32: {result['decode_tok_s_fp32']:.1f} tok/s, speed-up {result['speedup_vs_fp32']:.2f}x "
+              f"({100 * result['fp32_bw_fraction']:.0f}% of read bw in fp32 bytes); greedy tokens ranked first as "
+              f"fp32: {100 * result['token_agreement_fp32']:.1f}%, identical answers "
+              f"{100 * result['same_answers_fp32']:.0f}% of {result['agreement_prompts']} prompts", flush=True)
+    if result["load_peak_rss_mb"] is not None:
+        print(f"load + convert: peak {result['load_peak_rss_mb']:.0f} MB, then {result['load_rss_mb']:.0f} MB "
+              f"(plain fp32: peak {result['load_peak_rss_mb_fp32']:.0f} MB, then "
+              f"{result['load_rss_mb_fp32']:.0f} MB)", flush=True)
+    if args.hf:
+        print(f"transformers generate() of the export: {result['decode_tok_s_hf']:.1f} tok/s with its DynamicCache, "
+              f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: "
+              f"{result['same_tokens_hf']}", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = start(build_parser(), argv)
+    parser = build_parser()
+    args = start(parser, argv)
+    if args.hf and converting(args):
+        parser.error("--hf times the plain model against transformers; run it without --kernel/--quantize")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = machine_info(device)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)
-    torch.manual_seed(args.seed)
-    model = MiniMindVLM(config).to(device, dtype).eval()
+    model = build_model(args, tokenizer, device, dtype)
+    config, n = model.config, args.new_tokens
+    fp32_per_token = weight_bytes(model)[1]
+    reference = copy.deepcopy(model) if converting(args) else None
+    try:
+        kernel_line = prepare_for_cpu_inference(model, args.quantize, args.kernel)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(kernel_line, flush=True)
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-    text = render_chat(tokenizer, [{"role": "user", "content": IMAGE_SPECIAL_TOKEN + "\n" + args.prompt}])
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+    ids = prompt_ids(tokenizer, args.prompt, device)
     feats = torch.randn(1, IMAGE_TOKENS, CLIP_DIM, device=device)
-    n = args.new_tokens
     total_bytes, per_token = weight_bytes(model)
     prefill = time_prefill(model, config, ids, feats, n, args.reps, device, dtype)
     decode = time_decode(model, ids, feats, n, args, device)
+    versus = compare_with_reference(model, reference, tokenizer, ids, feats, args, device)
+    decode["best_cache_s"] = min(decode["best_cache_s"], versus.pop("best_cache_s", float("inf")))
     peak_mb = peak_memory_mb(device)
     hf = time_hf(model, ids, feats, n, args, device, dtype, decode) if args.hf else {"decode_tok_s_hf": None,
                                                                                     "same_tokens_hf": None}
     decode_cache = (n - 1) / decode["best_cache_s"] if n > 1 else float("nan")
     bw = read_bandwidth(device, args.bw_mb << 20)
-    nocache, decode_hf = decode["decode_tok_s_nocache"], hf["decode_tok_s_hf"]
+    nocache = decode["decode_tok_s_nocache"]
     result: dict[str, Any] = {
-        "name": args.name or f"decode {args.dim}/{args.n_layers} {args.dtype}",
+        "name": args.name or f"decode {config.dim}/{config.n_layers} {args.dtype}",
         "prefill_ms": 1000 * prefill, "prompt_tokens": ids.shape[1], "first_token_ms": decode["first_token_ms"],
         "decode_tok_s_cache": decode_cache, "decode_tok_s_nocache": nocache,
         "cache_speedup": decode_cache / nocache if nocache else None,
         "peak_rss_mb": peak_mb, "weight_bytes": total_bytes, "weight_bytes_per_token": per_token,
         "mem_read_gbs": bw / 1e9, "decode_bw_fraction": decode_cache * per_token / bw,
         "new_tokens": n, "same_tokens_cache_nocache": decode["same_tokens_cache_nocache"], "dtype": args.dtype,
-        "compile": args.compile, "decode_tok_s_hf": decode_hf,
+        "compile": args.compile, "decode_tok_s_hf": hf["decode_tok_s_hf"],
         "hf_slowdown": hf.get("hf_slowdown"), "same_tokens_hf": hf["same_tokens_hf"],
-        "model": f"{args.dim}/{args.n_layers}",
+        "model": f"{config.dim}/{config.n_layers}", "kernel": current_kernel(model), "kernel_line": kernel_line,
+        "quantize": args.quantize, "fp32_weight_bytes_per_token": fp32_per_token,
+        "fp32_bw_fraction": decode_cache * fp32_per_token / bw, **versus,
     }
     result.update(info, command=command_line())
-    print(f"{info['machine']} | {args.dim}/{args.n_layers} {args.dtype} | prompt {ids.shape[1]} tokens | prefill "
-          f"{result['prefill_ms']:.1f} ms | decode {decode_cache:.1f} tok/s with cache, "
-          f"{nocache or float('nan'):.1f} without | {per_token / 1e6:.1f} MB weights/token, read bw "
-          f"{bw / 1e9:.1f} GB/s -> {100 * result['decode_bw_fraction']:.0f}% | peak {peak_mb:.0f} MB", flush=True)
-    if args.hf:
-        print(f"transformers generate() of the export: {decode_hf:.1f} tok/s with its DynamicCache, "
-              f"{result['hf_slowdown']:.2f}x slower than the native path; same greedy tokens: "
-              f"{hf['same_tokens_hf']}", flush=True)
+    print_summary(result, args)
     return report(args.results, info, bench_title(device), ["figure", "value"], table_rows(result, args, device), "",
                   result)
 

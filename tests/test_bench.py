@@ -69,6 +69,20 @@ def test_generate_hf_tiny():
     assert out["same_tokens_hf"] is True
 
 
+@pytest.mark.parametrize("flags", [["--kernel", "auto"], ["--quantize", "int8"]])
+def test_generate_against_fp32_tiny(flags):
+    out = run_json(["bench/generate.py", *TINY_MODEL, "--new_tokens", "6", "--reps", "1", "--bw_mb", "16",
+                    "--skip_nocache", "--agree_prompts", "2", "--agree_tokens", "4", *flags], timeout=300)
+    positive(out, ["decode_tok_s_fp32", "speedup_vs_fp32", "fp32_bw_fraction", "load_peak_rss_mb", "load_rss_mb",
+                   "load_peak_rss_mb_fp32", "load_rss_mb_fp32"])
+    assert out["kernel"] == ("int8" if "int8" in flags else out["kernel_line"].split()[2])
+    assert out["agreement_prompts"] == 2 and 0 <= out["token_agreement_fp32"] <= 1
+    if "int8" in flags:  # a quarter of the bytes per weight, plus per-row scales
+        assert out["weight_bytes_per_token"] < 0.3 * out["fp32_weight_bytes_per_token"]
+    else:  # fp32 paths: the same greedy tokens
+        assert out["same_tokens_fp32"] is True and out["token_agreement_fp32"] == 1.0
+
+
 def test_gpu_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")]).returncode == 0
 
