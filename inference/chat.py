@@ -12,6 +12,7 @@ from PIL import Image
 
 from model.checkpoint import load_model, read_checkpoint
 from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from model.cpu_inference import prepare_for_cpu_inference
 from model.decoder import count_parameters
 from model.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
                              neutralise_placeholder, render_chat)
@@ -88,22 +89,29 @@ class VLMChat:
         self.eos_id = tokenizer.eos_token_id
         self._encode_lock = threading.Lock()
         self._max_images: Optional[int] = None
+        self.kernel_line: Optional[str] = None  # what load() did for CPU inference (model.cpu_inference)
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
-             device: str = "cpu", max_seq_len: Optional[int] = None, **overrides) -> "VLMChat":
+             device: str = "cpu", max_seq_len: Optional[int] = None, quantize: str = "none",
+             cpu_kernel: str = "default", **overrides) -> "VLMChat":
         """Load all three parts; a missing one is an error that says how to get it.
 
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
         when given, else the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
-        The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it."""
+        The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it.
+        `quantize` and `cpu_kernel` go to model.cpu_inference.prepare_for_cpu_inference (the apps' --quantize and
+        --cpu_kernel); the line saying what it did is kept in `kernel_line`."""
         source = read_checkpoint(ckpt)
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
         model = load_model(source, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
                            **overrides)
-        return cls(model, tokenizer, encoder, tokenizer_path)
+        kernel_line = prepare_for_cpu_inference(model, quantize, cpu_kernel)
+        chat = cls(model, tokenizer, encoder, tokenizer_path)
+        chat.kernel_line = kernel_line
+        return chat
 
     @property
     def n_params(self) -> int:

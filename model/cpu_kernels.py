@@ -23,6 +23,7 @@ relative), so greedy answers match default's (tests/test_cpu_kernels.py); `auto`
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 import time
 from dataclasses import dataclass, field
@@ -241,6 +242,7 @@ def release_freed_memory() -> None:
     in its heap (its mmap threshold rises after the first large free), so without this the converted model's
     resident memory would still count the weights it dropped. Other C libraries reuse or return freed memory
     their own way: there is nothing to ask them."""
+    gc.collect()  # replaced modules can sit in reference cycles: free their weights first
     if not sys.platform.startswith("linux"):
         return
     try:

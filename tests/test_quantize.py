@@ -130,3 +130,21 @@ def test_prepare_for_cpu_inference_and_its_flags(random_model):
         prepare_for_cpu_inference(copy.deepcopy(random_model), "int4", "auto")
     line = prepare_for_cpu_inference(copy.deepcopy(random_model), "none", "default")
     assert line == "CPU kernel: default (asked for)"
+
+
+def test_the_chat_loader_quantises_on_request(tmp_path, tokenizer, tiny_clip_dir):
+    from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH
+    from PIL import Image
+
+    from inference.chat import GenerationSettings, VLMChat
+    from model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pth"
+    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), ckpt, tokenizer=PROJECT_TOKENIZER)
+    chat = VLMChat.load(ckpt, str(tiny_clip_dir), TOKENIZER_PATH, quantize="int8")
+    assert chat.kernel_line.startswith("CPU kernel: int8") and is_int8(chat.model)
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=4)
+    assert isinstance("".join(chat.stream("what colour?", Image.new("RGB", (32, 32)), settings=settings)), str)
+    plain = VLMChat.load(ckpt, str(tiny_clip_dir), TOKENIZER_PATH)
+    assert plain.kernel_line == "CPU kernel: default (asked for)" and current_kernel(plain.model) == "default"
