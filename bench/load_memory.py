@@ -19,17 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import emit, peak_memory_mb  # noqa: E402
+from bench.common import emit  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.cpu_inference import add_cpu_inference_args, prepare_for_cpu_inference  # noqa: E402
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now, from /proc (Linux)."""
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux): VmRSS now, VmHWM its peak. The peak is
+    read there rather than from getrusage, whose ru_maxrss keeps the parent's peak across fork and exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -42,10 +43,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     model = load_model(args.ckpt, device="cpu")
     gc.collect()
-    loaded = rss_mb()
+    loaded = status_mb("VmRSS")
     line = prepare_for_cpu_inference(model, args.quantize, args.cpu_kernel)
     gc.collect()
-    result = {"peak_rss_mb": peak_memory_mb(torch.device("cpu")), "rss_mb": rss_mb(), "rss_loaded_mb": loaded,
+    result = {"peak_rss_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS"), "rss_loaded_mb": loaded,
               "kernel_line": line}
     emit(result)
     return result

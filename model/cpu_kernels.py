@@ -2,8 +2,8 @@
 
 Decoding one token multiplies one activation row by every weight matrix once, so decode speed is set by how
 fast a kernel streams the weights from memory, and PyTorch's routes for that product differ a lot from one
-CPU to another (on an AMD EPYC Zen 4, one thread: F.linear read the 512/8 model's weights at 16 GB/s, the
-transposed and oneDNN layouts at 22-29 GB/s, against 40 GB/s for a plain sum). So the path is not assumed:
+CPU to another (AMD EPYC Zen 4, 2 cores: F.linear streamed the 512/8 model's weights at 16 GB/s, the transposed
+and oneDNN layouts at 22-29 GB/s, a plain sum at 40-46 GB/s). So the path is not assumed:
 `choose_cpu_kernel` times the candidates on the model's own weights (a few passes of one row through its
 decode linears, candidates interleaved, best pass kept) once per process for a given set of shapes and thread
 count, and swaps the linears of the blocks and the output head for the fastest.
@@ -75,10 +75,9 @@ class _PackedLinear(nn.Module):
     """A linear layer whose weight was converted once for a CPU kernel: inference only, and it cannot be moved
     or cast (load the model again instead)."""
 
-    kernel = ""
-
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: str):
         super().__init__()
+        self.kernel = kernel
         if linear.bias is not None:
             raise ValueError(f"the {self.kernel} CPU kernel takes linear layers without a bias")
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -96,10 +95,10 @@ class _PackedLinear(nn.Module):
 
 
 class TransposedLinear(_PackedLinear):
-    kernel = "transposed"
+    """x @ Wt on a contiguous transposed copy Wt [in, out] of the weight."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__(linear)
+        super().__init__(linear, "transposed")
         self.weight_t = linear.weight.detach().t().contiguous()  # [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +113,7 @@ class OneDNNLinear(_PackedLinear):
     """oneDNN's linear on a weight reordered into its blocked layout (fp32, or bf16 with the result cast back)."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
-        super().__init__(linear)
-        self.kernel = "onednn" if dtype == torch.float32 else "onednn_bf16"
+        super().__init__(linear, "onednn" if dtype == torch.float32 else "onednn_bf16")
         self.compute_dtype = dtype
         # 1: the batch size oneDNN lays the weight out for (one row per decode step)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), 1)
@@ -152,6 +150,7 @@ def decode_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 
 def kernel_of(linear: nn.Module) -> str:
+    """The kernel one decode linear runs on."""
     if isinstance(linear, _PackedLinear):
         return linear.kernel
     return "int8" if isinstance(linear, torch.ao.nn.quantized.dynamic.Linear) else "default"

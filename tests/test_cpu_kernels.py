@@ -151,3 +151,13 @@ def test_a_converted_model_is_inference_only_and_converted_once(base):
         model.layers[0].attention.wq(x)
     # the tied embedding keeps its weight: prompts are still embedded
     assert model.tok_embeddings.weight.shape == base.tok_embeddings.weight.shape
+
+
+def test_moe_experts_and_bias_checks():
+    torch.manual_seed(0)
+    moe = MiniMindVLM(tiny_config(use_moe=True)).eval()
+    model = copy.deepcopy(moe)
+    choose_cpu_kernel(model, "transposed")  # every expert's linears too (routing picks them per token)
+    assert torch.equal(greedy(model, PROMPT, 8), greedy(moe, PROMPT, 8))
+    with pytest.raises(ValueError, match="the transposed CPU kernel takes linear layers without a bias"):
+        cpu_kernels.convert_linear(torch.nn.Linear(4, 4), "transposed")
