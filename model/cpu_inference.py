@@ -12,6 +12,7 @@ On a GPU model both flags at their defaults leave it unchanged (and say so).
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Optional
 
 from torch import nn
@@ -20,6 +21,7 @@ from .cpu_kernels import CHOICES, choose_cpu_kernel
 from .quantize import quantize_int8
 
 QUANTIZE_CHOICES = ("none", "int8")
+log = logging.getLogger("minimind")
 
 
 def add_cpu_inference_args(parser: argparse.ArgumentParser, default_kernel: str = "auto") -> None:
@@ -33,7 +35,8 @@ def add_cpu_inference_args(parser: argparse.ArgumentParser, default_kernel: str 
 
 
 def prepare_for_cpu_inference(model: nn.Module, quantize: Optional[str] = "none", cpu_kernel: str = "auto") -> str:
-    """Quantise and/or choose the CPU kernel of a loaded model, in place; returns one line saying what was done.
+    """Quantise and/or choose the CPU kernel of a loaded model, in place; returns (and logs at INFO on the
+    "minimind" logger) one line saying what was done.
 
     quantize: "none"/None or "int8". cpu_kernel: one of model.cpu_kernels.CHOICES; with int8 it must be auto or
     default (int8 replaces the fp32 linears the kernels apply to)."""
@@ -45,5 +48,8 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: Optional[str] = "none"
             raise ValueError(f"--cpu_kernel {cpu_kernel} applies to fp32 linear layers; --quantize int8 replaces "
                              "them (use --cpu_kernel auto or default)")
         quantize_int8(model)
-        return "CPU kernel: int8 (decoder linears quantised to int8; answers may differ slightly from fp32)"
-    return choose_cpu_kernel(model, cpu_kernel).describe()
+        line = "CPU kernel: int8 (decoder linears quantised to int8; answers may differ slightly from fp32)"
+    else:
+        line = choose_cpu_kernel(model, cpu_kernel).describe()
+    log.info(line)
+    return line
