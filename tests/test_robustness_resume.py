@@ -98,7 +98,7 @@ def test_resume_without_a_flag_it_was_saved_with_is_refused(tmp_path, tiny_clip_
     assert "was saved with --group_by_length True, but this run has False;" in line, line
 
 
-def test_resume_with_other_training_rows_is_refused(saved_at_batch_5, tmp_path, capsys):
+def test_resume_with_other_training_rows_is_refused(saved_at_batch_5, tmp_path, capsys, no_spinning):
     argv, _ = saved_at_batch_5
     other_data, _ = make_dataset(tmp_path / "other", 10)
     changed = argv("--resume")
