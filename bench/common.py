@@ -7,6 +7,7 @@ machine lowers both the figure and its reference together:
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -161,7 +162,7 @@ def start(parser, argv: Optional[list[str]]):
     return args
 
 
-def resolve_size(args):
+def resolve_size(args: argparse.Namespace) -> argparse.Namespace:
     """Fill --dim and --n_layers with the sizes --preset and the overrides give (trainer.config.model_size), so the
     bench's labels name the model it ran."""
     from trainer.config import model_size
