@@ -6,7 +6,8 @@ CPU to another (AMD EPYC Zen 4, 2 cores: F.linear streamed the 512/8 model's wei
 and oneDNN layouts at 22-29 GB/s, a plain sum at 40-46 GB/s). So the path is not assumed:
 `choose_cpu_kernel` times the candidates on the model's own weights (a few passes of one row through its
 decode linears, candidates interleaved, best pass kept) once per process for a given set of shapes and thread
-count, and swaps the linears of the blocks and the output head for the fastest.
+count, and swaps the linears of the blocks and the output head for the fastest. While it times them it holds
+one converted copy of the timed weights per candidate (at most MEASURE_BYTES each; freed before it returns).
 
 Paths (all inference only; each swapped linear drops its fp32 weight, except the output head, which is tied
 to the token embedding and so gets a copy):
