@@ -1,10 +1,10 @@
 """The training loop both stages share (1-pretrain_vlm.py, 2-sft_vlm.py) and its pieces.
 
   config.py       the flags, the two stages' defaults, RunConfig (the flags resolved once), output paths
-  build.py        the run's pieces: start checkpoint, model, training data and sampler, validation set, wandb
-  loop.py         the loop: step, log, validate, save, resume, stop on a signal
+  build.py        the run's pieces: start checkpoint, model, data and sampler, validation set, wandb
+  loop.py         the loop: step, log, validate, save, stop on a signal, resume
   step.py         one optimizer step, the LR schedule, freezing, autocast and optimizer setup
-  state.py        TrainState: optimizer, scaler, position, RNG states, the order; save and exact resume
+  state.py        TrainState: optimizer, scaler, position, RNG states, what shapes the order; save and exact resume
   metrics.py      throughput, MFU, the progress line
   distributed.py  torchrun/DDP setup and collectives
   validation.py   validation while training
