@@ -89,7 +89,9 @@ class VLMChat:
         self.eos_id = tokenizer.eos_token_id
         self._encode_lock = threading.Lock()
         self._max_images: Optional[int] = None
-        self.kernel_line: Optional[str] = None  # what load() did for CPU inference (model.cpu_inference)
+        # counted as loaded: the CPU kernels and int8 keep the decode weights in forms that are not parameters
+        self._n_params = count_parameters(model)
+        self.kernel_line: Optional[str] = None  # what prepare_cpu() did for CPU inference (model.cpu_inference)
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
@@ -100,22 +102,28 @@ class VLMChat:
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
         when given, else the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it.
-        `quantize` and `cpu_kernel` go to model.cpu_inference.prepare_for_cpu_inference (the apps' --quantize and
-        --cpu_kernel); the line saying what it did is kept in `kernel_line`."""
+        `quantize` and `cpu_kernel` go to prepare_cpu (the apps' --quantize and --cpu_kernel)."""
         source = read_checkpoint(ckpt)
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
         model = load_model(source, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
                            **overrides)
-        kernel_line = prepare_for_cpu_inference(model, quantize, cpu_kernel)
         chat = cls(model, tokenizer, encoder, tokenizer_path)
-        chat.kernel_line = kernel_line
+        chat.prepare_cpu(quantize, cpu_kernel)
         return chat
+
+    def prepare_cpu(self, quantize: str = "none", cpu_kernel: str = "default") -> str:
+        """Quantise the model and/or choose its CPU kernel (model.cpu_inference.prepare_for_cpu_inference), in
+        place; the line saying what was done is returned and kept in `kernel_line`. A model already converted
+        (not "none"/"default") is not converted again: that is a ValueError."""
+        self.kernel_line = prepare_for_cpu_inference(self.model, quantize, cpu_kernel)
+        return self.kernel_line
 
     @property
     def n_params(self) -> int:
-        return count_parameters(self.model)
+        """The model's parameters as loaded (the tied embedding counted once), whatever kernel it runs on."""
+        return self._n_params
 
     def max_images(self) -> int:
         """The most images one question can hold: MAX_IMAGES, or fewer when the context cannot hold their spans,
