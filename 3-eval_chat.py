@@ -8,6 +8,10 @@
     python 3-eval_chat.py --image a.png --image b.png --prompt "Are they the same colour?"   # several images
     python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
     python 3-eval_chat.py --benchmark pope [--bench_path FILE_OR_DIR] [--limit 200]   # or --benchmark mmstar
+    python 3-eval_chat.py --image cat.png --quantize int8        # int8 decoder weights on the CPU
+
+On a CPU the decoder's linear layers run on the fastest fp32 kernel path measured at load (--cpu_kernel auto, same
+greedy answers as default); --quantize int8 makes them int8 instead. A line after the model line says which.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
 from inference.model_files import newest_chat_checkpoint
+from model.cpu_inference import add_cpu_inference_args
 from model.files import CheckpointError
 from model.seed import seed_everything
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
@@ -55,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model/minimind_tokenizer_official for a published v1 .pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_stream", action="store_true", help="print each answer whole")
+    add_cpu_inference_args(p)
     p.add_argument("--interactive", action="store_true", help="a chat loop with history about the image(s)")
     p.add_argument("--eval_data", default=None, help="score exact-match accuracy over v1 question/answer records")
     p.add_argument("--eval_images_path", default=None, help="image folder for --eval_data")
@@ -109,8 +115,8 @@ def choose_checkpoint(args: argparse.Namespace) -> tuple[str | None, bool]:
 
 
 def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
-    """The checkpoint picked by --ckpt (or the newest one found) with its encoder and tokenizer; None after
-    printing a one-line error."""
+    """The checkpoint picked by --ckpt (or the newest one found) with its encoder and tokenizer, as loaded (see
+    prepare_cpu); None after printing a one-line error."""
     ckpt, picked = choose_checkpoint(args)
     if ckpt is None:
         print(f"error: no checkpoint found (no {args.out_dir}/*_vlm_sft.pth and no model directory in {args.out_dir}/ "
@@ -131,6 +137,17 @@ def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
         print(note)
     print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}, tokenizer: {chat.tokenizer_path}")
     return chat
+
+
+def prepare_cpu(chat: VLMChat, args: argparse.Namespace) -> bool:
+    """--quantize and --cpu_kernel applied to the loaded model, with the line saying what was done printed under
+    the model line; False after a one-line error (e.g. int8 asked for on a GPU)."""
+    try:
+        print(chat.prepare_cpu(args.quantize, args.cpu_kernel), flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def score(chat: VLMChat, args: argparse.Namespace) -> int:
@@ -160,8 +177,9 @@ def benchmark_files(args: argparse.Namespace) -> Optional[list[str]]:
         return None
 
 
-def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str]) -> int:
-    """--benchmark: the standard metrics, printed and written to a JSON file with the model's fingerprint."""
+def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str], weights_sha256: str) -> int:
+    """--benchmark: the standard metrics, printed and written to a JSON file with the model's fingerprint
+    (weights_sha256: of the weights as loaded, before prepare_cpu converted them)."""
     from inference.bench_data import BenchmarkError
     from inference.bench_specs import BENCHMARKS
     from inference.benchmarks import model_record, result_record, run_benchmark, summary_lines, write_result
@@ -173,7 +191,7 @@ def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str]) -> int:
     try:
         run = run_benchmark(chat, spec, files, args.limit, args.bench_batch_size)
         record = result_record(run, model_record(chat, ckpt, args.clip_path,
-                                                 stand_in_warning(args.clip_path) is not None))
+                                                 stand_in_warning(args.clip_path) is not None, weights_sha256))
     except (BenchmarkError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -239,8 +257,15 @@ def main(argv=None) -> int:
     chat = load_chat(args)
     if chat is None:
         return 1
+    weights_sha256 = None
+    if files is not None:  # the fingerprint of the weights as loaded: the CPU kernels and int8 replace them
+        from inference.benchmarks import state_dict_sha256
+
+        weights_sha256 = state_dict_sha256(chat.model)
+    if not prepare_cpu(chat, args):
+        return 1
     if files is not None:
-        return benchmark(chat, args, files)
+        return benchmark(chat, args, files, weights_sha256)
     if args.eval_data:
         return score(chat, args)
     settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,

@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline.records import SkipCounter
 from model.config import IMAGE_SPECIAL_TOKEN
+from model.cpu_kernels import current_kernel
 from model.scoring import greedy_answers
 from model.tokenizer import encode, neutralise_placeholder, render_chat
 from model.vision import ImageError, open_image
@@ -139,7 +140,11 @@ def run_benchmark(chat: VLMChat, spec: BenchmarkSpec, files: list[str], limit: O
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 over the model's saved tensors (name, dtype, shape and bytes, in name order): the same weights give
-    the same fingerprint whatever file format they came from."""
+    the same fingerprint whatever file format they came from. The weights as loaded only: a model converted for
+    CPU inference (model.cpu_inference: another kernel or int8) no longer holds them, so it is refused."""
+    kernel = current_kernel(model)
+    if kernel != "default":
+        raise ValueError(f"the model runs on the {kernel} CPU kernel: fingerprint its weights before converting them")
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -148,12 +153,15 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_record(chat: VLMChat, ckpt: str, clip_path: str, stand_in: bool) -> dict[str, Any]:
-    """What identifies the model that answered."""
+def model_record(chat: VLMChat, ckpt: str, clip_path: str, stand_in: bool,
+                 weights_sha256: Optional[str] = None) -> dict[str, Any]:
+    """What identifies the model that answered, and how it ran on the CPU. `weights_sha256` is state_dict_sha256
+    of the model as loaded, taken before it was converted for CPU inference (computed here when not given)."""
     config = chat.model.config
     return {"checkpoint": os.path.abspath(ckpt),
             "weights_file_sha256": file_sha256(ckpt) if os.path.isfile(ckpt) else None,
-            "state_dict_sha256": state_dict_sha256(chat.model),
+            "state_dict_sha256": weights_sha256 or state_dict_sha256(chat.model),
+            "cpu_inference": chat.kernel_line,
             "parameters": chat.n_params, "dim": config.dim, "n_layers": config.n_layers,
             "use_moe": bool(getattr(config, "use_moe", False)), "max_seq_len": config.max_seq_len,
             "tokenizer": str(chat.tokenizer_path), "vision_encoder": os.path.abspath(clip_path),
