@@ -20,6 +20,11 @@ them (left padding with an attention mask; each request keeps its own sampling s
 runs on the batcher's thread, so the server keeps answering (/health, new requests) while it generates. It
 binds 127.0.0.1 unless told otherwise.
 
+On a CPU the decoder's linear layers run on the fastest fp32 kernel path measured at start-up (--cpu_kernel auto,
+the same greedy answers as default); --quantize int8 makes them int8 (faster; answers may differ from fp32 where
+two tokens nearly tie, and, since int8 quantises a layer's activations over the whole batch, a batched answer can
+then differ from the answer alone too: --max_batch 1 avoids that). The start-up line after "serving ..." says which.
+
 This file parses the flags and starts uvicorn; the app is inference/openai_app.py, and the reading of requests
 inference/openai_request.py.
 """
@@ -34,6 +39,7 @@ from typing import Optional
 from inference.chat import VLMChat
 from inference.openai_app import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, Runner,
                                   create_app)
+from model.cpu_inference import add_cpu_inference_args
 from model.vision import DEFAULT_CLIP_PATH
 
 
@@ -59,6 +65,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="how long the first waiting request waits for others to join its batch")
     p.add_argument("--model_name", default=None, help="model id reported by the API (default: checkpoint name)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_cpu_inference_args(p)
     return p.parse_args(argv)
 
 
@@ -68,8 +75,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"serve_openai_api.py: error: --image_dir {args.image_dir} is not a directory", file=sys.stderr)
         return 1
     try:
-        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, device=args.device)
-    except (OSError, ValueError) as e:  # missing/corrupt checkpoint, CLIP or tokenizer: say which, in one line
+        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, device=args.device,
+                            quantize=args.quantize, cpu_kernel=args.cpu_kernel)
+    except (OSError, ValueError) as e:  # missing/corrupt checkpoint, CLIP or tokenizer, int8 on a GPU: one line
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"serve_openai_api.py: error: {message}", file=sys.stderr)
         return 1
@@ -83,8 +91,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     runner = Runner(chat, args.max_queue, args.max_batch, args.batch_wait_ms)
     app = create_app(runner, model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
                      max_tokens_limit=args.max_tokens_limit, body_timeout_s=args.body_timeout)
-    print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1",
-          flush=True)
+    print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1\n"
+          f"{chat.kernel_line}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
