@@ -6,12 +6,18 @@ computed only once opened.
 Run it from the repository root, either way:
 
     python web_server.py [--out_dir out] [--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] \\
-        [--server.port 8501 ...]
+        [--quantize none|int8] [--cpu_kernel auto|...] [--server.port 8501 ...]
     streamlit run web_server.py --server.address 127.0.0.1 -- [--out_dir out] \\
         [--clip_path model/clip_model/clip-vit-base-patch32] [--tokenizer_path DIR] [--device cpu|cuda]
 
 `python web_server.py` starts `streamlit run web_server.py` itself: flags of the form `--section.option`
-(streamlit's own, e.g. `--server.port`) go to streamlit, the rest to this script.
+(streamlit's own, e.g. `--server.port`) go to streamlit, the rest to this script (checked first: an unknown flag
+or a bad value is argparse's one-line error).
+
+CPU inference (model.cpu_inference): the decoder's linear layers run on the fastest fp32 kernel path measured at
+load (--cpu_kernel auto; same greedy answers as default), or in int8 with --quantize int8. The sidebar's
+"int8 weights (CPU)" toggle starts from --quantize and reloads the model quantised or not; on a GPU it is disabled
+(int8 here is CPU only). The sidebar caption shows the line saying which kernel runs.
 
 The checkpoint picker lists the .pth files in --out_dir and the MiniMind model directories (a published
 `minimind-v-v1-small` clone, or an export) in --out_dir and the project root; model directories come first, then
@@ -29,14 +35,15 @@ The images asked about together are capped by the rule the API applies too (infe
 The page's plain logic (arguments, checkpoint list, upload checks) lives in inference/web_support.py.
 
 Arguments after `--` belong to this script. Each default can also come from an environment variable
-(MINIMIND_OUT_DIR, MINIMIND_CLIP_PATH, MINIMIND_TOKENIZER_PATH, MINIMIND_DEVICE); a flag given after `--` wins.
+(MINIMIND_OUT_DIR, MINIMIND_CLIP_PATH, MINIMIND_TOKENIZER_PATH, MINIMIND_DEVICE, MINIMIND_QUANTIZE,
+MINIMIND_CPU_KERNEL); a flag given after `--` wins.
 The variables are how tests configure the app: `streamlit.testing.v1.AppTest` runs the script in-process with
 pytest's own sys.argv and has no way to pass script arguments.
 
 If the default CLIP directory is missing but the untrained stand-in (scripts/build_stand_in_clip.py) exists, the
 stand-in is used and the page says so in a warning. A missing checkpoint, CLIP or tokenizer is shown as an error
 that says how to get it; the server keeps running. The model is loaded once per (checkpoint file and its
-modification time, CLIP path, tokenizer path, device) and shared by all sessions.
+modification time, CLIP path, tokenizer path, device, quantisation and CPU kernel) and shared by all sessions.
 """
 from __future__ import annotations
 
@@ -57,9 +64,9 @@ from PIL import Image  # noqa: E402
 from inference.chat import (MAX_IMAGES, GenerationSettings, StreamStats, TooManyImagesError, Turn,  # noqa: E402
                             VLMChat, check_image_count)
 from inference.web_support import (IMAGE_TYPES, MAX_UPLOAD_MB, NO_CHECKPOINT_HELP, UPLOAD_ACCEPT,  # noqa: E402,F401
-                                   checkpoint_stamp, display_copy, error_text, format_params,
-                                   image_id, list_checkpoints, parse_args, resolve_clip_path, split_flags,
-                                   validate_upload)
+                                   ServerArgs, check_launch_flags, checkpoint_stamp, display_copy, error_text,
+                                   format_params, image_id, list_checkpoints, parse_args, resolve_clip_path,
+                                   split_flags, validate_upload)
 from model.vision import ImageError  # noqa: E402
 
 SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of several
@@ -70,9 +77,10 @@ SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of seve
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_chat(ckpt: str, clip_path: str, tokenizer_path: Optional[str], device: str,
-              stamp: tuple[int, int]) -> VLMChat:
-    """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place."""
-    return VLMChat.load(ckpt, clip_path, tokenizer_path, device)
+              stamp: tuple[int, int], quantize: str = "none", cpu_kernel: str = "auto") -> VLMChat:
+    """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place, and
+    `quantize` / `cpu_kernel` go to VLMChat.load (model.cpu_inference)."""
+    return VLMChat.load(ckpt, clip_path, tokenizer_path, device, quantize=quantize, cpu_kernel=cpu_kernel)
 
 
 def init_state() -> None:
@@ -111,12 +119,25 @@ def sidebar_settings() -> GenerationSettings:
                               max_new_tokens=max_new_tokens)
 
 
-def try_load(ckpt: Optional[str], clip_path: str, tokenizer_path: Optional[str],
-             device: str) -> tuple[Optional[VLMChat], Optional[str]]:
+def sidebar_quantize(args: ServerArgs) -> str:
+    """The "int8 weights (CPU)" toggle, starting from --quantize: "int8" or "none". Disabled, with a note, when the
+    model is not on the CPU (int8 here is CPU only)."""
+    on_cpu = args.device.split(":")[0] == "cpu"
+    int8 = st.sidebar.toggle("int8 weights (CPU)", value=args.quantize == "int8", key="int8", disabled=not on_cpu,
+                             help="Reload the model with its decoder's linear layers in int8: faster on a CPU; "
+                                  "answers may differ slightly from fp32")
+    if not on_cpu:
+        st.sidebar.caption(f"int8 weights run on the CPU only (this model runs on `{args.device}`).")
+    return "int8" if int8 else "none"
+
+
+def try_load(ckpt: Optional[str], clip_path: str, args: ServerArgs,
+             quantize: str) -> tuple[Optional[VLMChat], Optional[str]]:
     if ckpt is None:
         return None, None
     try:
-        return load_chat(ckpt, clip_path, tokenizer_path, device, checkpoint_stamp(ckpt)), None
+        return load_chat(ckpt, clip_path, args.tokenizer_path, args.device, checkpoint_stamp(ckpt), quantize,
+                         args.cpu_kernel), None
     except Exception as e:  # a bad file or path must not take the server down
         return None, f"Could not load the model: {error_text(e)}"
 
@@ -258,20 +279,23 @@ def main() -> None:
         args = parse_args(sys.argv[1:], ROOT)
     except argparse.ArgumentError as e:
         st.error(f"Bad command-line argument: {e}. Usage: streamlit run web_server.py -- [--out_dir DIR] "
-                 f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda]")
+                 f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] [--quantize none|int8] "
+                 f"[--cpu_kernel auto|default|...]")
         st.stop()
     clip_path, clip_warning = resolve_clip_path(args.clip_path, ROOT)
 
     st.sidebar.header("Model")
     ckpt, ckpt_error = sidebar_checkpoint(args.out_dir)
+    quantize = sidebar_quantize(args)
     caption = st.sidebar.empty()  # filled once the model (and so its tokenizer) is known
     st.sidebar.header("Generation")
     settings = sidebar_settings()
     st.sidebar.button("Clear chat", on_click=clear_chat, key="clear_chat", width="stretch")
 
-    chat, load_error = try_load(ckpt, clip_path, args.tokenizer_path, args.device)
+    chat, load_error = try_load(ckpt, clip_path, args, quantize)
     tokenizer = chat.tokenizer_path if chat else (args.tokenizer_path or "the checkpoint's own")
-    caption.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{tokenizer}`  \nDevice: `{args.device}`")
+    kernel = f"  \n`{chat.kernel_line}`" if chat else ""
+    caption.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{tokenizer}`  \nDevice: `{args.device}`{kernel}")
     st.title(f"MiniMind-V ({format_params(chat.n_params)})" if chat else "MiniMind-V (no model loaded)")
     if clip_warning:
         st.warning(clip_warning)
@@ -292,6 +316,7 @@ def launch_streamlit(argv: Sequence[str]) -> None:
     """`python web_server.py ...` becomes `streamlit run web_server.py [streamlit flags] -- [app flags]`, run from
     the repository root (where .streamlit/config.toml is). The process is replaced, so signals reach streamlit."""
     streamlit_flags, app_flags = split_flags(argv)
+    check_launch_flags(app_flags, ROOT)
     command = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()), *streamlit_flags,
                "--", *app_flags]
     os.chdir(ROOT)

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
+from model.cpu_inference import QUANTIZE_CHOICES, add_cpu_inference_args
+from model.cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
 from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,
                           open_image)
 
@@ -22,7 +24,8 @@ IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
 # to the page (its own extension check would fail the whole script run instead of showing a message).
 UPLOAD_ACCEPT = [f"image/{t}" for t in ("png", "jpeg", "webp", "bmp", "gif")] + [f".{t}" for t in IMAGE_TYPES]
 ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
-            "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE"}
+            "tokenizer_path": "MINIMIND_TOKENIZER_PATH", "device": "MINIMIND_DEVICE",
+            "quantize": "MINIMIND_QUANTIZE", "cpu_kernel": "MINIMIND_CPU_KERNEL"}
 STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
                    "demo), so answers about real photos are not meaningful.")
 NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
@@ -36,6 +39,8 @@ class ServerArgs:
     clip_path: str
     tokenizer_path: Optional[str]  # None: the checkpoint's own
     device: str
+    quantize: str = "none"  # model.cpu_inference: --quantize (the page's int8 toggle starts from it)
+    cpu_kernel: str = "auto"  # --cpu_kernel
 
 
 @dataclass(frozen=True)
@@ -55,21 +60,44 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def build_parser(env: dict[str, str], root: Path, exit_on_error: bool = False) -> argparse.ArgumentParser:
+    """The page's flags, their defaults taken from the environment (ENV_VARS), then from the repository `root`."""
+    defaults = {"out_dir": str(root / "out"), "clip_path": str(root / DEFAULT_CLIP_PATH),
+                "tokenizer_path": None, "device": None}
+    parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
+                                     exit_on_error=exit_on_error)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
+    add_cpu_inference_args(parser)
+    parser.set_defaults(**{name: env[ENV_VARS[name]] for name in ("quantize", "cpu_kernel") if env.get(ENV_VARS[name])})
+    return parser
+
+
 def parse_args(argv: Sequence[str], root: Path, env: Optional[dict[str, str]] = None) -> ServerArgs:
     """Script arguments (those after `--`); defaults come from the environment, then from the repository `root`.
 
     Unknown arguments are ignored (under AppTest, argv is pytest's). Raises argparse.ArgumentError on a
-    malformed flag instead of exiting.
+    malformed flag, or a bad MINIMIND_QUANTIZE / MINIMIND_CPU_KERNEL, instead of exiting.
     """
     env = dict(os.environ if env is None else env)
-    defaults = {"out_dir": str(root / "out"), "clip_path": str(root / DEFAULT_CLIP_PATH),
-                "tokenizer_path": None, "device": None}
-    parser = argparse.ArgumentParser(prog="web_server.py", add_help=False, allow_abbrev=False,
-                                     exit_on_error=False)
-    for name, default in defaults.items():
-        parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
-    ns, _unknown = parser.parse_known_args(list(argv))
-    return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device())
+    ns, _unknown = build_parser(env, root).parse_known_args(list(argv))
+    for name, choices in (("quantize", QUANTIZE_CHOICES), ("cpu_kernel", CPU_KERNEL_CHOICES)):
+        if getattr(ns, name) not in choices:  # argparse checks the choices of given flags, not of defaults
+            raise argparse.ArgumentError(None, f"{ENV_VARS[name]}={getattr(ns, name)!r} is not one of "
+                                               f"{', '.join(choices)}")
+    return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device(), ns.quantize,
+                      ns.cpu_kernel)
+
+
+def check_launch_flags(argv: Sequence[str], root: Path) -> None:
+    """`python web_server.py`'s own flags checked before streamlit starts: an unknown flag or a bad value is
+    argparse's one-line error (exit status 2), not a page that ignores it."""
+    parser = build_parser(dict(os.environ), root, exit_on_error=True)
+    parser.parse_args(list(argv))
+    try:
+        parse_args(argv, root)
+    except argparse.ArgumentError as e:  # a bad MINIMIND_QUANTIZE / MINIMIND_CPU_KERNEL
+        parser.error(str(e))
 
 
 def resolve_clip_path(clip_path: str, root: Path) -> tuple[str, Optional[str]]:
