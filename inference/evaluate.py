@@ -103,7 +103,8 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
     """Greedy answers for every question, scored by exact match after lower-casing and trimming punctuation.
 
     Questions are decoded together in batches of up to batch_size across prompt lengths (left padding with
-    an attention mask: identical results to one by one).
+    an attention mask: identical results to one by one, except on int8 weights where two tokens nearly tie:
+    model.quantize quantises activations over the whole batch).
     """
     items, skips = load_qa(path, images_path, image_prefix, limit)
     features: dict[str, Optional[torch.Tensor]] = {}

@@ -1,8 +1,10 @@
 """int8 weights for CPU inference: the decoder's linear layers become torch's dynamically quantised Linear.
 
 Each weight matrix of the blocks and the output head is stored as int8 with one scale per output row; at run
-time every activation row is quantised to int8 as well and the product runs on int8 dot products (fbgemm /
-oneDNN through torch.ao). A decode step then reads a quarter of the fp32 bytes: on an AMD EPYC (Zen 4) the
+time the activations are quantised to int8 as well, with one scale per call over all of its rows (the whole batch
+and every position), and the product runs on int8 dot products (fbgemm / oneDNN through torch.ao). So a row's
+logits move slightly with the rows run beside it: batched greedy answers can differ from one at a time where two
+tokens nearly tie, as int8's can differ from fp32's. A decode step then reads a quarter of the fp32 bytes: on an AMD EPYC (Zen 4) the
 512/8 model decoded about 3x faster than fp32 (bench/generate.py --quantize int8). Answers can differ from fp32
 where two tokens are nearly tied; bench/generate.py reports the agreement.
 
