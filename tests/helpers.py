@@ -77,3 +77,32 @@ def count_prompt_images(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(VLMChat, "build_prompt", spy)
     return counts
+
+
+def train_to_answer(chat, question: str, image: Image.Image, answer: str, steps: int = 150) -> None:
+    """Train chat.model (a tiny fp32 VLMChat model, in place) to answer `question` about `image` with `answer`
+    then its end token, in the exact prompt the apps build. Its greedy answer then has clear margins, as a trained
+    model's mostly does, so int8 gives the same answer as fp32 (a random model's tokens are near ties)."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.tokenizer import encode
+
+    prompt = chat.build_prompt(question, (), 1, reserve=64)
+    target = encode(chat.tokenizer, answer) + [chat.eos_id]
+    ids = torch.tensor([prompt + target])
+    features = chat.image_features([image]).detach()
+    model = chat.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steps this small only wait on each other across threads
+    try:
+        for _ in range(steps):
+            logits = model(ids, features).logits[0, len(prompt) - 1:-1]
+            loss = F.cross_entropy(logits, torch.tensor(target))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
