@@ -1,6 +1,7 @@
 """inference.batcher.DynamicBatcher: concurrent requests decoded together give the tokens they give alone."""
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -98,3 +99,24 @@ def test_requests_arriving_mid_batch_join_it_and_match_row_by_row(model):
     for r, tokens in zip(later, got):
         assert tokens == _alone(model, r, temperature=0.0)
     assert batcher.joins >= 1 and len(batcher.batch_sizes) < 4
+
+
+@pytest.mark.parametrize("kernel", ["transposed", "onednn", "auto"])
+def test_each_cpu_kernel_path_batches_as_it_decodes_alone(model, kernel):
+    """The kernels of model.cpu_kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee."""
+    from model.cpu_inference import prepare_for_cpu_inference
+    from model.cpu_kernels import current_kernel, unavailable_reason
+
+    if kernel != "auto" and unavailable_reason(kernel):
+        pytest.skip(unavailable_reason(kernel))
+    converted = copy.deepcopy(model)
+    prepare_for_cpu_inference(converted, "none", kernel)
+    assert kernel == "auto" or current_kernel(converted) == kernel
+    batcher = DynamicBatcher(converted, EOS, EOS, max_batch=8, max_wait_s=2.0)
+    requests = _requests(converted)
+    for r in requests:
+        batcher.submit(r)
+    got = [list(r.tokens()) for r in requests]
+    assert batcher.batch_sizes == [4]
+    for r, tokens in zip(requests, got):
+        assert tokens == _alone(converted, r, temperature=0.0)

@@ -295,6 +295,38 @@ def test_mmstar_on_the_command_line_with_a_limit(tmp_path, eval_chat, tiny_ckpt,
     assert record["scores"]["overall"]["n"] == 5
 
 
+
+@pytest.mark.parametrize("flags, kernel", [(["--quantize", "int8"], "CPU kernel: int8 ("),
+                                           (["--cpu_kernel", "transposed"], "CPU kernel: transposed (")],
+                         ids=["int8", "transposed"])
+def test_a_benchmark_on_converted_weights_records_them_and_the_loaded_fingerprint(tmp_path, eval_chat, tiny_ckpt,
+                                                                                  tiny_clip_dir, capsys, flags,
+                                                                                  kernel):
+    """--quantize/--cpu_kernel replace the decode weights: the record names the kernel, and fingerprints and
+    counts the weights as loaded (the same as on the default kernel)."""
+    path = write(tmp_path / "pope.parquet", pope_rows(2), POPE_SCHEMA)
+    records = []
+    for name, extra in (("plain", ["--cpu_kernel", "default"]), ("converted", flags)):
+        out = tmp_path / f"{name}.json"
+        code = eval_chat.main(_argv(tiny_ckpt, tiny_clip_dir, "--benchmark", "pope", "--bench_path", str(path),
+                                    "--bench_out", str(out), *extra))
+        assert code == 0, capsys.readouterr().err
+        records.append(json.loads(out.read_text())["model"])
+    plain, converted = records
+    assert plain["cpu_inference"] == "CPU kernel: default (asked for)" and converted["cpu_inference"].startswith(kernel)
+    assert converted["state_dict_sha256"] == plain["state_dict_sha256"]
+    assert converted["parameters"] == plain["parameters"]
+
+
+def test_the_fingerprint_refuses_converted_weights(tokenizer):
+    from model.cpu_inference import prepare_for_cpu_inference
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config(tokenizer)).eval()
+    prepare_for_cpu_inference(model, "int8", "default")
+    with pytest.raises(ValueError, match="runs on the int8 CPU kernel: fingerprint its weights before converting"):
+        benchmarks.state_dict_sha256(model)
+
 def _bad_parquet(folder: Path) -> Path:
     (folder / "bad.parquet").write_bytes(b"PAR1 not really a parquet file")
     return folder / "bad.parquet"
