@@ -106,3 +106,13 @@ def train_to_answer(chat, question: str, image: Image.Image, answer: str, steps:
     finally:
         torch.set_num_threads(threads)
     model.eval()
+
+
+def load_script(relative_path: str, module_name: str):
+    """A numbered or helper script (e.g. 3-eval_chat.py, whose name is no module name) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,7 +6,6 @@ Hugging Face Image struct of bytes and path)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from PIL import Image
 
 import inference.benchmarks as benchmarks
@@ -28,6 +27,7 @@ from inference.chat import VLMChat
 from model.checkpoint import save_checkpoint
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
+from helpers import load_script
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 POPE_SCHEMA = pa.schema([("id", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
@@ -236,10 +236,7 @@ def test_scores_follow_the_answers_given(tmp_path, chat, monkeypatch):
 # ------------------------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def eval_chat():
-    spec = importlib.util.spec_from_file_location("eval_chat_benchmarks", ROOT / "3-eval_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("3-eval_chat.py", "eval_chat_benchmarks")
 
 
 @pytest.fixture(scope="module")

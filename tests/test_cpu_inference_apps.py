@@ -5,14 +5,13 @@ answer has clear margins and int8 must give fp32's answer (a random model's toke
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import train_to_answer
+from helpers import load_script, train_to_answer
 from PIL import Image
 
 from inference.batcher import DecodeRequest, DynamicBatcher
@@ -51,10 +50,7 @@ def answering(tmp_path_factory, tokenizer, tiny_clip_dir) -> dict:
 # ------------------------------------------------------------------------------------------- 3-eval_chat.py
 @pytest.fixture(scope="module")
 def eval_chat():
-    spec = importlib.util.spec_from_file_location("eval_chat_cpu_inference", ROOT / "3-eval_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("3-eval_chat.py", "eval_chat_cpu_inference")
 
 
 def _chat_argv(answering: dict, *extra: str) -> list[str]:

@@ -1,19 +1,17 @@
 """scripts/inspect_attention.py end to end on a tiny random checkpoint and a tiny CLIP."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from PIL import Image, ImageDraw
 
 from model.checkpoint import save_checkpoint
 from model.vlm import MiniMindVLM
+from helpers import load_script
 
-spec = importlib.util.spec_from_file_location("inspect_attention_script", ROOT / "scripts" / "inspect_attention.py")
-script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(script)
+script = load_script("scripts/inspect_attention.py", "inspect_attention_script")
 
 
 def shape_image(path):

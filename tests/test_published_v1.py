@@ -6,7 +6,6 @@ The published layouts are built here with the project's own code from a tiny ran
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import OFFICIAL_TOKENIZER_FIXTURE, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import make_dataset, run_stage, train_argv
+from helpers import load_script, make_dataset, run_stage, train_argv
 from PIL import Image
 
 from inference.chat import GenerationSettings, VLMChat
@@ -209,10 +208,7 @@ def test_recorded_checkpoint_with_another_tokenizer_is_refused(tmp_path, tokeniz
 
 
 def _eval_chat():
-    spec = importlib.util.spec_from_file_location("eval_chat", ROOT / "3-eval_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("3-eval_chat.py", "eval_chat")
 
 
 def test_eval_chat_with_no_flags_picks_the_newest_and_says_which(published, official_installed, monkeypatch,

@@ -3,7 +3,6 @@ and malicious pickles. Every loader (load_model, the trainer's --init/--resume, 
 web demo's checkpoint picker) answers with one line naming the file; nothing in a checkpoint is ever run."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import random
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import make_dataset, train_argv
+from helpers import load_script, make_dataset, train_argv
 
 from model.checkpoint import load_model, load_object, load_weights, save_checkpoint
 from model.files import CheckpointError
@@ -293,10 +292,7 @@ def test_trainer_resume_from_malicious_or_corrupt_file(tmp_path, tiny_clip_dir, 
 
 # ------------------------------------------------------------------------------------- 3-eval_chat.py --ckpt
 def _eval_chat():
-    spec = importlib.util.spec_from_file_location("eval_chat_ckpt_robustness", ROOT / "3-eval_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("3-eval_chat.py", "eval_chat_ckpt_robustness")
 
 
 def _eval_argv(ckpt: Path, clip: Path, *extra: str) -> list[str]:

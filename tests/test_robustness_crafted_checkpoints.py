@@ -4,7 +4,6 @@ embedding ranks, and a directory or FIFO given as the checkpoint. Each is refuse
 before the model is built."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import run_stage
+from helpers import load_script, run_stage
 
 from model.checkpoint import config_path_for, load_model, save_checkpoint
 from model.files import CheckpointError
@@ -111,9 +110,7 @@ def test_directory_and_fifo_are_named_for_what_they_are(tmp_path):
 
 def test_eval_chat_reports_crafted_checkpoints_in_one_line(good_sd, tmp_path, tiny_clip_dir, capsys):
     torch.save({**good_sd, "layers.7.attention_norm.weight": torch.ones(64)}, tmp_path / "gap.pth")
-    spec = importlib.util.spec_from_file_location("eval_chat_crafted", ROOT / "3-eval_chat.py")
-    eval_chat = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_chat)
+    eval_chat = load_script("3-eval_chat.py", "eval_chat_crafted")
     for ckpt, phrase in [(tmp_path / "gap.pth", "not contiguous"), (tmp_path, "is a directory")]:
         code = eval_chat.main(["--ckpt", str(ckpt), "--clip_path", str(tiny_clip_dir), "--tokenizer_path",
                                TOKENIZER_PATH, "--image", str(ROOT / "images"), "--max_new_tokens", "2",

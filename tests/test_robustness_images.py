@@ -7,7 +7,6 @@ headers declaring 20000x20000 and 9000x9000 pixels in a few hundred bytes on dis
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
-from helpers import count_prompt_images, run_stage, train_argv
+from helpers import count_prompt_images, load_script, run_stage, train_argv
 from PIL import Image
 
 from data_pipeline.dataset import VLMDataset, collate
@@ -205,10 +204,7 @@ def test_dataset_uses_good_images_and_skips_bad_ones_by_name(images, tokenizer, 
 
 # ---------------------------------------------------------------------------------------- (c) 3-eval_chat.py
 def _eval_chat_module():
-    spec = importlib.util.spec_from_file_location("eval_chat_robustness", ROOT / "3-eval_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("3-eval_chat.py", "eval_chat_robustness")
 
 
 def _eval_argv(ckpt, clip, image) -> list[str]:
