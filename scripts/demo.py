@@ -34,18 +34,19 @@ from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, is_stand_in  # n
 
 # Model and schedule per profile; `full` is what `make demo` runs and the README reports (the recipe search
 # behind it: bench/demo_recipes.py and bench/RESULTS.md). clip_layers=0: the stand-in's patch embeddings alone,
-# which trained better than one random transformer layer on top. During SFT,
+# which trained better than one random transformer layer on top. cpu_dtype "auto": bf16 autocast where it is
+# measured faster on this CPU (trainer/cpu_dtype.py), else float32. During SFT,
 # val_samples held-out questions are validated val_points times: the accuracy curve of the loss plot (a
 # monitoring curve only: nothing is picked by it).
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=0, max_seq_len=128,
                  max_train_images=None, max_test_questions=None, pretrain_epochs=5, pretrain_lr=1e-3,
                  sft_epochs=3, sft_lr=1e-3, sft_pack=3, sft_max_seq_len=160, batch_size=16, group_by_length=False,
-                 sft_max_steps=None, eval_limit=None, cpu_bf16=True, val_samples=200, val_points=4),
+                 sft_max_steps=None, eval_limit=None, cpu_dtype="auto", val_samples=200, val_points=4),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_seq_len=128,
                max_train_images=600, max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3,
                sft_epochs=1, sft_lr=2e-3, sft_pack=1, sft_max_seq_len=128, batch_size=32, group_by_length=False,
-               sft_max_steps=None, eval_limit=None, cpu_bf16=False, val_samples=40, val_points=2),
+               sft_max_steps=None, eval_limit=None, cpu_dtype="float32", val_samples=40, val_points=2),
 }
 PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)
 
@@ -88,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data_root", default="dataset")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--loss_plot", default="images/demo_loss.png")
+    p.add_argument("--cpu_dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="training dtype on the CPU (default: the profile's; auto = bf16 autocast where measured faster)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="train a published size instead of the profile's small model (heads 16/8)")
     return p.parse_args()
@@ -165,6 +168,24 @@ def sft_command(cfg: dict, flags: list[str], data_path: str, val_path: str, val_
     return cmd
 
 
+def choose_cpu_dtype(cfg: dict) -> str:
+    """cfg["cpu_dtype"], with "auto" resolved by timing the demo's model in fp32 and bf16 on this CPU."""
+    if cfg["cpu_dtype"] != "auto":
+        return cfg["cpu_dtype"]
+    import torch
+
+    from model.config import LMConfig
+    from model.vlm import MiniMindVLM
+    from trainer.cpu_dtype import choose_cpu_train_dtype
+
+    torch.manual_seed(0)
+    model = MiniMindVLM(LMConfig(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                                 n_kv_heads=cfg["n_kv_heads"], max_seq_len=cfg["max_seq_len"]))
+    choice = choose_cpu_train_dtype(model, cfg["batch_size"], cfg["max_seq_len"])
+    print("\n" + choice.line, flush=True)
+    return "bfloat16" if choice.bf16 else "float32"
+
+
 def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str, float]) -> str:
     """3. pretrain, 4. SFT; returns the SFT checkpoint"""
     demo = os.path.join(args.data_root, "demo")
@@ -207,10 +228,13 @@ def main() -> None:
     cfg = dict(PROFILES[args.profile])
     if args.preset:
         cfg.update(PRESETS[args.preset], n_heads=16, n_kv_heads=8)
+    if args.cpu_dtype:
+        cfg["cpu_dtype"] = args.cpu_dtype
     times: dict[str, float] = {}
     started = time.perf_counter()
     build_data(args, cfg, times)
     clip = vision_encoder(args, cfg, times)
+    cfg["cpu_bf16"] = choose_cpu_dtype(cfg) == "bfloat16"
     ckpt = train_stages(args, cfg, clip, times)
     scores = evaluate(args, cfg, clip, ckpt, times)
     # 6. loss curves
@@ -225,7 +249,8 @@ def main() -> None:
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")},
                "schedule": {k: cfg[k] for k in ("pretrain_epochs", "pretrain_lr", "sft_epochs", "sft_lr", "sft_pack",
-                                                "sft_max_seq_len", "batch_size", "group_by_length", "cpu_bf16")}}
+                                                "sft_max_seq_len", "batch_size", "group_by_length", "cpu_dtype",
+                                                "cpu_bf16")}}
     with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
