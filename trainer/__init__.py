@@ -8,6 +8,7 @@
   metrics.py      throughput, MFU, the progress line
   distributed.py  torchrun/DDP setup and collectives
   validation.py   validation while training
+  cpu_dtype.py    which dtype trains faster on this CPU (fp32 or bf16 autocast), measured
 
 Imports the network (model/) and the data pipeline (data_pipeline/), never the inference code.
 """
