@@ -89,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data_root", default="dataset")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--loss_plot", default="images/demo_loss.png")
+    p.add_argument("--clip_dir", default=None,
+                   help="where the stand-in encoder is built (default: model/clip_model); tests use a temp folder")
     p.add_argument("--cpu_dtype", default=None, choices=["auto", "float32", "bfloat16"],
                    help="training dtype on the CPU (default: the profile's; auto = bf16 autocast where measured faster)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -106,13 +108,23 @@ def build_data(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> 
     _, times["data"] = run(data_cmd, "data", args.out_dir)
 
 
+def stand_in_path(layers: int, clip_dir: str | None = None) -> str:
+    """Where the stand-in encoder with `layers` transformer layers lives: STAND_IN_CLIP_PATH for the full profile's
+    0 layers, a sibling folder named by its layer count otherwise; under clip_dir when given."""
+    path = STAND_IN_CLIP_PATH if layers == 0 else f"{STAND_IN_CLIP_PATH}_{layers}layer"
+    return os.path.join(clip_dir, os.path.basename(path)) if clip_dir else path
+
+
 def vision_encoder(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> str:
     """2. the real CLIP when the user has it, else the stand-in (said loudly, built when missing)"""
     if os.path.exists(os.path.join(ROOT, DEFAULT_CLIP_PATH, "config.json")):
         print(f"\nusing the real CLIP ViT-B/32 at {DEFAULT_CLIP_PATH}")
         times["encoder"] = 0.0
         return DEFAULT_CLIP_PATH
-    clip = STAND_IN_CLIP_PATH
+    # One folder per layer count: a run of another profile must never replace the encoder a trained demo model
+    # was trained on (its features would change under it, silently). The full profile's stays at the path the
+    # README, the web demo and the tests name.
+    clip = stand_in_path(cfg["clip_layers"], args.clip_dir)
     print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
           f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} transformer layer(s) after its "
           f"patch embedding ({clip}).")

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from helpers import load_script
 
 
 def test_demo_pipeline_beats_the_majority_baseline(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "scripts/demo.py", "--profile", "ci", "--out_dir", str(out),
-           "--data_root", str(tmp_path / "dataset"), "--loss_plot", str(tmp_path / "loss.png")]
+           "--data_root", str(tmp_path / "dataset"), "--loss_plot", str(tmp_path / "loss.png"),
+           "--clip_dir", str(tmp_path / "clip_model")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -25,3 +27,12 @@ def test_demo_pipeline_beats_the_majority_baseline(tmp_path):
     assert [r for r in sft_log if "val_accuracy" in r], sft_log[-3:]  # the accuracy curve of the plot
     assert "accuracy: " in res.stdout and "UNTRAINED STAND-IN" in res.stdout
     assert (tmp_path / "loss.png").stat().st_size > 1000
+    # the stand-in was built in the folder given, leaving the working tree's encoders alone
+    assert summary["vision_encoder"].startswith(str(tmp_path / "clip_model")), summary["vision_encoder"]
+
+
+def test_each_stand_in_depth_has_its_own_folder():
+    demo = load_script("scripts/demo.py", "demo_script")
+    assert demo.stand_in_path(0) == demo.STAND_IN_CLIP_PATH  # the full profile's: the path the README names
+    assert demo.stand_in_path(1) != demo.stand_in_path(0)  # the CI profile never replaces it
+    assert demo.stand_in_path(1, "/tmp/x") == "/tmp/x/stand_in_clip_vit_b32_1layer"
