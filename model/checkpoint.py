@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .config import LMConfig
-from .config_inference import (PROJ_BIAS, PROJ_PREFIX, TOKENIZER_FIELD, check_config_fields, config_fields,
-                               has_projection_bias, infer_config)
+from .config_inference import (PROJ_BIAS, PROJ_PREFIX, TOKENIZER_FIELD, VISION_FIELD, check_config_fields,
+                               config_fields, has_projection_bias, infer_config)
 from .files import CheckpointError, PathLike, atomic_write, read_json_object
 from .tokenizer import tokenizer_fingerprint
 from .weights import load_weights_only, read_hf_weights, read_state_dict, strip_prefixes, untie_head
@@ -34,6 +34,7 @@ class Checkpoint:
     stored: dict[str, Any]  # config fields (sidecar or config.json); may be empty
     tokenizer_record: Optional[dict[str, str]] = None  # {"path", "fingerprint"}; None for a published v1 file
     tokenizer_dir: Optional[str] = None  # the tokenizer shipped inside a Hugging Face model directory
+    vision_record: Optional[dict[str, str]] = None  # {"path", "fingerprint"} of its vision encoder; None: unrecorded
 
 
 @dataclass
@@ -67,12 +68,18 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         sd = read_state_dict(path)
         stored = read_stored_config(path)
         check_config_fields(stored, what=str(config_path_for(path)))
-        record = stored.pop(TOKENIZER_FIELD, None)
-        if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
-            raise CheckpointError(f"{config_path_for(path)}: the tokenizer record is not {{'path', 'fingerprint'}}")
-        ckpt = Checkpoint(path, sd, stored, record)
+        record = _record(stored, TOKENIZER_FIELD, "tokenizer", path)
+        ckpt = Checkpoint(path, sd, stored, record, vision_record=_record(stored, VISION_FIELD, "vision encoder", path))
     config_from_checkpoint(ckpt)  # structure: embedding, contiguous layers, head counts, bounds
     return ckpt
+
+
+def _record(stored: dict[str, Any], name: str, what: str, path: str) -> Optional[dict[str, str]]:
+    """The sidecar's record `name` ({"path", "fingerprint"}), taken out of `stored`; None when there is none."""
+    record = stored.pop(name, None)
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+        raise CheckpointError(f"{config_path_for(path)}: the {what} record is not {{'path', 'fingerprint'}}")
+    return record
 
 
 def read_model_dir(path: str) -> Checkpoint:
@@ -188,16 +195,20 @@ def v1_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[str, str]] = None) -> None:
+def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[str, str]] = None,
+                    vision_encoder: Optional[dict[str, str]] = None) -> None:
     """Write the v1-layout weights and the config sidecar, both atomically.
 
-    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer.tokenizer_record)."""
+    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer.tokenizer_record), and
+    `vision_encoder` that of the encoder their projection was fitted to (model.vision_pairing.encoder_record)."""
     config = unwrap(model).config
     atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
                                       "dim": config.dim, "n_layers": config.n_layers}
     if tokenizer is not None:
         fields[TOKENIZER_FIELD] = dict(tokenizer)
+    if vision_encoder is not None:
+        fields[VISION_FIELD] = dict(vision_encoder)
     text = json.dumps(fields, indent=2, ensure_ascii=False)
     atomic_write(config_path_for(path), lambda f: f.write(text.encode()))
 

@@ -16,6 +16,7 @@ from .files import CheckpointError
 PROJ_PREFIX = "vision_proj."
 PROJ_BIAS = "vision_proj.vision_proj.0.bias"
 TOKENIZER_FIELD = "tokenizer"  # the sidecar's record of the tokenizer a checkpoint was trained with
+VISION_FIELD = "vision_encoder"  # ... and of the vision encoder its projection was fitted to
 
 # Sane bounds for every size-like config field (type, lowest, highest): values outside them come from a damaged
 # or forged file and would otherwise reach the constructor (a max_seq_len of 10^9 allocates its RoPE table).
@@ -49,7 +50,8 @@ def _layer_count(sd: dict[str, torch.Tensor]) -> int:
 def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Model config fields read off tensor shapes; `stored` (the sidecar config) supplies head counts."""
     stored = dict(stored or {})
-    stored.pop(TOKENIZER_FIELD, None)  # not a model field
+    stored.pop(TOKENIZER_FIELD, None)  # not model fields
+    stored.pop(VISION_FIELD, None)
     if "tok_embeddings.weight" not in sd:
         raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight")
     if sd["tok_embeddings.weight"].dim() != 2:

@@ -177,11 +177,13 @@ class ImagePreprocessor:
 class VisionEncoder(nn.Module):
     """A frozen CLIP vision tower returning pre-post-layernorm features [B, 50, hidden]."""
 
-    def __init__(self, clip_vision: nn.Module, preprocess: ImagePreprocessor, fingerprint: str):
+    def __init__(self, clip_vision: nn.Module, preprocess: ImagePreprocessor, fingerprint: str,
+                 path: Optional[str] = None):
         super().__init__()
         self.clip = clip_vision
         self.preprocess = preprocess
         self.fingerprint = fingerprint  # identifies weights + preprocessing (keys the feature cache)
+        self.path = path  # the directory it was loaded from (None when built in memory)
         self.clip.eval().requires_grad_(False)
         self.hidden_size = clip_vision.config.hidden_size
         self.train(False)
@@ -242,7 +244,7 @@ def load_vision_encoder(path: str = DEFAULT_CLIP_PATH, device: Union[str, torch.
     finally:
         hf_logging.set_verbosity(verbosity)
     preprocess = ImagePreprocessor.from_dir(path)
-    return VisionEncoder(clip, preprocess, encoder_fingerprint(path, preprocess)).to(device)
+    return VisionEncoder(clip, preprocess, encoder_fingerprint(path, preprocess), path).to(device)
 
 
 def is_stand_in(path: str) -> bool:

@@ -1,0 +1,61 @@
+"""Which vision encoder goes with a checkpoint, checked before any image is encoded: a checkpoint's projection was
+fitted to the features of the encoder it was trained with, so with another encoder (the untrained stand-in for
+OpenAI's CLIP, a stand-in of another depth) it answers noise about images, without any error.
+
+The sidecar records that encoder as {"path", "fingerprint"} (VisionEncoder.fingerprint: its weight and config files
+and its preprocessing, also what keys the feature cache). The fingerprint decides, not the path: a copy of the same
+encoder elsewhere is accepted, another encoder at the recorded path is not.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional
+
+from .files import CheckpointError, PathLike
+from .vision import VisionEncoder
+
+log = logging.getLogger("minimind")
+
+OVERRIDE_FLAG = "--allow_encoder_mismatch"
+
+
+class VisionEncoderMismatch(CheckpointError):
+    """The vision encoder loaded is not the one the checkpoint was trained with; one line naming both."""
+
+
+def add_encoder_mismatch_arg(parser: argparse.ArgumentParser) -> None:
+    """The chat tools' --allow_encoder_mismatch (the trainer has its own, with its own help)."""
+    parser.add_argument(OVERRIDE_FLAG, action="store_true",
+                        help="load a checkpoint with another vision encoder (--clip_path) than the one it records "
+                             "(a warning instead of an error; its answers about images are then likely noise)")
+
+
+def encoder_record(encoder: VisionEncoder) -> dict[str, str]:
+    """What a checkpoint's sidecar stores about its vision encoder: the path it was loaded from and its fingerprint."""
+    return {"path": str(encoder.path), "fingerprint": encoder.fingerprint}
+
+
+def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source: PathLike,
+                         allow_mismatch: bool = False) -> bool:
+    """Whether the encoder loaded (`encoder`, its encoder_record) is the one `source` records (True), or `source`
+    records none (False, said once in the log at info level: an older or published v1 file cannot be checked).
+
+    Another fingerprint is a one-line VisionEncoderMismatch naming both encoders and the fix; with
+    `allow_mismatch` (the tools' --allow_encoder_mismatch) it is a warning instead, and False is returned."""
+    if not record:
+        log.info("%s records no vision encoder (an older or published v1 file): not checked against %s", source,
+                 encoder["path"])
+        return False
+    if record.get("fingerprint") == encoder["fingerprint"]:
+        return True
+    recorded, loaded = record.get("path"), encoder["path"]
+    both = (f"{source} was trained with the vision encoder at '{recorded}' (fingerprint {record.get('fingerprint')}), "
+            f"but the one loaded from '{loaded}' has fingerprint {encoder['fingerprint']}")
+    if not allow_mismatch:
+        raise VisionEncoderMismatch(
+            f"vision encoder mismatch: {both}; its image projection was fitted to the other encoder's features, so "
+            f"its answers about images would be noise: pass --clip_path {recorded} (or a copy of that encoder), or "
+            f"{OVERRIDE_FLAG} to use this one anyway")
+    log.warning("vision encoder mismatch allowed by %s: %s", OVERRIDE_FLAG, both)
+    return False
