@@ -106,6 +106,9 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     a("--init", default=None, help=f"start from this checkpoint (default out/{{dim}}{{_moe}}{stage.init_suffix}.pth)")
     a("--from_scratch", action="store_true", help="start from random weights (no init checkpoint)")
     a("--resume", action="store_true", help="continue exactly from this stage's resume checkpoint")
+    a("--allow_encoder_mismatch", action="store_true",
+      help="start or resume from a checkpoint trained with another vision encoder than --clip_path (its projection "
+           "is then re-fitted to this one); by default that is refused")
     # data
     a("--multi_turn", action="store_true", help="keep every turn (v1 SFT keeps the first only)")
     a("--strict_data", action="store_true", help="a bad record is an error instead of a counted skip")
@@ -188,6 +191,7 @@ class RunConfig:
     init: Optional[str]
     from_scratch: bool
     resume: bool
+    allow_encoder_mismatch: bool
     multi_turn: bool
     strict_data: bool
     feature_cache: Optional[str]

@@ -32,6 +32,7 @@ from model.seed import seed_everything
 from model.tokenizer import TokenizerError, load_tokenizer
 from model.tokenizer_pairing import training_tokenizer
 from model.vision import load_vision_encoder, stand_in_warning
+from model.vision_pairing import check_vision_encoder, encoder_record
 
 from .build import build_data, build_model, build_validator, open_wandb, start_checkpoint
 from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, run_record
@@ -103,6 +104,9 @@ class Run:
         self.encoder = load_vision_encoder(config.clip_path, dist.device)
         if stand_in_warning(config.clip_path):
             log.warning(stand_in_warning(config.clip_path))
+        encoder_used = encoder_record(self.encoder)
+        if init is not None:  # the start checkpoint's projection must have been fitted to this encoder
+            check_vision_encoder(init.vision_record, encoder_used, init.path, config.allow_encoder_mismatch)
         self.model = build_model(config, stage, tokenizer, self.encoder, init).to(dist.device)
         self.data = build_data(config, tokenizer, self.encoder, dist)
         if dist.is_main:
@@ -114,6 +118,7 @@ class Run:
         self.state = new_train_state(self.model, dist.device, self.amp_dtype, config.optimizer,
                                      config.learning_rate, config.weight_decay)
         self.state.tokenizer = tokenizer_used  # recorded in every checkpoint; a resume file must match it
+        self.state.vision_encoder = encoder_used  # ... and so is the vision encoder
         self.state.order = order_record(config, dist.world, self.data.row_lengths())  # ... and this order
         if config.resume:
             self._resume()
@@ -147,7 +152,7 @@ class Run:
         state, path = self.state, self.paths.resume
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no resume checkpoint at {path}")
-        state.load(self.model, path, self.dist.rank)
+        state.load(self.model, path, self.dist.rank, self.config.allow_encoder_mismatch)
         if state.batches_in_epoch >= self.data.batches_per_epoch:
             raise ResumeError(
                 f"--resume: {path} was saved at batch {state.batches_in_epoch} of epoch {state.epoch + 1}, but an "
@@ -287,7 +292,8 @@ class Run:
             if wandb_run is not None:
                 wandb_run.log(result.metrics(), step=state.step)
             if config.save_best and improved:
-                save_checkpoint(self.model, self.paths.best, tokenizer=self.state.tokenizer)
+                save_checkpoint(self.model, self.paths.best, tokenizer=self.state.tokenizer,
+                                vision_encoder=self.state.vision_encoder)
                 log.info("saved %s (best so far: %s)", self.paths.best, result.line())
         self.dist.barrier()
 

@@ -22,6 +22,7 @@ import torch
 
 from model.checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
 from model.tokenizer_pairing import check_resume_tokenizer
+from model.vision_pairing import check_vision_encoder
 
 from .distributed import Distributed
 
@@ -96,6 +97,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of this epoch already trained
     nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
     tokenizer: Optional[dict[str, str]] = None  # the record of the tokenizer trained with ({"path", "fingerprint"})
+    vision_encoder: Optional[dict[str, str]] = None  # ... and of the vision encoder (model.vision_pairing)
     best: Optional[float] = None  # the best validation score so far (--save_best)
     order: Optional[dict[str, Any]] = None  # order_record of this run; a resume file must match it
 
@@ -103,19 +105,22 @@ class TrainState:
         """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
         rngs = dist.gather_objects(rng_state())
         if dist.is_main:
-            save_checkpoint(model, weights_path, tokenizer=self.tokenizer)
+            save_checkpoint(model, weights_path, tokenizer=self.tokenizer, vision_encoder=self.vision_encoder)
             save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                          "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "best": self.best,
-                         "rng": rngs, "tokenizer": self.tokenizer, "order": self.order},
+                         "rng": rngs, "tokenizer": self.tokenizer, "vision_encoder": self.vision_encoder,
+                         "order": self.order},
                         resume_path)
         dist.barrier()
 
-    def load(self, model: torch.nn.Module, resume_path: str, rank: int) -> None:
+    def load(self, model: torch.nn.Module, resume_path: str, rank: int, allow_encoder_mismatch: bool = False) -> None:
         """Restore the weights, optimizer, scaler, position and this rank's RNG states from a resume file."""
         state = load_object(resume_path)
         if self.tokenizer is not None:  # before anything is restored: a resume must keep its vocabulary
             check_resume_tokenizer(state.get("tokenizer"), self.tokenizer, resume_path)
+        if self.vision_encoder is not None:  # ... and its vision encoder
+            check_vision_encoder(state.get("vision_encoder"), self.vision_encoder, resume_path, allow_encoder_mismatch)
         if self.order is not None:  # ... and its order (a position counts batches of that order)
             check_order(state.get("order"), self.order, str(resume_path))
         load_weights(model, state["model"], source=resume_path)
