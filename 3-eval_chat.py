@@ -28,6 +28,7 @@ from model.cpu_inference import add_cpu_inference_args
 from model.files import CheckpointError
 from model.seed import seed_everything
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
+from model.vision_pairing import add_encoder_mismatch_arg
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -54,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--max_seq_len", type=int, default=1024, help="context kept for the prompt and history")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
+    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH,
+                   help="the vision encoder; it must be the one the checkpoint records (its fingerprint)")
+    add_encoder_mismatch_arg(p)
     p.add_argument("--tokenizer_path", default=None,
                    help="default: the checkpoint's own (inside a model directory, recorded beside a .pth, or "
                         "model/minimind_tokenizer_official for a published v1 .pth)")
@@ -127,7 +130,7 @@ def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
         print(f"model: {ckpt} (the newest SFT checkpoint or model directory found; choose another with --ckpt)")
     try:
         chat = VLMChat.load(ckpt, args.clip_path, args.tokenizer_path, args.device, max_seq_len=args.max_seq_len,
-                            dim=args.dim, n_layers=args.n_layers)
+                            allow_encoder_mismatch=args.allow_encoder_mismatch, dim=args.dim, n_layers=args.n_layers)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         hint = " (train one with 2-sft_vlm.py or `make demo`)" if not os.path.exists(ckpt) else ""
         print(f"error: {e}{hint}", file=sys.stderr)

@@ -41,6 +41,7 @@ from inference.openai_app import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEF
                                   create_app)
 from model.cpu_inference import add_cpu_inference_args
 from model.vision import DEFAULT_CLIP_PATH
+from model.vision_pairing import add_encoder_mismatch_arg
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -66,6 +67,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model_name", default=None, help="model id reported by the API (default: checkpoint name)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_cpu_inference_args(p)
+    add_encoder_mismatch_arg(p)
     return p.parse_args(argv)
 
 
@@ -76,7 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     try:
         chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, device=args.device,
-                            quantize=args.quantize, cpu_kernel=args.cpu_kernel)
+                            quantize=args.quantize, cpu_kernel=args.cpu_kernel,
+                            allow_encoder_mismatch=args.allow_encoder_mismatch)
     except (OSError, ValueError) as e:  # missing/corrupt checkpoint, CLIP or tokenizer, int8 on a GPU: one line
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"serve_openai_api.py: error: {message}", file=sys.stderr)

@@ -6,7 +6,7 @@ computed only once opened.
 Run it from the repository root, either way:
 
     python web_server.py [--out_dir out] [--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] \\
-        [--quantize none|int8] [--cpu_kernel auto|...] [--server.port 8501 ...]
+        [--quantize none|int8] [--cpu_kernel auto|...] [--allow_encoder_mismatch] [--server.port 8501 ...]
     streamlit run web_server.py --server.address 127.0.0.1 -- [--out_dir out] \\
         [--clip_path model/clip_model/clip-vit-base-patch32] [--tokenizer_path DIR] [--device cpu|cuda]
 
@@ -77,10 +77,13 @@ SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of seve
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_chat(ckpt: str, clip_path: str, tokenizer_path: Optional[str], device: str,
-              stamp: tuple[int, int], quantize: str = "none", cpu_kernel: str = "auto") -> VLMChat:
+              stamp: tuple[int, int], quantize: str = "none", cpu_kernel: str = "auto",
+              allow_encoder_mismatch: bool = False) -> VLMChat:
     """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place, and
-    `quantize` / `cpu_kernel` go to VLMChat.load (model.cpu_inference)."""
-    return VLMChat.load(ckpt, clip_path, tokenizer_path, device, quantize=quantize, cpu_kernel=cpu_kernel)
+    `quantize` / `cpu_kernel` / `allow_encoder_mismatch` go to VLMChat.load (model.cpu_inference,
+    model.vision_pairing)."""
+    return VLMChat.load(ckpt, clip_path, tokenizer_path, device, quantize=quantize, cpu_kernel=cpu_kernel,
+                        allow_encoder_mismatch=allow_encoder_mismatch)
 
 
 def init_state() -> None:
@@ -137,7 +140,7 @@ def try_load(ckpt: Optional[str], clip_path: str, args: ServerArgs,
         return None, None
     try:
         return load_chat(ckpt, clip_path, args.tokenizer_path, args.device, checkpoint_stamp(ckpt), quantize,
-                         args.cpu_kernel), None
+                         args.cpu_kernel, args.allow_encoder_mismatch), None
     except Exception as e:  # a bad file or path must not take the server down
         return None, f"Could not load the model: {error_text(e)}"
 
@@ -280,7 +283,7 @@ def main() -> None:
     except argparse.ArgumentError as e:
         st.error(f"Bad command-line argument: {e}. Usage: streamlit run web_server.py -- [--out_dir DIR] "
                  f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] [--quantize none|int8] "
-                 f"[--cpu_kernel auto|default|...]")
+                 f"[--cpu_kernel auto|default|...] [--allow_encoder_mismatch]")
         st.stop()
     clip_path, clip_warning = resolve_clip_path(args.clip_path, ROOT)
 

@@ -18,6 +18,7 @@ from model.tokenizer import (count_span_openings, encode, image_token_ids, load_
                              neutralise_placeholder, render_chat)
 from model.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder
+from model.vision_pairing import check_vision_encoder, encoder_record
 from model.vlm import MiniMindVLM
 
 from .batcher import DecodeRequest, DynamicBatcher
@@ -96,17 +97,20 @@ class VLMChat:
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
              device: str = "cpu", max_seq_len: Optional[int] = None, quantize: str = "none",
-             cpu_kernel: str = "default", **overrides) -> "VLMChat":
+             cpu_kernel: str = "default", allow_encoder_mismatch: bool = False, **overrides) -> "VLMChat":
         """Load all three parts; a missing one is an error that says how to get it.
 
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
         when given, else the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
+        The encoder at `clip_path` must be the one the checkpoint records (model.vision_pairing; a mismatch is a
+        VisionEncoderMismatch unless `allow_encoder_mismatch`, the apps' --allow_encoder_mismatch).
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it.
         `quantize` and `cpu_kernel` go to prepare_cpu (the apps' --quantize and --cpu_kernel)."""
         source = read_checkpoint(ckpt)
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
+        check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
         model = load_model(source, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
                            **overrides)
         chat = cls(model, tokenizer, encoder, tokenizer_path)

@@ -15,6 +15,7 @@ from model.cpu_inference import QUANTIZE_CHOICES, add_cpu_inference_args
 from model.cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
 from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,
                           open_image)
+from model.vision_pairing import add_encoder_mismatch_arg
 
 from .model_files import find_model_dirs, weights_file
 
@@ -41,6 +42,7 @@ class ServerArgs:
     device: str
     quantize: str = "none"  # model.cpu_inference: --quantize (the page's int8 toggle starts from it)
     cpu_kernel: str = "auto"  # --cpu_kernel
+    allow_encoder_mismatch: bool = False  # --allow_encoder_mismatch (model.vision_pairing)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ def build_parser(env: dict[str, str], root: Path, exit_on_error: bool = False) -
     for name, default in defaults.items():
         parser.add_argument(f"--{name}", default=env.get(ENV_VARS[name]) or default)
     add_cpu_inference_args(parser)
+    add_encoder_mismatch_arg(parser)
     parser.set_defaults(**{name: env[ENV_VARS[name]] for name in ("quantize", "cpu_kernel") if env.get(ENV_VARS[name])})
     return parser
 
@@ -86,7 +89,7 @@ def parse_args(argv: Sequence[str], root: Path, env: Optional[dict[str, str]] = 
             raise argparse.ArgumentError(None, f"{ENV_VARS[name]}={getattr(ns, name)!r} is not one of "
                                                f"{', '.join(choices)}")
     return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device(), ns.quantize,
-                      ns.cpu_kernel)
+                      ns.cpu_kernel, ns.allow_encoder_mismatch)
 
 
 def check_launch_flags(argv: Sequence[str], root: Path) -> None:

@@ -26,6 +26,7 @@ from inference.attention_plot import (MAX_TOKENS_DRAWN, attention_figure, attent
 from inference.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
 from model.files import CheckpointError  # noqa: E402
 from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
+from model.vision_pairing import add_encoder_mismatch_arg  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"per-token heat maps drawn, at most {MAX_TOKENS_DRAWN} (all are printed)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH)
+    add_encoder_mismatch_arg(p)
     p.add_argument("--tokenizer_path", default=None,
                    help="default: the checkpoint's own (as 3-eval_chat.py resolves it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = output_path(args.out, args.image)
     try:
         image = open_image(args.image)
-        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, args.device)
+        chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, args.device,
+                            allow_encoder_mismatch=args.allow_encoder_mismatch)
     except (FileNotFoundError, CheckpointError, ValueError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
