@@ -37,7 +37,8 @@ from model.files import CheckpointError
 from model.processing_minimind_v import MiniMindVProcessor
 from model.tokenizer import image_token_ids, load_tokenizer
 from model.tokenizer_pairing import checkpoint_tokenizer
-from model.vision import ImagePreprocessor
+from model.vision import ImagePreprocessor, VisionEncoder, load_vision_encoder
+from model.vision_pairing import OVERRIDE_FLAG, check_vision_encoder, encoder_record
 
 CODE_FILES = ("config.py", "decoder.py", "feed_forward.py", "vlm.py", "hf_model.py", "vision.py",
               "processing_minimind_v.py")
@@ -88,11 +89,8 @@ def copy_model_code(out: Path) -> None:
         shutil.copy2(src / name, out / name)
 
 
-def bundle_vision_tower(clip_path: str, out: Path, preprocess_cfg: dict[str, Any]) -> None:
+def bundle_vision_tower(encoder: VisionEncoder, out: Path, preprocess_cfg: dict[str, Any]) -> None:
     """Save only the CLIP vision tower (not the text tower) under out/vision_encoder/."""
-    from model.vision import load_vision_encoder
-
-    encoder = load_vision_encoder(clip_path)  # raises a message that says how to get CLIP
     target = out / VISION_SUBFOLDER
     encoder.clip.save_pretrained(target)
     (target / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
@@ -100,17 +98,21 @@ def bundle_vision_tower(clip_path: str, out: Path, preprocess_cfg: dict[str, Any
 
 def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path: Optional[str] = None,
            dtype: str = "float32", verify: bool = True, license: str = "apache-2.0",
-           repo_id: Optional[str] = None) -> Path:
+           repo_id: Optional[str] = None, allow_encoder_mismatch: bool = False) -> Path:
     """Write the Hugging Face directory for checkpoint `ckpt` (a file or a model directory) into `out`.
 
     The tokenizer is the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), or `tokenizer_path`
-    when it has the same vocabulary. Returns the output path."""
+    when it has the same vocabulary. The vision tower bundled from `clip_path` must be the encoder the checkpoint
+    records (model.vision_pairing), unless `allow_encoder_mismatch`. Returns the output path."""
     from model.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
 
     if not os.path.exists(ckpt):
         raise ExportError(f"checkpoint not found: {ckpt}")
     source = read_checkpoint(ckpt)
     tokenizer = load_tokenizer(checkpoint_tokenizer(source, tokenizer_path)[0])
+    encoder = load_vision_encoder(clip_path) if clip_path else None  # raises a message that says how to get CLIP
+    if encoder is not None:  # bundling another encoder than the one trained with would make pixel_values noise
+        check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
     native = load_model(source, image_ids=image_token_ids(tokenizer))
     config = copy.deepcopy(native.config)
     config.tie_word_embeddings = True
@@ -137,8 +139,8 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
     copy_model_code(out_dir)
     card = model_card(config, count_parameters(native), training_facts(ckpt), license, repo_id or out_dir.name)
     (out_dir / "README.md").write_text(card, encoding="utf-8")
-    if clip_path:
-        bundle_vision_tower(clip_path, out_dir, preprocess_cfg)
+    if encoder is not None:
+        bundle_vision_tower(encoder, out_dir, preprocess_cfg)
     if verify:
         verify_export(out_dir, native.to(DTYPES[dtype]))
     return out_dir
@@ -289,7 +291,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer_path", default=None,
                    help="tokenizer directory (default: the checkpoint's own: the one inside a model directory, the "
                         "one its sidecar records, or model/minimind_tokenizer_official for a published v1 file)")
-    p.add_argument("--clip_path", default=None, help="CLIP directory whose vision tower is bundled (enables pixel_values)")
+    p.add_argument("--clip_path", default=None, help="CLIP directory whose vision tower is bundled (enables "
+                   "pixel_values); it must be the encoder the checkpoint records")
+    p.add_argument(OVERRIDE_FLAG, action="store_true",
+                   help="bundle --clip_path even when the checkpoint records another vision encoder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="precision of the exported weights")
     p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
     p.add_argument("--from_hf", help="reverse: a Hugging Face MiniMind-V directory to convert")
@@ -317,8 +322,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ExportError("--ckpt PATH and --out DIR are required (or --from_hf DIR --to PATH.pth)")
             if args.push_to_hub:  # refuse a bad repo id or a missing token before the export work
                 hub_token(args.push_to_hub)
-            out = export(args.ckpt, args.out, args.tokenizer_path, args.clip_path,
-                         args.dtype, verify=not args.no_verify, license=args.license, repo_id=args.push_to_hub)
+            out = export(args.ckpt, args.out, args.tokenizer_path, args.clip_path, args.dtype,
+                         verify=not args.no_verify, license=args.license, repo_id=args.push_to_hub,
+                         allow_encoder_mismatch=args.allow_encoder_mismatch)
             print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
             if args.push_to_hub:
                 print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
