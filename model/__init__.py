@@ -8,6 +8,7 @@
   vision.py              the frozen CLIP vision tower, image decoding and preprocessing
   tokenizer.py           tokenizer loading, fingerprints, the chat template and the image placeholder ids
   tokenizer_pairing.py   which tokenizer goes with a checkpoint or a training run
+  vision_pairing.py      which vision encoder goes with a checkpoint: its record in the sidecar, the check at load
   checkpoint.py          a checkpoint: read it, build and strictly load its model, save it
   weights.py             reading weight files strictly (.pth with weights_only, .safetensors, Hugging Face directories)
   config_inference.py    the config read off a checkpoint's shapes, and bounds for every field
