@@ -40,8 +40,13 @@ class Distributed:
             dist.init_process_group("gloo")
         return cls(True, rank, world, device)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group. After a finished run every rank first waits for the others: a rank that tore
+        down gloo's connections while another was still in its last collective made that one abort ("terminate
+        called without an active exception"). After an error there is no barrier, since another rank may be gone."""
         if self.enabled and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
     def barrier(self) -> None:

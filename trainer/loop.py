@@ -82,10 +82,13 @@ def train(args: Union[argparse.Namespace, RunConfig], stage: Stage) -> dict[str,
     dist = Distributed.from_env(config.device)
     setup_logging(dist.rank)
     seed_everything(config.seed + dist.rank)
+    finished = False
     try:
-        return Run(config, stage, dist).train()
+        summary = Run(config, stage, dist).train()
+        finished = True
+        return summary
     finally:
-        dist.close()
+        dist.close(finished)
 
 
 class Run:
