@@ -35,6 +35,17 @@ def tiny_config(tokenizer=None, **overrides) -> LMConfig:
     return LMConfig(**fields)
 
 
+def save_tiny_vlm(path: Path, tokenizer, seed: int = 0, **record):
+    """A tiny random VLM (seeded) saved as training saves it, recording the project tokenizer; returns the model."""
+    from model.checkpoint import save_checkpoint
+    from model.vlm import MiniMindVLM
+
+    torch.manual_seed(seed)
+    model = MiniMindVLM(tiny_config(tokenizer))
+    save_checkpoint(model, path, tokenizer=PROJECT_TOKENIZER, **record)
+    return model
+
+
 def build_tiny_clip(path: Path, hidden: int = 64, layers: int = 1) -> Path:
     """A randomly initialised CLIP (text + vision) at the ViT-B/32 geometry, saved with save_pretrained."""
     from transformers import CLIPConfig, CLIPModel

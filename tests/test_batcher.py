@@ -34,7 +34,7 @@ def _alone(model, request, **kwargs):
                           max_new_tokens=request.max_new_tokens, **kwargs)[0].tolist()
 
 
-def test_concurrent_greedy_requests_form_one_batch_and_match_row_by_row(model):
+def _assert_one_greedy_batch_matches_row_by_row(model):
     batcher = DynamicBatcher(model, EOS, EOS, max_batch=8, max_wait_s=2.0)
     requests = _requests(model)
     for r in requests:
@@ -44,6 +44,10 @@ def test_concurrent_greedy_requests_form_one_batch_and_match_row_by_row(model):
     for r, tokens in zip(requests, got):
         assert tokens == _alone(model, r, temperature=0.0)
         assert len(tokens) == r.max_new_tokens  # rows of different lengths left the batch at their own end
+
+
+def test_concurrent_greedy_requests_form_one_batch_and_match_row_by_row(model):
+    _assert_one_greedy_batch_matches_row_by_row(model)
 
 
 def test_batch_size_cap_and_seeded_sampling(model):
@@ -112,11 +116,4 @@ def test_each_cpu_kernel_path_batches_as_it_decodes_alone(model, kernel):
     converted = copy.deepcopy(model)
     prepare_for_cpu_inference(converted, "none", kernel)
     assert kernel == "auto" or current_kernel(converted) == kernel
-    batcher = DynamicBatcher(converted, EOS, EOS, max_batch=8, max_wait_s=2.0)
-    requests = _requests(converted)
-    for r in requests:
-        batcher.submit(r)
-    got = [list(r.tokens()) for r in requests]
-    assert batcher.batch_sizes == [4]
-    for r, tokens in zip(requests, got):
-        assert tokens == _alone(converted, r, temperature=0.0)
+    _assert_one_greedy_batch_matches_row_by_row(converted)

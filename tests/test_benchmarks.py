@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
+from conftest import TOKENIZER_PATH, save_tiny_vlm, tiny_config
+from helpers import load_script
 from PIL import Image
 
 import inference.benchmarks as benchmarks
@@ -24,10 +25,8 @@ from inference.bench_scoring import (PopeScores, mmstar_report, parse_choice, pa
                                      pope_report, pope_scores)
 from inference.bench_specs import MANIFEST_NAME, MMSTAR, POPE
 from inference.chat import VLMChat
-from model.checkpoint import save_checkpoint
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
-from helpers import load_script
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 POPE_SCHEMA = pa.schema([("id", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
@@ -241,9 +240,8 @@ def eval_chat():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), path, tokenizer=PROJECT_TOKENIZER)
+    save_tiny_vlm(path, tokenizer)
     return path
 
 

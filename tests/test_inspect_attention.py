@@ -1,15 +1,11 @@
 """scripts/inspect_attention.py end to end on a tiny random checkpoint and a tiny CLIP."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
-from PIL import Image, ImageDraw
-
-from model.checkpoint import save_checkpoint
-from model.vlm import MiniMindVLM
+from conftest import TOKENIZER_PATH, save_tiny_vlm
 from helpers import load_script
+from PIL import Image, ImageDraw
 
 script = load_script("scripts/inspect_attention.py", "inspect_attention_script")
 
@@ -23,9 +19,8 @@ def shape_image(path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("inspect") / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), ckpt, tokenizer=PROJECT_TOKENIZER)
+    save_tiny_vlm(ckpt, tokenizer)
     return ckpt
 
 

@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, TOKENIZER_PATH, save_tiny_vlm
 from helpers import count_prompt_images, load_script, run_stage, train_argv
 from PIL import Image
 
 from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.records import DataError
-from model.checkpoint import save_checkpoint
 from model.vision import MAX_IMAGE_PIXELS, ImageError, open_image
-from model.vlm import MiniMindVLM
 from trainer.config import PRETRAIN
 
 # name -> None when the file must work, else a phrase its one-line error must contain
@@ -114,9 +112,8 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), path, tokenizer=PROJECT_TOKENIZER)
+    save_tiny_vlm(path, tokenizer)
     return path
 
 

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
+from conftest import ROOT, TOKENIZER_PATH, save_tiny_vlm
 from helpers import count_prompt_images
 from PIL import Image
 
 from inference.chat import VLMChat
-from model.checkpoint import save_checkpoint
 from model.decoder import count_parameters
 from model.vision import ImageError
-from model.vlm import MiniMindVLM
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -39,11 +37,8 @@ def png_bytes(color=(200, 30, 30), size=(40, 32), fmt="PNG") -> bytes:
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tokenizer) -> tuple[Path, int]:
     """A tiny random VLM saved the way training saves it: (path, parameter count)."""
-    torch.manual_seed(0)
-    model = MiniMindVLM(tiny_config(tokenizer))
     path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_checkpoint(model, path, tokenizer=PROJECT_TOKENIZER)
-    return path, count_parameters(model)
+    return path, count_parameters(save_tiny_vlm(path, tokenizer))
 
 
 @pytest.fixture
