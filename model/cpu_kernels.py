@@ -10,7 +10,8 @@ count, and swaps the linears of the blocks and the output head for the fastest. 
 one converted copy of the timed weights per candidate (at most MEASURE_BYTES each; freed before it returns).
 
 Paths (all inference only; each swapped linear drops its fp32 weight, except the output head, which is tied
-to the token embedding and so gets a copy):
+to the token embedding and so gets a copy; the paths other than default, and int8, first stack the layers that
+read the same input, wq/wk/wv and w1/w3, into one each: fuse_projections):
   default      F.linear on the weight as stored (MKL); nothing is swapped
   transposed   x @ Wt with Wt = W^T kept as a contiguous [in, out] copy (MKL's GEMM without a transpose)
   onednn       oneDNN's linear on a weight reordered once into its blocked layout (torch.ops.mkldnn)
@@ -253,8 +254,33 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+# Layers that read the same input, stacked into one for the packed kernels: (fused attribute, its parts).
+FUSED_PROJECTIONS = (("wqkv", ("wq", "wk", "wv")), ("w13", ("w1", "w3")))
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Stack each block's wq, wk, wv into one layer (wqkv) and each SwiGLU's w1, w3 into one (w13), in place, one
+    module at a time: one matrix-vector product over the stacked weights streams them faster than two or three
+    small ones (AMD EPYC Zen 4, 2 threads, the 512/8 shapes on oneDNN: 38 against 33 GB/s). Each output is the
+    same dot product as before. The decoder and SwiGLU use the stacked layer when it is set."""
+    for module in model.layers.modules():
+        for fused, parts in FUSED_PROJECTIONS:
+            if getattr(module, fused, "absent") is None and all(isinstance(getattr(module, p), nn.Linear)
+                                                                   for p in parts):
+                linears = [getattr(module, p) for p in parts]
+                stacked = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=False)
+                with torch.no_grad():
+                    stacked.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+                for p in parts:
+                    setattr(module, p, None)
+                setattr(module, fused, stacked)
+
+
 def use_kernel(model: nn.Module, kernel: str) -> None:
-    """Swap the model's decode linears for `kernel` in place (each swapped linear's weight is released)."""
+    """Swap the model's decode linears for `kernel` in place (each swapped linear's weight is released); the packed
+    kernels run on stacked projections (fuse_projections)."""
+    if kernel != "default":
+        fuse_projections(model)
     for parent, name, linear in decode_linears(model):
         setattr(parent, name, convert_linear(linear, kernel))
     release_freed_memory()  # the replaced weights, and the copies the measurement made

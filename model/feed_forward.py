@@ -4,6 +4,7 @@ by MoEGate), with the v1 parameter names.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,11 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, hidden, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 stacked by CPU inference (model.cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class MoEGate(nn.Module):

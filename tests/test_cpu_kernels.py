@@ -148,7 +148,7 @@ def test_a_converted_model_is_inference_only_and_converted_once(base):
         model.to(torch.bfloat16)
     x = torch.randn(1, 1, base.config.dim, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference only"):
-        model.layers[0].attention.wq(x)
+        model.layers[0].attention.wqkv(x)
     # the tied embedding keeps its weight: prompts are still embedded
     assert model.tok_embeddings.weight.shape == base.tok_embeddings.weight.shape
 
@@ -161,3 +161,21 @@ def test_moe_experts_and_bias_checks():
     assert torch.equal(greedy(model, PROMPT, 8), greedy(moe, PROMPT, 8))
     with pytest.raises(ValueError, match="the transposed CPU kernel takes linear layers without a bias"):
         cpu_kernels.convert_linear(torch.nn.Linear(4, 4), "transposed")
+
+
+def test_packed_kernels_run_on_stacked_projections_with_the_same_outputs(base):
+    model = copy.deepcopy(base)
+    cpu_kernels.fuse_projections(model)
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert attention.wq is attention.wk is attention.wv is ffn.w1 is ffn.w3 is None
+    config = base.config
+    assert attention.wqkv.out_features == (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    assert ffn.w13.out_features == 2 * config.ffn_hidden_dim
+    with torch.inference_mode():
+        ids = torch.tensor(PROMPT)
+        assert torch.allclose(model(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-5)
+    converted = copy.deepcopy(base)
+    choose_cpu_kernel(converted, "transposed")
+    linears = [name for parent in converted.layers[0].modules() for name, child in parent.named_children()
+               if isinstance(child, cpu_kernels.TransposedLinear)]
+    assert sorted(linears) == ["w13", "w2", "wo", "wqkv"]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from model import quantize
 from model.cpu_inference import add_cpu_inference_args, prepare_for_cpu_inference
 from model.cpu_kernels import choose_cpu_kernel, current_kernel, decode_linears
 from model.quantize import is_int8, quantize_int8
@@ -79,7 +80,8 @@ def test_int8_replaces_the_decode_linears_and_their_fp32_weights(random_model):
     model = quantize_int8(copy.deepcopy(random_model))
     assert is_int8(model) and current_kernel(model) == "int8"
     linears = [linear for _, _, linear in decode_linears(model)]
-    assert len(linears) == 2 * 7 + 1 and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
+    # per block: q, k and v stacked into one (wqkv), wo, w1 and w3 stacked (w13), w2; then the output head
+    assert len(linears) == 2 * 4 + 1 and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
     assert all(m.weight().dtype == torch.qint8 for m in linears)
     # no fp32 copy of a block weight is left; the embedding (tied to the head in fp32) keeps its own
     assert not any(p.dim() == 2 for p in model.layers.parameters())
@@ -148,3 +150,17 @@ def test_the_chat_loader_quantises_on_request(tmp_path, tokenizer, tiny_clip_dir
     assert isinstance("".join(chat.stream("what colour?", Image.new("RGB", (32, 32)), settings=settings)), str)
     plain = VLMChat.load(ckpt, str(tiny_clip_dir), TOKENIZER_PATH)
     assert plain.kernel_line == "CPU kernel: default (asked for)" and current_kernel(plain.model) == "default"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's own, called directly here
+def test_stacking_the_projections_does_not_change_the_int8_model(random_model):
+    """quantize_int8 stacks wq/wk/wv and w1/w3 before quantising; each weight row keeps its own scale and the
+    stacked layers quantise the same input once, so the logits are those of the layers quantised one by one."""
+    stacked = quantize_int8(copy.deepcopy(random_model))
+    separate = copy.deepcopy(random_model)
+    torch.ao.quantization.quantize_dynamic(separate, {"layers": quantize._QCONFIG, "output": quantize._QCONFIG},
+                                           dtype=torch.qint8, inplace=True)
+    assert len(decode_linears(separate)) == 2 * 7 + 1
+    ids = torch.tensor([[5, 17, 99, 240, 3, 77, 1000, 12]])
+    with torch.inference_mode():
+        assert torch.allclose(stacked(ids).logits, separate(ids).logits, atol=1e-5, rtol=1e-5)
