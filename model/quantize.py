@@ -4,9 +4,10 @@ Each weight matrix of the blocks and the output head is stored as int8 with one 
 time the activations are quantised to int8 as well, with one scale per call over all of its rows (the whole batch
 and every position), and the product runs on int8 dot products (fbgemm / oneDNN through torch.ao). So a row's
 logits move slightly with the rows run beside it: batched greedy answers can differ from one at a time where two
-tokens nearly tie, as int8's can differ from fp32's. A decode step then reads a quarter of the fp32 bytes: on an AMD EPYC (Zen 4) the
-512/8 model decoded about 3x faster than fp32 (bench/generate.py --quantize int8). Answers can differ from fp32
-where two tokens are nearly tied; bench/generate.py reports the agreement.
+tokens nearly tie, as int8's can differ from fp32's. A decode step then reads a quarter of the fp32 bytes: on an
+AMD EPYC (Zen 4) the 512/8 model decoded about 4x faster than fp32 (bench/generate.py --quantize int8, which also
+reports the agreement with fp32). wq/wk/wv and w1/w3 are stacked first (cpu_kernels.fuse_projections): fewer,
+larger products, the same int8 values.
 
 The conversion is in place and layer by layer, so each fp32 weight is released as its int8 copy is made: the
 fp32 model is never held twice. The token embedding stays fp32 (the output head, tied to it, gets its own int8
