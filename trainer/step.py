@@ -90,9 +90,11 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
     metrics = StepMetrics(loss=float("nan"), micro_batches=len(micro_batches))
     losses = []
     for i, batch in enumerate(micro_batches):
-        if batch.empty:
-            continue
         last = i == len(micro_batches) - 1
+        if batch.empty:
+            if last and ctx.dist is not None and ctx.dist.enabled:
+                _backward_zero(model, state, ctx)
+            continue
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             features = batch_features(batch, ctx.encoder, ctx.device)
@@ -101,8 +103,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
             segments = None if batch.segment_ids is None else batch.segment_ids.to(ctx.device, non_blocking=True)
             with ctx.autocast():
                 loss = model(input_ids, features, labels=labels, loss_only=True, segment_ids=segments).loss
-            if features is None:  # text-only rows: keep the projection in the graph (DDP and freeze_llm=1 need it)
-                loss = loss + 0.0 * sum(p.sum() for p in unwrap(model).vision_proj.parameters())
+            if features is None:
+                loss = _with_projection(model, loss)
             # v1 divides by accumulation_steps even for the shorter last group of an epoch
             state.scaler.scale(loss / ctx.accumulation_steps).backward()
         losses.append(loss.item())
@@ -115,6 +117,22 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
         metrics.loss = sum(losses) / len(losses)
     metrics.non_finite = not _apply_update(state, ctx, bad_loss=not all(map(math.isfinite, losses)))
     return metrics
+
+
+def _with_projection(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """A text-only loss with the projection kept in the graph at weight zero (DDP and freeze_llm=1 need it)."""
+    return loss + 0.0 * sum(p.sum() for p in unwrap(model).vision_proj.parameters())
+
+
+def _backward_zero(model: torch.nn.Module, state: TrainState, ctx: StepContext) -> None:
+    """Under DDP the backward of an optimizer step's last micro-batch all-reduces the gradients and waits for every
+    rank, so a rank whose last micro-batch lost every image still runs one: a two-token text row with its loss
+    multiplied by zero. It adds zero gradients (DDP averages the other ranks' gradients with them) and reduces
+    what earlier micro-batches accumulated; skipping it hung every other rank in the all-reduce."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=ctx.device)
+    with ctx.autocast():
+        loss = model(ids, None, labels=ids, loss_only=True).loss
+    state.scaler.scale(0.0 * _with_projection(model, loss)).backward()
 
 
 def _apply_update(state: TrainState, ctx: StepContext, bad_loss: bool) -> bool:
