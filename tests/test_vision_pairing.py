@@ -13,17 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, build_tiny_clip, tiny_config
+from conftest import ROOT, TOKENIZER_PATH, build_tiny_clip, save_tiny_vlm
 from helpers import load_script, make_dataset, run_stage, train_argv
 from PIL import Image
 
 from inference.chat import VLMChat
 from inference.web_support import parse_args as web_parse_args
-from model.checkpoint import config_path_for, read_checkpoint, save_checkpoint
+from model.checkpoint import config_path_for, read_checkpoint
 from model.files import CheckpointError
 from model.vision import load_vision_encoder
 from model.vision_pairing import VisionEncoderMismatch, encoder_record
-from model.vlm import MiniMindVLM
 from trainer.config import PRETRAIN, SFT
 
 
@@ -39,8 +38,7 @@ def _record(clip: Path) -> dict[str, str]:
 
 def _saved(path: Path, tokenizer, clip: Path | None) -> Path:
     """A tiny checkpoint recording the project's tokenizer and, unless clip is None, the encoder at clip."""
-    save_checkpoint(MiniMindVLM(tiny_config(tokenizer)), path, tokenizer=PROJECT_TOKENIZER,
-                    vision_encoder=_record(clip) if clip is not None else None)
+    save_tiny_vlm(path, tokenizer, vision_encoder=_record(clip) if clip is not None else None)
     return path
 
 
