@@ -268,7 +268,9 @@ def fuse_projections(model: nn.Module) -> None:
             if getattr(module, fused, "absent") is None and all(isinstance(getattr(module, p), nn.Linear)
                                                                    for p in parts):
                 linears = [getattr(module, p) for p in parts]
-                stacked = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=False)
+                # built on the meta device: no weight is allocated and initialised only to be replaced
+                stacked = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=False,
+                                    device="meta")
                 with torch.no_grad():
                     stacked.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
                 for p in parts:
