@@ -6,9 +6,9 @@ then one forward per new token for the whole batch. Each row samples with its ow
 its tokens to its own queue. A row leaves the batch as soon as it ends (end token, its max_new_tokens, or its
 cancel event): its keys and values are dropped from the cache, so the others decode at the smaller size.
 Requests that arrive while a batch is decoding join it at the next step while it has room: they are prefilled
-on their own and their cache is merged in, right-aligned, with the gap marked as padding. Greedy rows give exactly the tokens they
-would give alone (tests/test_padding.py, tests/test_batcher.py), on every fp32 CPU kernel (model.cpu_kernels). An
-int8 model (model.quantize) quantises each layer's activations over the whole batch, so there a row can differ from
+on their own and their cache is merged in, right-aligned, with the gap marked as padding. Greedy rows give exactly
+the tokens they would give alone (tests/test_padding.py, tests/test_batcher.py), on every fp32 CPU kernel
+(model.cpu_kernels; with the compiled one, a lone unpadded row decodes through the compiled step). An int8 model (model.quantize) quantises each layer's activations over the whole batch, so there a row can differ from
 its answer alone where two tokens nearly tie (a trained model's clear answers do not:
 tests/test_cpu_inference_apps.py); max_batch=1 decodes each request as alone.
 """
@@ -157,7 +157,7 @@ class DynamicBatcher:
                         running = self._merge(running, new)
             device = running.cache.k.device
             step = torch.tensor([[r.generated[-1]] for r in running.rows], device=device)
-            self._advance(running, self.model(step, cache=running.cache).logits[:, -1])
+            self._advance(running, self.model.next_token_logits(step, running.cache))
 
     def _prefill(self, rows: list[DecodeRequest]) -> tuple["_Running", torch.Tensor]:
         """The rows' prompts (left-padded, images spliced) run into a fresh cache; logits of the last position."""

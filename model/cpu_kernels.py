@@ -36,7 +36,8 @@ from torch import nn
 
 FP32_KERNELS = ("default", "transposed", "onednn")
 KERNELS = FP32_KERNELS + ("onednn_bf16",)
-CHOICES = ("auto", "auto_bf16") + KERNELS
+# compiled: the whole single-token step compiled with inductor (model.cpu_compile), on plain stacked linears
+CHOICES = ("auto", "auto_bf16") + KERNELS + ("compiled",)
 # A candidate replaces default only when at least this much faster: closer timings are within the noise of a
 # shared machine, and default keeps the model unchanged.
 MARGIN = 0.05
@@ -64,6 +65,10 @@ def onednn_available() -> bool:
 
 def unavailable_reason(kernel: str) -> Optional[str]:
     """Why `kernel` cannot run on this machine, or None when it can."""
+    if kernel == "compiled":
+        from .cpu_compile import compiler_missing
+
+        return compiler_missing()
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(CHOICES)}")
     if kernel.startswith("onednn") and not onednn_available():
@@ -170,7 +175,9 @@ def linear_nbytes(linear: nn.Module) -> int:
 
 def current_kernel(model: nn.Module) -> str:
     """The kernel the model's decode linears run on now: 'default' for plain nn.Linear, 'int8' once quantised
-    (model.quantize), else one of KERNELS."""
+    (model.quantize), 'compiled' once its decode step is compiled (model.cpu_compile), else one of KERNELS."""
+    if getattr(model, "compiled_decode", None) is not None:
+        return "compiled"
     kernels = {kernel_of(child) for _, _, child in decode_linears(model)}
     if len(kernels) != 1:
         raise ValueError(f"the model's decode linears mix CPU kernels: {sorted(kernels)}")
@@ -319,6 +326,8 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
         missing = unavailable_reason(kernel)
         if missing is not None:
             raise ValueError(f"the {kernel} CPU kernel cannot run here: {missing}")
+        if kernel == "compiled":
+            return _compile(model)
         use_kernel(model, kernel)
         return KernelChoice(kernel, "asked for" + (": bf16 weights, answers may differ from fp32"
                                                    if kernel == "onednn_bf16" else ""))
@@ -334,3 +343,14 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
     if chosen == "onednn_bf16":
         reason += "; bf16 weights, answers may differ from fp32"
     return KernelChoice(chosen, "; ".join([reason] + skipped), {k: 1000 * t for k, t in times.items()})
+
+
+def _compile(model: nn.Module) -> KernelChoice:
+    """The compiled kernel: stacked projections on plain linears, the single-token step compiled now."""
+    from .cpu_compile import check_compilable, compile_decode
+
+    check_compilable(model)  # before the projections are stacked: a refused model stays as loaded
+    fuse_projections(model)
+    seconds = compile_decode(model)
+    return KernelChoice("compiled", f"asked for: the one-row decode step compiled with inductor in {seconds:.0f} s, "
+                                    f"{torch.get_num_threads()} thread(s); prefill and padded batches run eager")

@@ -61,6 +61,8 @@ class MiniMindVLM(MiniMindLM):
             raise ValueError(f"image_ids must hold {IMAGE_TOKENS} ids, got {len(ids)}")
         self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * IMAGE_TOKENS),
                              persistent=False)
+        # set by the compiled CPU kernel (model.cpu_compile): the single-token step with a KV cache, compiled
+        self.compiled_decode = None
 
     def find_image_spans(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, start) of every complete placeholder span, in row-major order. Raises on a cut-short span."""
@@ -111,6 +113,13 @@ class MiniMindVLM(MiniMindLM):
         return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
 
     # ----------------------------------------------------------------- generation
+    def next_token_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] after the tokens ids [B, 1] that continue the cache: through the compiled decode
+        step where one is set and applies (one row, no padding in the cache), else the plain forward."""
+        if self.compiled_decode is not None and ids.shape[0] == 1 and cache.key_mask is None:
+            return self.compiled_decode(ids, cache)
+        return self(ids, cache=cache).logits[:, -1]
+
     @torch.inference_mode()
     def generate_stream(
         self,
@@ -156,7 +165,7 @@ class MiniMindVLM(MiniMindLM):
             if step == max_new_tokens - 1:
                 return
             if cache is not None:  # the cache remembers which of its positions are padding
-                logits = self(next_ids[:, None], cache=cache).logits[:, -1]
+                logits = self.next_token_logits(next_ids[:, None], cache)
             else:  # recompute everything, image included
                 logits = self(ids, image_features, last_only=True, attention_mask=mask).logits[:, -1]
 

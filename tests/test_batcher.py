@@ -105,7 +105,7 @@ def test_requests_arriving_mid_batch_join_it_and_match_row_by_row(model):
     assert batcher.joins >= 1 and len(batcher.batch_sizes) < 4
 
 
-@pytest.mark.parametrize("kernel", ["transposed", "onednn", "auto"])
+@pytest.mark.parametrize("kernel", ["transposed", "onednn", "auto", "compiled"])
 def test_each_cpu_kernel_path_batches_as_it_decodes_alone(model, kernel):
     """The kernels of model.cpu_kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee."""
     from model.cpu_inference import prepare_for_cpu_inference

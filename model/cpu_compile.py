@@ -1,0 +1,84 @@
+"""The compiled decode step: the `compiled` CPU kernel path (model.cpu_kernels), for long-running CPU inference.
+
+Once the weights stream at a kernel's best rate, what is left of a decode step on a small model is the cost of
+running it op by op: every eager op and module call, and oneDNN's per-call set-up (about 12 us a call, 33 calls
+a token on the 512/8 model). torch.compile removes most of that for the single-token step:
+  - inductor with frozen weights (freezing) packs each linear's weight once, and its C++ GEMM template
+    (max_autotune, chosen against ATen's by timing each shape at compile time) runs the matrix-vector products;
+  - the norms, rotary embedding, attention glue and residual adds fuse into a few generated C++ kernels;
+  - dynamic shapes: the growing KV cache does not recompile.
+Measured on an AMD EPYC (Zen 4), 2 threads, the 512/8 model, fp32: 3.1-3.5 ms per token against 4.1-4.5 ms for
+eager oneDNN (bench/generate.py --kernel compiled; bench/RESULTS.md). The products are the same dot products in
+another summation order, so greedy answers match the plain model's (tests/test_cpu_compile.py).
+
+Costs, which is why it is asked for (--cpu_kernel compiled) and not part of auto: compiling takes tens of
+seconds at load (about 20 s on those 2 cores; done at load, not at the first request), it needs a C++ compiler,
+and inductor keeps its own packed copy of the decode weights beside the model's (prefill, longer chunks and
+padded batches run the plain model). The compiled step serves one row without padding, the chat case; other
+steps run the plain forward.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+
+from .decoder import KVCache
+
+# inductor settings of the compiled step: weights frozen as constants (so they can be packed once) and each
+# GEMM shape timed between inductor's C++ template and ATen at compile time
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def compiler_missing() -> Optional[str]:
+    """Why inductor cannot build its C++ kernels here (None when it can): it needs a C++ compiler."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH: inductor builds the compiled step with one (set CXX)"
+    return None
+
+
+class CompiledDecode:
+    """The model's single-token step with a KV cache, compiled: logits [1, vocab] of the token after ids [1, 1]."""
+
+    def __init__(self, model: nn.Module):
+        # the bound forward, so that inductor sees the weights as the module's parameters and can freeze them
+        self._forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # the options apply when inductor compiles, which is on a call; torch.compile(options=...) does not
+        # reach the freezing pass
+        with torch.inference_mode(), inductor_config.patch(INDUCTOR_OPTIONS):
+            return self._forward(ids, cache=cache).logits[:, -1]
+
+
+def check_compilable(model: nn.Module) -> None:
+    """Raise a one-line ValueError when the compiled step cannot be built here or for this model."""
+    missing = compiler_missing()
+    if missing is not None:
+        raise ValueError(f"the compiled CPU kernel cannot run here: {missing}")
+    if model.config.use_moe:
+        raise ValueError("the compiled CPU kernel runs dense models: this one routes each token to experts "
+                         "(use_moe), which does not compile into one graph; use --cpu_kernel auto")
+
+
+def compile_decode(model: nn.Module) -> float:
+    """Set model.compiled_decode and compile it now on a two-token warm-up (so a server pays the compile at load,
+    not at its first request); returns the seconds it took. The model's linears must be plain nn.Linear."""
+    check_compilable(model)
+    for p in model.parameters():
+        p.requires_grad_(False)  # freezing folds the weights into the compiled step as constants
+    compiled = CompiledDecode(model)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, 4, model.output.weight.device, model.output.weight.dtype)
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        for _ in range(2):  # two cache lengths: the step is compiled for a growing cache, once
+            compiled(torch.zeros(1, 1, dtype=torch.long), cache)
+    model.compiled_decode = compiled
+    return time.perf_counter() - start
