@@ -19,6 +19,7 @@ steps run the plain forward.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from .cpu_kernels import MARGIN, KernelChoice, fuse_projections, measured_choice, release_freed_memory, use_kernel
 from .decoder import KVCache
 
 # inductor settings of the compiled step: weights frozen as constants (so they can be packed once) and each
@@ -82,3 +84,70 @@ def compile_decode(model: nn.Module) -> float:
             compiled(torch.zeros(1, 1, dtype=torch.long), cache)
     model.compiled_decode = compiled
     return time.perf_counter() - start
+
+
+def choose_compiled(model: nn.Module, measure: bool) -> KernelChoice:
+    """The compiled kernel (measure False: asked for), or auto_compile (measure True): auto's measured eager pick
+    against the compiled step, on timed decode steps of the model itself, keeping the faster. Where the compiled
+    step cannot be built, auto_compile keeps auto's pick and says why; compiled is an error."""
+    threads = torch.get_num_threads()
+    eager = measured_choice(model) if measure else None
+    try:
+        check_compilable(model)  # before the projections are stacked: a refused model stays as loaded
+    except ValueError as e:
+        if eager is None:
+            raise
+        use_kernel(model, eager.kernel)
+        return KernelChoice(eager.kernel, f"{eager.reason}; compiled not tried: {e}", eager.times_ms)
+    fuse_projections(model)
+    eager_model = None
+    if eager is not None:  # an eager copy to time against, made before compiling (no compiled step to copy)
+        eager_model = copy.deepcopy(model)
+        use_kernel(eager_model, eager.kernel)
+    seconds = compile_decode(model)
+    line = f"the one-row decode step compiled with inductor in {seconds:.0f} s, {threads} thread(s)"
+    if eager is None:
+        return KernelChoice("compiled", f"asked for: {line}; prefill and padded batches run eager")
+    step_ms = time_decode_steps(model, eager_model)
+    del eager_model
+    release_freed_memory()
+    verdict = f"{line}; ms per decode step: compiled {step_ms['compiled']:.2f}, eager {eager.kernel} " \
+              f"{step_ms['eager']:.2f}"
+    if step_ms["compiled"] < (1 - MARGIN) * step_ms["eager"]:
+        return KernelChoice("compiled", f"{verdict}; eager linears: {eager.reason}", eager.times_ms)
+    drop_compiled(model)
+    use_kernel(model, eager.kernel)
+    return KernelChoice(eager.kernel, f"{eager.reason}; {verdict}: compiled not kept", eager.times_ms)
+
+
+def time_decode_steps(compiled: nn.Module, eager: nn.Module, prompt: int = 32, steps: int = 16,
+                      rounds: int = 3) -> dict[str, float]:
+    """Best ms per decode step of a model with its compiled step and of an eager copy, taking turns (a shared
+    machine's load then weighs on both alike); one row, a fresh cache per turn. The eager side is a separate
+    model because swapping modules in and out of the compiled one would fail its guards and compile it again."""
+    best = {"compiled": float("inf"), "eager": float("inf")}
+    ids = torch.randint(0, compiled.config.vocab_size, (1, prompt))
+    for _ in range(rounds):
+        for turn, model in (("compiled", compiled), ("eager", eager)):
+            best[turn] = min(best[turn], _decode_seconds(model, ids, steps) * 1000)
+    return best
+
+
+@torch.inference_mode()
+def _decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+    """Seconds per step of `steps` greedy decode steps after a prefill of ids [1, T] (no image)."""
+    weight = model.tok_embeddings.weight  # the output head may be a converted copy here
+    cache = KVCache(model.config, 1, ids.shape[1] + steps, weight.device, weight.dtype)
+    logits = model(ids, cache=cache, last_only=True).logits[:, -1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model.next_token_logits(logits.argmax(-1, keepdim=True), cache)
+    return (time.perf_counter() - start) / steps
+
+
+def drop_compiled(model: nn.Module) -> None:
+    """Remove the compiled step and free what it holds (inductor's frozen copy of the weights lives in
+    torch.compile's cache until it is reset)."""
+    model.compiled_decode = None
+    torch._dynamo.reset()
+    release_freed_memory()

@@ -6,7 +6,9 @@ An app adds the flags with `add_cpu_inference_args(parser)` and, after loading t
                        model on an AMD EPYC; answers may differ from fp32 where two tokens are nearly tied)
   --cpu_kernel auto    time the fp32 kernel paths on the model's own weights and use the fastest
                        (model.cpu_kernels; same greedy answers as default). auto_bf16 also tries bf16 weights
-                       where the CPU has native bf16 dot products; default leaves the model as loaded.
+                       where the CPU has native bf16 dot products; auto_compile also compiles the decode step
+                       (model.cpu_compile: tens of seconds at load, for servers) and keeps it when faster;
+                       compiled compiles it unmeasured; default leaves the model as loaded.
 On a GPU model both flags at their defaults leave it unchanged (and say so).
 """
 from __future__ import annotations
@@ -31,7 +33,9 @@ def add_cpu_inference_args(parser: argparse.ArgumentParser, default_kernel: str 
                              "differ slightly from fp32)")
     parser.add_argument("--cpu_kernel", default=default_kernel, choices=CHOICES,
                         help="how the decoder's linear layers run on CPU: auto measures the fp32 paths at load "
-                             "and keeps the fastest; auto_bf16 also tries bf16 weights (native bf16 CPUs only)")
+                             "and keeps the fastest; auto_bf16 also tries bf16 weights (native bf16 CPUs only); "
+                             "auto_compile also tries the decode step compiled (tens of seconds at load; for "
+                             "servers); compiled compiles it without measuring")
 
 
 def prepare_for_cpu_inference(model: nn.Module, quantize: Optional[str] = "none", cpu_kernel: str = "auto") -> str:

@@ -18,9 +18,14 @@ read the same input, wq/wk/wv and w1/w3, into one each: fuse_projections):
   onednn_bf16  the same with bf16 weights and bf16 dot products, the result cast back to fp32: only on a CPU
                with native bf16 dot products (AVX512-BF16 or AMX), and only when asked for, because rounding
                the weights to bf16 can change answers
+  compiled     not a linear layer's kernel: the whole one-row decode step compiled with inductor at load, on
+               plain stacked linears (model.cpu_compile): no per-op cost left between the products; tens of
+               seconds to compile and a C++ compiler needed, so only when asked for
 The fp32 paths compute the same products as default in another summation order (results within ~1e-6
 relative), so greedy answers match default's (tests/test_cpu_kernels.py); `auto` chooses among them only.
 `auto_bf16` adds onednn_bf16 to the candidates where the CPU supports it and takes it only when measured faster.
+`auto_compile` compiles the decode step as well and keeps it when its decode steps are measured faster than
+those of auto's pick (for a long-running server, where the compile at load pays off).
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ from torch import nn
 
 FP32_KERNELS = ("default", "transposed", "onednn")
 KERNELS = FP32_KERNELS + ("onednn_bf16",)
-# compiled: the whole single-token step compiled with inductor (model.cpu_compile), on plain stacked linears
-CHOICES = ("auto", "auto_bf16") + KERNELS + ("compiled",)
+# compiled: the whole single-token step compiled with inductor (model.cpu_compile), on plain stacked linears;
+# auto_compile measures it against auto's pick
+AUTO_CHOICES = ("auto", "auto_bf16", "auto_compile")
+CHOICES = AUTO_CHOICES + KERNELS + ("compiled",)
 # A candidate replaces default only when at least this much faster: closer timings are within the noise of a
 # shared machine, and default keeps the model unchanged.
 MARGIN = 0.05
@@ -312,45 +319,45 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
     """Run the model's decode linears on `kernel` (one of CHOICES), converting them in place, and say which and why.
 
     auto measures the fp32 paths (FP32_KERNELS) and keeps the fastest; auto_bf16 also tries onednn_bf16 where
-    the CPU has native bf16 dot products. auto on a model these kernels do not apply to (on a GPU, or already
-    in bf16) keeps default and says why; asking for a named kernel there, or for one this machine lacks, is an
-    error. A model converted once (or quantised) is not converted again: that is an error too."""
+    the CPU has native bf16 dot products; auto_compile also compiles the decode step and keeps it when its
+    decode steps are measured faster (model.cpu_compile). An auto choice on a model these kernels do not apply
+    to (on a GPU, or already in bf16) keeps default and says why; asking for a named kernel there, or for one
+    this machine lacks, is an error. A model converted once (or quantised) is not converted again: that is an
+    error too."""
     if kernel not in CHOICES:
         raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(CHOICES)}")
     not_applicable = _check_model(model)
     if not_applicable is not None:
-        if kernel in ("auto", "auto_bf16", "default"):
+        if kernel in AUTO_CHOICES + ("default",):
             return KernelChoice("default", f"{not_applicable}: CPU kernels not used")
         raise ValueError(f"the {kernel} CPU kernel cannot run this model: {not_applicable}")
-    if kernel not in ("auto", "auto_bf16"):
+    if kernel in ("compiled", "auto_compile"):
+        from .cpu_compile import choose_compiled
+
+        return choose_compiled(model, measure=kernel == "auto_compile")
+    if kernel not in AUTO_CHOICES:
         missing = unavailable_reason(kernel)
         if missing is not None:
             raise ValueError(f"the {kernel} CPU kernel cannot run here: {missing}")
-        if kernel == "compiled":
-            return _compile(model)
         use_kernel(model, kernel)
         return KernelChoice(kernel, "asked for" + (": bf16 weights, answers may differ from fp32"
                                                    if kernel == "onednn_bf16" else ""))
-    tried = FP32_KERNELS + (("onednn_bf16",) if kernel == "auto_bf16" else ())
+    choice = measured_choice(model, with_bf16=kernel == "auto_bf16")
+    use_kernel(model, choice.kernel)
+    return choice
+
+
+def measured_choice(model: nn.Module, with_bf16: bool = False) -> KernelChoice:
+    """The fastest of the fp32 kernel paths (and onednn_bf16 if with_bf16 and the CPU has it) on the model's
+    own weights; the model is not converted."""
+    tried = FP32_KERNELS + (("onednn_bf16",) if with_bf16 else ())
     candidates = [k for k in tried if unavailable_reason(k) is None]
     skipped = [f"{k} not tried: {unavailable_reason(k)}" for k in tried if k not in candidates]
     times = measure_kernels(model, candidates)
     mb = sum(linear.weight.numel() for linear in measured_linears(model)) * 4 / 1e6
     chosen = pick_fastest(times)
-    use_kernel(model, chosen)
     reason = f"measured ms per pass over {mb:.0f} MB of its fp32 weights, {torch.get_num_threads()} thread(s): " + \
         ", ".join(f"{k} {1000 * t:.2f}" for k, t in times.items())
     if chosen == "onednn_bf16":
         reason += "; bf16 weights, answers may differ from fp32"
     return KernelChoice(chosen, "; ".join([reason] + skipped), {k: 1000 * t for k, t in times.items()})
-
-
-def _compile(model: nn.Module) -> KernelChoice:
-    """The compiled kernel: stacked projections on plain linears, the single-token step compiled now."""
-    from .cpu_compile import check_compilable, compile_decode
-
-    check_compilable(model)  # before the projections are stacked: a refused model stays as loaded
-    fuse_projections(model)
-    seconds = compile_decode(model)
-    return KernelChoice("compiled", f"asked for: the one-row decode step compiled with inductor in {seconds:.0f} s, "
-                                    f"{torch.get_num_threads()} thread(s); prefill and padded batches run eager")

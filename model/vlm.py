@@ -115,8 +115,11 @@ class MiniMindVLM(MiniMindLM):
     # ----------------------------------------------------------------- generation
     def next_token_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, vocab] after the tokens ids [B, 1] that continue the cache: through the compiled decode
-        step where one is set and applies (one row, no padding in the cache), else the plain forward."""
-        if self.compiled_decode is not None and ids.shape[0] == 1 and cache.key_mask is None:
+        step where one is set and applies (one row, no padding in the cache, and a free slot left after this
+        token: filling the cache's last slot makes its keys one contiguous block, a second graph that would be
+        compiled mid-answer), else the plain forward."""
+        if self.compiled_decode is not None and ids.shape[0] == 1 and cache.key_mask is None \
+                and cache.length + 1 < cache.k.shape[3]:
             return self.compiled_decode(ids, cache)
         return self(ids, cache=cache).logits[:, -1]
 

@@ -1,6 +1,7 @@
 """The compiled CPU kernel (model.cpu_compile): the compiled one-row decode step gives the plain model's greedy
 tokens, serves every later answer without compiling again, leaves padded batches to the plain forward, and
-fails clearly without a C++ compiler or on a model converted already."""
+fails clearly without a C++ compiler or on a model converted already; auto_compile keeps whichever of it and
+auto's eager pick runs decode steps faster."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ import torch
 from conftest import tiny_config
 from torch._dynamo.utils import counters
 
-from model.cpu_compile import compiler_missing
+from model import cpu_compile, cpu_kernels
+from model.cpu_compile import compiler_missing, time_decode_steps
 from model.cpu_kernels import choose_cpu_kernel, current_kernel, unavailable_reason
 from model.vlm import MiniMindVLM, pad_rows
 
@@ -24,6 +26,11 @@ pytestmark = pytest.mark.skipif(compiler_missing() is not None, reason=str(compi
 def base() -> MiniMindVLM:
     torch.manual_seed(0)
     return MiniMindVLM(tiny_config()).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_MEASURED", {})
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,41 @@ def test_moe_model_is_refused_unchanged():
     with pytest.raises(ValueError, match=r"runs dense models: .*use_moe.*use --cpu_kernel auto"):
         choose_cpu_kernel(model, "compiled")
     assert current_kernel(model) == "default" and model.layers[0].attention.wqkv is None
+
+
+def test_timing_decode_steps_does_not_recompile(base, compiled):
+    """auto_compile times the compiled step in turns with an eager copy: no compile during the measurement, and
+    the compiled model is left as it was."""
+    model, _ = compiled
+    eager = copy.deepcopy(base)
+    choose_cpu_kernel(eager, "transposed")
+    greedy(model, PROMPT, n=3)
+    graphs = counters["stats"]["unique_graphs"]
+    times = time_decode_steps(model, eager, prompt=8, steps=4, rounds=2)
+    assert set(times) == {"compiled", "eager"} and all(t > 0 for t in times.values())
+    assert counters["stats"]["unique_graphs"] == graphs and current_kernel(model) == "compiled"
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
+
+
+@pytest.mark.parametrize("compiled_ms, expected", [(1.0, "compiled"), (9.5, "transposed")])
+def test_auto_compile_keeps_the_faster_by_measured_decode_steps(base, monkeypatch, compiled_ms, expected):
+    """Kept only when its decode steps beat the eager pick's by the margin; else the eager pick, compiled step
+    dropped. Either way, the plain greedy tokens."""
+    monkeypatch.setattr(cpu_kernels, "time_kernels", lambda linears, kernels: {k: {"transposed": 1.0}.get(k, 2.0)
+                                                                             for k in kernels})
+    monkeypatch.setattr(cpu_compile, "time_decode_steps", lambda model, eager: {"compiled": compiled_ms,
+                                                                                "eager": 10.0})
+    model = copy.deepcopy(base)
+    choice = choose_cpu_kernel(model, "auto_compile")
+    assert choice.kernel == expected == current_kernel(model)
+    assert f"ms per decode step: compiled {compiled_ms:.2f}, eager transposed 10.00" in choice.reason
+    assert (model.compiled_decode is None) == (expected != "compiled")
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
+
+
+def test_auto_compile_without_a_compiler_keeps_the_auto_pick(base, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    model = copy.deepcopy(base)
+    choice = choose_cpu_kernel(model, "auto_compile")
+    assert choice.kernel in ("default", "transposed", "onednn") and choice.kernel == current_kernel(model)
+    assert "compiled not tried: the compiled CPU kernel cannot run here: no C++ compiler" in choice.reason
