@@ -82,6 +82,20 @@ def test_chat_script_measures_the_cpu_kernel_by_default(answering, eval_chat, ca
     assert f"[A]: {ANSWER}\n" in stdout
 
 
+def test_chat_script_answers_on_the_compiled_step_when_it_measures_faster(answering, eval_chat, capsys):
+    """--cpu_kernel auto_compile: the line says what was timed and which path runs; fp32's answer either way."""
+    from model.cpu_compile import compiler_missing
+
+    if compiler_missing():
+        pytest.skip(compiler_missing())
+    code = eval_chat.main(_chat_argv(answering, "--cpu_kernel", "auto_compile"))
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    lines = _kernel_lines(stdout)
+    assert len(lines) == 1 and "ms per decode step: compiled " in lines[0], stdout
+    assert f"[A]: {ANSWER}\n" in stdout
+
+
 def test_chat_script_refuses_bad_values_in_one_line(answering, eval_chat, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_chat.main(_chat_argv(answering, "--quantize", "int4"))
