@@ -23,6 +23,7 @@ import copy
 import os
 import shutil
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -34,7 +35,9 @@ from .decoder import KVCache
 
 # inductor settings of the compiled step: weights frozen as constants (so they can be packed once) and each
 # GEMM shape timed between inductor's C++ template and ATen at compile time
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# at compile time (its per-shape timing tables on stderr are silenced: the CPU kernel line says what was chosen)
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def compiler_missing() -> Optional[str]:
@@ -77,7 +80,9 @@ def compile_decode(model: nn.Module) -> float:
         p.requires_grad_(False)  # freezing folds the weights into the compiled step as constants
     compiled = CompiledDecode(model)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # inductor's autotuner calls a deprecated storage API inside torch: not this project's to act on
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
         cache = KVCache(model.config, 1, 4, model.output.weight.device, model.output.weight.dtype)
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
         for _ in range(2):  # two cache lengths: the step is compiled for a growing cache, once
