@@ -11,11 +11,11 @@ Measured on an AMD EPYC (Zen 4), 2 threads, the 512/8 model, fp32: 3.1-3.5 ms pe
 eager oneDNN (bench/generate.py --kernel compiled; bench/RESULTS.md). The products are the same dot products in
 another summation order, so greedy answers match the plain model's (tests/test_cpu_compile.py).
 
-Costs, which is why it is asked for (--cpu_kernel compiled) and not part of auto: compiling takes tens of
-seconds at load (about 20 s on those 2 cores; done at load, not at the first request), it needs a C++ compiler,
-and inductor keeps its own packed copy of the decode weights beside the model's (prefill, longer chunks and
-padded batches run the plain model). The compiled step serves one row without padding, the chat case; other
-steps run the plain forward.
+Costs, which is why it is not part of auto (--cpu_kernel compiled asks for it; auto_compile times it against
+auto's pick on decode steps and keeps the faster): compiling takes tens of seconds at load (about 20 s on those 2
+cores; done at load, not at the first request), it needs a C++ compiler, and inductor keeps its own packed copy
+of the decode weights beside the model's (prefill, longer chunks and padded batches run the plain model). The
+compiled step serves one row without padding, the chat case; other steps run the plain forward.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from .cpu_kernels import MARGIN, KernelChoice, fuse_projections, measured_choice
 from .decoder import KVCache
 
 # inductor settings of the compiled step: weights frozen as constants (so they can be packed once) and each
-# GEMM shape timed between inductor's C++ template and ATen at compile time
-# at compile time (its per-shape timing tables on stderr are silenced: the CPU kernel line says what was chosen)
+# GEMM shape timed between inductor's C++ template and ATen at compile time (its tables of those timings on
+# stderr are silenced: the CPU kernel line says what was chosen)
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                     "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
@@ -142,7 +142,8 @@ def time_decode_steps(compiled: nn.Module, eager: nn.Module, prompt: int = 32, s
 def _decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     """Seconds per step of `steps` greedy decode steps after a prefill of ids [1, T] (no image)."""
     weight = model.tok_embeddings.weight  # the output head may be a converted copy here
-    cache = KVCache(model.config, 1, ids.shape[1] + steps, weight.device, weight.dtype)
+    # one slot to spare: the compiled step leaves a cache's last slot to the plain forward (MiniMindVLM)
+    cache = KVCache(model.config, 1, ids.shape[1] + steps + 1, weight.device, weight.dtype)
     logits = model(ids, cache=cache, last_only=True).logits[:, -1]
     start = time.perf_counter()
     for _ in range(steps):

@@ -141,3 +141,24 @@ def test_auto_compile_without_a_compiler_keeps_the_auto_pick(base, monkeypatch):
     choice = choose_cpu_kernel(model, "auto_compile")
     assert choice.kernel in ("default", "transposed", "onednn") and choice.kernel == current_kernel(model)
     assert "compiled not tried: the compiled CPU kernel cannot run here: no C++ compiler" in choice.reason
+
+
+def test_filling_the_cache_to_its_last_slot_does_not_compile_again(base, compiled):
+    """The last slot makes the cached keys one contiguous block, which the compiled graph does not cover: that
+    step runs the plain forward instead of compiling a second graph mid-answer, with the same logits."""
+    from model.decoder import KVCache
+
+    model, _ = compiled
+    greedy(model, PROMPT, n=3)
+    graphs = counters["stats"]["unique_graphs"]
+    ids, steps = torch.tensor(PROMPT), 5
+    logits = {}
+    with torch.inference_mode():
+        for name, m in (("compiled", model), ("plain", base)):
+            cache = KVCache(m.config, 1, ids.shape[1] + steps, "cpu", torch.float32)
+            m(ids, cache=cache)
+            logits[name] = [m.next_token_logits(torch.tensor([[7 + i]]), cache) for i in range(steps)]
+            assert cache.length == cache.k.shape[3]  # filled to the last slot
+    assert counters["stats"]["unique_graphs"] == graphs
+    for got, want in zip(logits["compiled"], logits["plain"]):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
