@@ -131,7 +131,8 @@ def time_decode_steps(compiled: nn.Module, eager: nn.Module, prompt: int = 32, s
     machine's load then weighs on both alike); one row, a fresh cache per turn. The eager side is a separate
     model because swapping modules in and out of the compiled one would fail its guards and compile it again."""
     best = {"compiled": float("inf"), "eager": float("inf")}
-    ids = torch.randint(0, compiled.config.vocab_size, (1, prompt))
+    # fixed ids, not torch's random generator: loading a model must not move the seed an app may have set
+    ids = (torch.arange(prompt) * 7 + 5).remainder(compiled.config.vocab_size)[None]
     for _ in range(rounds):
         for turn, model in (("compiled", compiled), ("eager", eager)):
             best[turn] = min(best[turn], _decode_seconds(model, ids, steps) * 1000)

@@ -20,7 +20,7 @@ read the same input, wq/wk/wv and w1/w3, into one each: fuse_projections):
                the weights to bf16 can change answers
   compiled     not a linear layer's kernel: the whole one-row decode step compiled with inductor at load, on
                plain stacked linears (model.cpu_compile): no per-op cost left between the products; tens of
-               seconds to compile and a C++ compiler needed, so only when asked for
+               seconds to compile and a C++ compiler needed, so only when asked for (compiled, or auto_compile below)
 The fp32 paths compute the same products as default in another summation order (results within ~1e-6
 relative), so greedy answers match default's (tests/test_cpu_kernels.py); `auto` chooses among them only.
 `auto_bf16` adds onednn_bf16 to the candidates where the CPU supports it and takes it only when measured faster.
@@ -220,7 +220,9 @@ def time_kernels(linears: Sequence[nn.Linear], kernels: Sequence[str], rounds: i
     """Best seconds per pass of one input row through all `linears` for each kernel, the kernels taking turns
     in every round (a shared machine's load then weighs on all of them alike)."""
     converted = {k: [convert_linear(linear, k) for linear in linears] for k in kernels}
-    inputs = {n: torch.randn(1, 1, n) for n in {linear.in_features for linear in linears}}
+    # fixed values, not torch's random generator (the timing does not depend on them): loading a model must not
+    # move the seed an app may have set
+    inputs = {n: torch.linspace(-1.0, 1.0, n).view(1, 1, n) for n in {linear.in_features for linear in linears}}
     best = {k: float("inf") for k in kernels}
     with torch.inference_mode():
         for k in kernels:  # warm-up: first-call setup (oneDNN primitives) is not what decoding pays per token

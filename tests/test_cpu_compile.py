@@ -112,8 +112,9 @@ def test_timing_decode_steps_does_not_recompile(base, compiled):
     eager = copy.deepcopy(base)
     choose_cpu_kernel(eager, "transposed")
     greedy(model, PROMPT, n=3)
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, rng = counters["stats"]["unique_graphs"], torch.random.get_rng_state()
     times = time_decode_steps(model, eager, prompt=8, steps=4, rounds=2)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # an app's seed set before loading still holds
     assert set(times) == {"compiled", "eager"} and all(t > 0 for t in times.values())
     assert counters["stats"]["unique_graphs"] == graphs and current_kernel(model) == "compiled"
     assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))

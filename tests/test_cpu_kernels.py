@@ -127,6 +127,14 @@ def test_real_timing_returns_a_time_per_kernel(base):
     assert set(times) == set(kernels) and all(0 < t < float("inf") for t in times.values())
 
 
+def test_measuring_at_load_leaves_the_random_generator_alone(base):
+    """An app that seeds before loading the model gets the same samples whatever the kernel measurement did."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    choose_cpu_kernel(copy.deepcopy(base), "auto")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_models_the_kernels_do_not_apply_to(base):
     on_meta = copy.deepcopy(base).to("meta")  # stands in for a GPU model: not on the CPU
     choice = choose_cpu_kernel(on_meta, "auto")
