@@ -7,8 +7,9 @@ a token on the 512/8 model). torch.compile removes most of that for the single-t
     (max_autotune, chosen against ATen's by timing each shape at compile time) runs the matrix-vector products;
   - the norms, rotary embedding, attention glue and residual adds fuse into a few generated C++ kernels;
   - dynamic shapes: the growing KV cache does not recompile.
-Measured on an AMD EPYC (Zen 4), 2 threads, the 512/8 model, fp32: 3.1-3.5 ms per token against 4.1-4.5 ms for
-eager oneDNN (bench/generate.py --kernel compiled; bench/RESULTS.md). The products are the same dot products in
+Measured on an AMD EPYC (Zen 4), 2 threads, the 512/8 model, fp32, the two taking turns in one process: 3.1-3.5
+ms per token against 4.1-4.5 ms for eager oneDNN (bench/generate.py --kernel auto_compile times the same at load;
+bench/RESULTS.md). The products are the same dot products in
 another summation order, so greedy answers match the plain model's (tests/test_cpu_compile.py).
 
 Costs, which is why it is not part of auto (--cpu_kernel compiled asks for it; auto_compile times it against
