@@ -24,11 +24,13 @@ import torch
 
 from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
 from inference.model_files import newest_chat_checkpoint
-from model.cpu_inference import add_cpu_inference_args
-from model.files import CheckpointError
-from model.seed import seed_everything
-from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning
-from model.vision_pairing import add_encoder_mismatch_arg
+from inference.cpu.prepare import add_cpu_inference_args
+from checkpoints.files import CheckpointError
+from trainer.seed import seed_everything
+from model.vision import DEFAULT_CLIP_PATH
+from data_pipeline.image_decode import ImageError, open_image
+from checkpoints.vision_pairing import stand_in_warning
+from checkpoints.vision_pairing import add_encoder_mismatch_arg
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -155,7 +157,7 @@ def prepare_cpu(chat: VLMChat, args: argparse.Namespace) -> bool:
 
 def score(chat: VLMChat, args: argparse.Namespace) -> int:
     """Exact-match accuracy over --eval_data, printed with the per-type breakdown."""
-    from inference.evaluate import answer_accuracy
+    from evaluation.held_out import answer_accuracy
 
     images_path = args.eval_images_path or os.path.dirname(args.eval_data)
     try:
@@ -169,8 +171,8 @@ def score(chat: VLMChat, args: argparse.Namespace) -> int:
 
 def benchmark_files(args: argparse.Namespace) -> Optional[list[str]]:
     """--benchmark's parquet files, checked before the model is loaded; None after a one-line error."""
-    from inference.bench_data import BenchmarkError, benchmark_files as find_files
-    from inference.bench_specs import BENCHMARKS
+    from evaluation.benchmark_data import BenchmarkError, benchmark_files as find_files
+    from evaluation.benchmark_specs import BENCHMARKS
 
     spec = BENCHMARKS[args.benchmark]
     try:
@@ -183,9 +185,9 @@ def benchmark_files(args: argparse.Namespace) -> Optional[list[str]]:
 def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str], weights_sha256: str) -> int:
     """--benchmark: the standard metrics, printed and written to a JSON file with the model's fingerprint
     (weights_sha256: of the weights as loaded, before prepare_cpu converted them)."""
-    from inference.bench_data import BenchmarkError
-    from inference.bench_specs import BENCHMARKS
-    from inference.benchmarks import model_record, result_record, run_benchmark, summary_lines, write_result
+    from evaluation.benchmark_data import BenchmarkError
+    from evaluation.benchmark_specs import BENCHMARKS
+    from evaluation.benchmarks import model_record, result_record, run_benchmark, summary_lines, write_result
 
     spec = BENCHMARKS[args.benchmark]
     ckpt, _ = choose_checkpoint(args)
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
         return 1
     weights_sha256 = None
     if files is not None:  # the fingerprint of the weights as loaded: the CPU kernels and int8 replace them
-        from inference.benchmarks import state_dict_sha256
+        from evaluation.benchmarks import state_dict_sha256
 
         weights_sha256 = state_dict_sha256(chat.model)
     if not prepare_cpu(chat, args):

@@ -13,7 +13,7 @@ vision_encoder/ so that the model also accepts pixel_values. The export is check
 through AutoModelForCausalLM and comparing logits with the native model (skip with --no_verify).
 
 Reverse, a published v1 Hugging Face directory (or one written by this script) back to a checkpoint that
-model.checkpoint.load_model reads (`<name>.pth` plus its `<name>.config.json` sidecar):
+checkpoints.checkpoint.load_model reads (`<name>.pth` plus its `<name>.config.json` sidecar):
 
     python export_model.py --from_hf DIR --to out/minimind_v1.pth
 """
@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,18 +31,18 @@ from typing import Any, Optional
 
 import torch
 
-from model.checkpoint import load_model, read_checkpoint, read_model_dir, save_checkpoint
+from checkpoints.checkpoint import load_model, read_checkpoint, read_model_dir, save_checkpoint
 from model.config import IMAGE_TOKENS, LMConfig
 from model.decoder import count_parameters
-from model.files import CheckpointError
-from model.processing_minimind_v import MiniMindVProcessor
-from model.tokenizer import image_token_ids, load_tokenizer
-from model.tokenizer_pairing import checkpoint_tokenizer
+from checkpoints.files import CheckpointError
+from hf_export.processing_minimind_v import MiniMindVProcessor
+from checkpoints.tokenizer import image_token_ids, load_tokenizer
+from checkpoints.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder, load_vision_encoder
-from model.vision_pairing import OVERRIDE_FLAG, check_vision_encoder, encoder_record
+from checkpoints.vision_pairing import OVERRIDE_FLAG, check_vision_encoder, encoder_record
 
-CODE_FILES = ("config.py", "decoder.py", "feed_forward.py", "vlm.py", "hf_model.py", "vision.py",
-              "processing_minimind_v.py")
+WRAPPER_FILES = ("hf_model.py", "processing_minimind_v.py")  # hf_export/: what auto_map names
+CODE_FILES = ("config.py", "decoder.py", "feed_forward.py", "vlm.py", "vision.py") + WRAPPER_FILES
 VISION_SUBFOLDER = "vision_encoder"
 AUTO_MAP = {"AutoConfig": "config.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,17 +77,21 @@ def preprocessor_config(preprocess: ImagePreprocessor) -> dict[str, Any]:
 
 
 def copy_model_code(out: Path) -> None:
-    """Copy the model code into the export so it loads as remote code (its imports are all relative)."""
+    """Copy the network (model/) and the transformers wrappers (hf_export/) into the export, flat, so it loads as
+    remote code: the wrappers' `from model.X import` becomes `from .X import`. Nothing else of the project ships."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    src = Path(__file__).resolve().parent / "model"
-    entry_points = ("hf_model.py", "processing_minimind_v.py")  # what auto_map names
-    needed = {Path(p).name for name in entry_points for p in get_relative_import_files(src / name)}
-    missing = (needed | set(entry_points)) - set(CODE_FILES)
-    if missing:  # a new relative import in the model code must be shipped too
-        raise ExportError(f"the model code imports {sorted(missing)}, which CODE_FILES does not copy")
+    root = Path(__file__).resolve().parent
     for name in CODE_FILES:
-        shutil.copy2(src / name, out / name)
+        src = root / ("hf_export" if name in WRAPPER_FILES else "model") / name
+        text = re.sub(r"^(\s*)from model\.(\w+) import", r"\1from .\2 import", src.read_text(), flags=re.M)
+        if re.search(r"^\s*(from|import) (model|checkpoints|data_pipeline|inference|evaluation|trainer|hf_export)\b",
+                     text, flags=re.M):
+            raise ExportError(f"{src} imports project code outside the network, which an export cannot ship")
+        (out / name).write_text(text)
+    needed = {Path(p).name for name in WRAPPER_FILES for p in get_relative_import_files(out / name)}
+    if needed - set(CODE_FILES):  # a new relative import in the model code must be shipped too
+        raise ExportError(f"the model code imports {sorted(needed - set(CODE_FILES))}, which CODE_FILES does not copy")
 
 
 def bundle_vision_tower(encoder: VisionEncoder, out: Path, preprocess_cfg: dict[str, Any]) -> None:
@@ -101,10 +106,10 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
            repo_id: Optional[str] = None, allow_encoder_mismatch: bool = False) -> Path:
     """Write the Hugging Face directory for checkpoint `ckpt` (a file or a model directory) into `out`.
 
-    The tokenizer is the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), or `tokenizer_path`
+    The tokenizer is the checkpoint's own (checkpoints.tokenizer_pairing.checkpoint_tokenizer), or `tokenizer_path`
     when it has the same vocabulary. The vision tower bundled from `clip_path` must be the encoder the checkpoint
-    records (model.vision_pairing), unless `allow_encoder_mismatch`. Returns the output path."""
-    from model.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
+    records (checkpoints.vision_pairing), unless `allow_encoder_mismatch`. Returns the output path."""
+    from hf_export.hf_model import VISION_SUBFOLDER_FIELD, MiniMindVLMForCausalLM
 
     if not os.path.exists(ckpt):
         raise ExportError(f"checkpoint not found: {ckpt}")

@@ -39,9 +39,9 @@ from typing import Optional
 from inference.chat import VLMChat
 from inference.openai_app import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, Runner,
                                   create_app)
-from model.cpu_inference import add_cpu_inference_args
+from inference.cpu.prepare import add_cpu_inference_args
 from model.vision import DEFAULT_CLIP_PATH
-from model.vision_pairing import add_encoder_mismatch_arg
+from checkpoints.vision_pairing import add_encoder_mismatch_arg
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

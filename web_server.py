@@ -14,14 +14,14 @@ Run it from the repository root, either way:
 (streamlit's own, e.g. `--server.port`) go to streamlit, the rest to this script (checked first: an unknown flag
 or a bad value is argparse's one-line error).
 
-CPU inference (model.cpu_inference): the decoder's linear layers run on the fastest fp32 kernel path measured at
+CPU inference (inference.cpu.prepare): the decoder's linear layers run on the fastest fp32 kernel path measured at
 load (--cpu_kernel auto; same greedy answers as default), or in int8 with --quantize int8. The sidebar's
 "int8 weights (CPU)" toggle starts from --quantize and reloads the model quantised or not; on a GPU it is disabled
 (int8 here is CPU only). The sidebar caption shows the line saying which kernel runs.
 
 The checkpoint picker lists the .pth files in --out_dir and the MiniMind model directories (a published
 `minimind-v-v1-small` clone, or an export) in --out_dir and the project root; model directories come first, then
-`*_vlm_sft.pth`. The tokenizer is the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer) unless
+`*_vlm_sft.pth`. The tokenizer is the checkpoint's own (checkpoints.tokenizer_pairing.checkpoint_tokenizer) unless
 --tokenizer_path is given.
 
 Binding: streamlit binds to `--server.address`. `.streamlit/config.toml` sets `address = "127.0.0.1"`, so a
@@ -67,7 +67,7 @@ from inference.web_support import (IMAGE_TYPES, MAX_UPLOAD_MB, NO_CHECKPOINT_HEL
                                    ServerArgs, check_launch_flags, checkpoint_stamp, display_copy, error_text,
                                    format_params, image_id, list_checkpoints, parse_args, resolve_clip_path,
                                    split_flags, validate_upload)
-from model.vision import ImageError  # noqa: E402
+from data_pipeline.image_decode import ImageError  # noqa: E402
 
 SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of several
 
@@ -80,8 +80,8 @@ def load_chat(ckpt: str, clip_path: str, tokenizer_path: Optional[str], device: 
               stamp: tuple[int, int], quantize: str = "none", cpu_kernel: str = "auto",
               allow_encoder_mismatch: bool = False) -> VLMChat:
     """Loaded once per key and shared by every session; `stamp` reloads a checkpoint rewritten in place, and
-    `quantize` / `cpu_kernel` / `allow_encoder_mismatch` go to VLMChat.load (model.cpu_inference,
-    model.vision_pairing)."""
+    `quantize` / `cpu_kernel` / `allow_encoder_mismatch` go to VLMChat.load (inference.cpu.prepare,
+    checkpoints.vision_pairing)."""
     return VLMChat.load(ckpt, clip_path, tokenizer_path, device, quantize=quantize, cpu_kernel=cpu_kernel,
                         allow_encoder_mismatch=allow_encoder_mismatch)
 

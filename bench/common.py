@@ -139,7 +139,7 @@ def bench_parser(doc: str):
     seed, the results file and a label."""
     import argparse
 
-    from model.tokenizer import DEFAULT_TOKENIZER_PATH
+    from checkpoints.tokenizer import DEFAULT_TOKENIZER_PATH
     from trainer.config import add_model_size_args
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0])

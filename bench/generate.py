@@ -27,8 +27,8 @@ AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True), and decoded w
   hf_slowdown         native / transformers decode tok/s, best of the --reps interleaved runs of each
                       (1.0 = as fast as the native path)
   same_tokens_hf      generate() produced exactly the native greedy tokens
-With --kernel (how the decoder's linears run on CPU: model.cpu_kernels; auto measures the paths at load) or
---quantize int8 (model.quantize), the model is converted after a plain fp32 copy is set aside as the reference
+With --kernel (how the decoder's linears run on CPU: inference.cpu.kernels; auto measures the paths at load) or
+--quantize int8 (inference.cpu.quantize), the model is converted after a plain fp32 copy is set aside as the reference
 (peak_rss_mb then holds both), and:
   kernel              the path used (default, transposed, onednn, onednn_bf16 or int8); kernel_line says why
   decode_tok_s_fp32   the plain fp32 reference's decode tok/s, timed in turns with the converted model's reps
@@ -62,11 +62,11 @@ import torch  # noqa: E402
 from bench.common import (DTYPES, bench_parser, bench_title, command_line, machine_info, peak_memory_mb,  # noqa: E402
                           read_bandwidth, report, start, sync)
 from model.config import CLIP_DIM, IMAGE_TOKENS, LMConfig  # noqa: E402
-from model.cpu_inference import QUANTIZE_CHOICES, prepare_for_cpu_inference  # noqa: E402
-from model.cpu_kernels import CHOICES, current_kernel, decode_linears, linear_nbytes  # noqa: E402
+from inference.cpu.prepare import QUANTIZE_CHOICES, prepare_for_cpu_inference  # noqa: E402
+from inference.cpu.kernels import CHOICES, current_kernel, decode_linears, linear_nbytes  # noqa: E402
 from bench.versus_fp32 import compare_with_reference, prompt_ids, timed_generate  # noqa: E402
 from model.decoder import KVCache  # noqa: E402
-from model.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
+from checkpoints.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 from trainer.config import model_size  # noqa: E402
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     a("--skip_nocache", action="store_true")
     a("--hf", action="store_true", help="also time the transformers export's generate() (see above)")
-    a("--kernel", default="default", choices=CHOICES, help="CPU path of the decoder's linears (model.cpu_kernels)")
+    a("--kernel", default="default", choices=CHOICES, help="CPU path of the decoder's linears (inference.cpu.kernels)")
     a("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: quantise the decoder's linears")
     a("--agree_prompts", type=int, default=8, help="prompts of the agreement with the fp32 reference")
     a("--agree_tokens", type=int, default=32, help="greedy tokens per agreement prompt")
@@ -112,8 +112,8 @@ def load_hf_export(model, tokenizer_path: str, dtype: str, tmp: str):
     from transformers.utils import logging as hf_logging
 
     import export_model
-    from model.checkpoint import save_checkpoint
-    from model.tokenizer import tokenizer_record
+    from checkpoints.checkpoint import save_checkpoint
+    from checkpoints.tokenizer import tokenizer_record
 
     hf_logging.disable_progress_bar()
     save_checkpoint(model.float(), os.path.join(tmp, "bench.pth"), tokenizer=tokenizer_record(tokenizer_path))
@@ -206,7 +206,7 @@ def converting(args: argparse.Namespace) -> bool:
 def build_model(args: argparse.Namespace, tokenizer, device, dtype) -> MiniMindVLM:
     """Random weights of the --preset/--dim size (seeded), or the trained ones of --ckpt."""
     if args.ckpt:
-        from model.checkpoint import load_model
+        from checkpoints.checkpoint import load_model
 
         return load_model(args.ckpt, image_ids=image_token_ids(tokenizer), device=device).to(device, dtype).eval()
     config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=CLIP_DIM)

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import emit  # noqa: E402
-from model.checkpoint import load_model  # noqa: E402
-from model.cpu_inference import add_cpu_inference_args, prepare_for_cpu_inference  # noqa: E402
+from checkpoints.checkpoint import load_model  # noqa: E402
+from inference.cpu.prepare import add_cpu_inference_args, prepare_for_cpu_inference  # noqa: E402
 
 
 def status_mb(field: str) -> float:

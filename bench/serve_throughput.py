@@ -106,9 +106,9 @@ def run_level(base: str, clients: int, per_client: int, max_tokens: int) -> dict
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = resolve_size(build_parser().parse_args(argv))
     os.chdir(ROOT)
-    from model.checkpoint import save_checkpoint
+    from checkpoints.checkpoint import save_checkpoint
     from model.config import LMConfig
-    from model.tokenizer import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, tokenizer_record
+    from checkpoints.tokenizer import DEFAULT_TOKENIZER_PATH, image_token_ids, load_tokenizer, tokenizer_record
     from model.vlm import MiniMindVLM
     from scripts.build_stand_in_clip import build_stand_in_clip
 

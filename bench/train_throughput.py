@@ -49,7 +49,7 @@ from data_pipeline.dataset import VLMDataset, collate  # noqa: E402
 from data_pipeline.feature_store import FeatureStore  # noqa: E402
 from data_pipeline.samplers import length_grouped_order  # noqa: E402
 from model.config import LMConfig  # noqa: E402
-from model.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
+from checkpoints.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
 from model.vision import load_vision_encoder  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 from trainer.config import model_size  # noqa: E402

@@ -1,4 +1,4 @@
-"""bench/generate.py's comparison of a converted model (model.cpu_kernels, model.quantize) with the plain fp32
+"""bench/generate.py's comparison of a converted model (inference.cpu.kernels, inference.cpu.quantize) with the plain fp32
 model it came from: decode speed in turns, greedy agreement over a fixed prompt set, and load memory measured
 in fresh processes (bench/load_memory.py). The figures are described in bench/generate.py's docstring."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from bench.common import sync
 from model.config import CLIP_DIM, IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
-from model.tokenizer import render_chat
+from checkpoints.tokenizer import render_chat
 
 
 def timed_generate(model, ids, feats, n: int, use_cache: bool, device) -> tuple[float, float, torch.Tensor]:
@@ -82,8 +82,8 @@ def agreement(model, reference, tokenizer, device, n_prompts: int, n_tokens: int
 
 def load_memory(reference, args: argparse.Namespace) -> dict[str, Any]:
     """bench/load_memory.py in fresh processes on the same weights: plain fp32, then converted as in this run."""
-    from model.checkpoint import save_checkpoint
-    from model.tokenizer import tokenizer_record
+    from checkpoints.checkpoint import save_checkpoint
+    from checkpoints.tokenizer import tokenizer_record
 
     def measure(ckpt: str, flags: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).with_name("load_memory.py")), ckpt, *flags]

@@ -14,8 +14,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import Dataset
 
-from model.tokenizer import count_span_openings, image_token_ids
-from model.vision import ImageError, ImagePreprocessor
+from checkpoints.tokenizer import count_span_openings, image_token_ids
+from model.vision import ImagePreprocessor
+from data_pipeline.image_decode import ImageError
 
 from .images import ImageRef, image_file, image_ref_key, open_image_ref
 from .packing import pack_rows

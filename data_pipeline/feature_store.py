@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from model.files import atomic_write
-from model.vision import ImageError, VisionEncoder
+from checkpoints.files import atomic_write
+from model.vision import VisionEncoder
+from data_pipeline.image_decode import ImageError
 
 from .images import ImageRef, open_image_ref
 from .parquet import ParquetImage

@@ -6,7 +6,7 @@ from typing import Any, Union
 
 from PIL import Image
 
-from model.vision import open_image
+from data_pipeline.image_decode import open_image
 
 from .parquet import ParquetImage
 

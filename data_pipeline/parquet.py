@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from model.vision import MAX_IMAGE_PIXELS, ImageError
+from data_pipeline.image_decode import MAX_IMAGE_PIXELS, ImageError
 
 from .records import DataError, check_data_file
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
-from model.tokenizer import render_chat
+from checkpoints.tokenizer import render_chat
 from model.vlm import find_image_spans
 
 from .images import ImageRef

@@ -10,15 +10,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from model.checkpoint import load_model, read_checkpoint
+from checkpoints.checkpoint import load_model, read_checkpoint
 from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
-from model.cpu_inference import prepare_for_cpu_inference
+from inference.cpu.prepare import prepare_for_cpu_inference
 from model.decoder import count_parameters
-from model.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
+from checkpoints.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
                              neutralise_placeholder, render_chat)
-from model.tokenizer_pairing import checkpoint_tokenizer
+from checkpoints.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder
-from model.vision_pairing import check_vision_encoder, encoder_record
+from checkpoints.vision_pairing import check_vision_encoder, encoder_record
 from model.vlm import MiniMindVLM
 
 from .batcher import DecodeRequest, DynamicBatcher
@@ -92,7 +92,7 @@ class VLMChat:
         self._max_images: Optional[int] = None
         # counted as loaded: the CPU kernels and int8 keep the decode weights in forms that are not parameters
         self._n_params = count_parameters(model)
-        self.kernel_line: Optional[str] = None  # what prepare_cpu() did for CPU inference (model.cpu_inference)
+        self.kernel_line: Optional[str] = None  # what prepare_cpu() did for CPU inference (inference.cpu.prepare)
 
     @classmethod
     def load(cls, ckpt: Union[str, os.PathLike], clip_path: str, tokenizer_path: Optional[str] = None,
@@ -101,8 +101,8 @@ class VLMChat:
         """Load all three parts; a missing one is an error that says how to get it.
 
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
-        when given, else the checkpoint's own (model.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
-        The encoder at `clip_path` must be the one the checkpoint records (model.vision_pairing; a mismatch is a
+        when given, else the checkpoint's own (checkpoints.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
+        The encoder at `clip_path` must be the one the checkpoint records (checkpoints.vision_pairing; a mismatch is a
         VisionEncoderMismatch unless `allow_encoder_mismatch`, the apps' --allow_encoder_mismatch).
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it.
         `quantize` and `cpu_kernel` go to prepare_cpu (the apps' --quantize and --cpu_kernel)."""
@@ -118,7 +118,7 @@ class VLMChat:
         return chat
 
     def prepare_cpu(self, quantize: str = "none", cpu_kernel: str = "default") -> str:
-        """Quantise the model and/or choose its CPU kernel (model.cpu_inference.prepare_for_cpu_inference), in
+        """Quantise the model and/or choose its CPU kernel (inference.cpu.prepare.prepare_for_cpu_inference), in
         place; the line saying what was done is returned and kept in `kernel_line`. A model already converted
         (not "none"/"default") is not converted again: that is a ValueError."""
         self.kernel_line = prepare_for_cpu_inference(self.model, quantize, cpu_kernel)

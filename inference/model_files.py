@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from model.files import CheckpointError, PathLike, read_json_object
-from model.weights import HF_INDEX_FILES, HF_WEIGHT_FILES, is_model_dir
+from checkpoints.files import CheckpointError, PathLike, read_json_object
+from checkpoints.weights import HF_INDEX_FILES, HF_WEIGHT_FILES, is_model_dir
 
 
 def find_model_dirs(folder: PathLike) -> list[Path]:

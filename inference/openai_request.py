@@ -14,7 +14,7 @@ from typing import Any, Optional
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from model.vision import ImageError, open_image
+from data_pipeline.image_decode import ImageError, open_image
 
 from .chat import DEFAULT_QUESTION, MAX_IMAGES, GenerationSettings, TooManyImagesError, Turn, check_image_count
 

@@ -11,11 +11,12 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from model.cpu_inference import QUANTIZE_CHOICES, add_cpu_inference_args
-from model.cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
-from model.vision import (DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, ImageError, clip_or_stand_in, is_stand_in,
-                          open_image)
-from model.vision_pairing import add_encoder_mismatch_arg
+from inference.cpu.prepare import QUANTIZE_CHOICES, add_cpu_inference_args
+from inference.cpu.kernels import CHOICES as CPU_KERNEL_CHOICES
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH
+from data_pipeline.image_decode import ImageError, open_image
+from checkpoints.vision_pairing import clip_or_stand_in, is_stand_in
+from checkpoints.vision_pairing import add_encoder_mismatch_arg
 
 from .model_files import find_model_dirs, weights_file
 
@@ -40,9 +41,9 @@ class ServerArgs:
     clip_path: str
     tokenizer_path: Optional[str]  # None: the checkpoint's own
     device: str
-    quantize: str = "none"  # model.cpu_inference: --quantize (the page's int8 toggle starts from it)
+    quantize: str = "none"  # inference.cpu.prepare: --quantize (the page's int8 toggle starts from it)
     cpu_kernel: str = "auto"  # --cpu_kernel
-    allow_encoder_mismatch: bool = False  # --allow_encoder_mismatch (model.vision_pairing)
+    allow_encoder_mismatch: bool = False  # --allow_encoder_mismatch (checkpoints.vision_pairing)
 
 
 @dataclass(frozen=True)

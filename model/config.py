@@ -70,7 +70,7 @@ class LMConfig(PretrainedConfig):
         self.dropout = dropout
         self.flash_attn = flash_attn  # v1 compatibility: read back from v1 configs; SDPA is always used
         self.image_special_token = image_special_token  # v1 compatibility: the placeholder text v1 configs record
-        # None until a tokenizer fills it in (see model.tokenizer.image_token_ids);
+        # None until a tokenizer fills it in (see checkpoints.tokenizer.image_token_ids);
         # never hard-coded, because different tokenizers give different ids.
         self.image_ids = list(image_ids) if image_ids is not None else None
         self.vision_dim = vision_dim

@@ -193,7 +193,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        # CPU inference may stack wq, wk and wv into one layer (model.cpu_kernels.fuse_projections): one larger
+        # CPU inference may stack wq, wk and wv into one layer (inference.cpu.kernels.fuse_projections): one larger
         # matrix-vector product per token streams the weights faster than three small ones.
         self.wqkv: Optional[nn.Module] = None
 

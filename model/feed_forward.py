@@ -23,7 +23,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, hidden, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.w13: Optional[nn.Module] = None  # w1 and w3 stacked by CPU inference (model.cpu_kernels)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 stacked by CPU inference (inference.cpu.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))

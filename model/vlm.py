@@ -61,14 +61,14 @@ class MiniMindVLM(MiniMindLM):
             raise ValueError(f"image_ids must hold {IMAGE_TOKENS} ids, got {len(ids)}")
         self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * IMAGE_TOKENS),
                              persistent=False)
-        # set by the compiled CPU kernel (model.cpu_compile): the single-token step with a KV cache, compiled
+        # set by the compiled CPU kernel (inference.cpu.compiled): the single-token step with a KV cache, compiled
         self.compiled_decode = None
 
     def find_image_spans(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, start) of every complete placeholder span, in row-major order. Raises on a cut-short span."""
         if self.config.image_ids is None:
             raise ImageSpliceError("config.image_ids is not set: fill it from the tokenizer "
-                                   "(model.tokenizer.image_token_ids)")
+                                   "(checkpoints.tokenizer.image_token_ids)")
         return find_image_spans(input_ids, self.image_ids)
 
     def splice_images(self, h: torch.Tensor, input_ids: torch.Tensor,

@@ -12,7 +12,7 @@ For users with internet access. Pieces (``--what``):
 * ``llm``         out/{dim}_llm.pth from the same dataset repo -> out/{dim}_llm.pth
 * ``tokenizer``   the official MiniMind tokenizer (jingyaogong/minimind-v-v1-small) -> model/minimind_tokenizer_official/
 * ``bench``       the POPE (lmms-lab/POPE) and MMStar (Lin-Chen/MMStar) parquet files, each pinned to a commit
-                  (inference/bench_specs.py) -> dataset/bench/pope/, dataset/bench/mmstar/, each with a
+                  (evaluation/benchmark_specs.py) -> dataset/bench/pope/, dataset/bench/mmstar/, each with a
                   bench_source.json naming the repo and revision (``3-eval_chat.py --benchmark`` records it)
 
 ``all`` is everything except ``model`` and ``bench``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
@@ -44,7 +44,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from inference.bench_specs import BENCHMARKS, BENCH_DIR, MANIFEST_NAME  # noqa: E402  (no torch import)
+from evaluation.benchmark_specs import BENCHMARKS, BENCH_DIR, MANIFEST_NAME  # noqa: E402  (no torch import)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIRROR_HINT = "HF_ENDPOINT=https://hf-mirror.com"

@@ -24,9 +24,11 @@ from inference.attention_map import inspect_answer  # noqa: E402
 from inference.attention_plot import (MAX_TOKENS_DRAWN, attention_figure, attention_table, figure_png,  # noqa: E402
                                       token_texts)
 from inference.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
-from model.files import CheckpointError  # noqa: E402
-from model.vision import DEFAULT_CLIP_PATH, ImageError, open_image, stand_in_warning  # noqa: E402
-from model.vision_pairing import add_encoder_mismatch_arg  # noqa: E402
+from checkpoints.files import CheckpointError  # noqa: E402
+from model.vision import DEFAULT_CLIP_PATH  # noqa: E402
+from data_pipeline.image_decode import ImageError, open_image  # noqa: E402
+from checkpoints.vision_pairing import stand_in_warning  # noqa: E402
+from checkpoints.vision_pairing import add_encoder_mismatch_arg  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
 from model.config import LMConfig  # noqa: E402
-from model.tokenizer import image_token_ids, load_tokenizer, tokenizer_record  # noqa: E402
+from checkpoints.tokenizer import image_token_ids, load_tokenizer, tokenizer_record  # noqa: E402
 
 TOKENIZER_PATH = str(ROOT / "model" / "minimind_tokenizer")
 # The sidecar record of a checkpoint trained with the project's tokenizer (save_checkpoint(..., tokenizer=...)).
@@ -37,7 +37,7 @@ def tiny_config(tokenizer=None, **overrides) -> LMConfig:
 
 def save_tiny_vlm(path: Path, tokenizer, seed: int = 0, **record):
     """A tiny random VLM (seeded) saved as training saves it, recording the project tokenizer; returns the model."""
-    from model.checkpoint import save_checkpoint
+    from checkpoints.checkpoint import save_checkpoint
     from model.vlm import MiniMindVLM
 
     torch.manual_seed(seed)

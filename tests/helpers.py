@@ -86,7 +86,7 @@ def train_to_answer(chat, question: str, image: Image.Image, answer: str, steps:
     import torch
     import torch.nn.functional as F
 
-    from model.tokenizer import encode
+    from checkpoints.tokenizer import encode
 
     prompt = chat.build_prompt(question, (), 1, reserve=64)
     target = encode(chat.tokenizer, answer) + [chat.eos_id]

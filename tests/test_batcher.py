@@ -107,9 +107,9 @@ def test_requests_arriving_mid_batch_join_it_and_match_row_by_row(model):
 
 @pytest.mark.parametrize("kernel", ["transposed", "onednn", "auto", "compiled"])
 def test_each_cpu_kernel_path_batches_as_it_decodes_alone(model, kernel):
-    """The kernels of model.cpu_kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee."""
-    from model.cpu_inference import prepare_for_cpu_inference
-    from model.cpu_kernels import current_kernel, unavailable_reason
+    """The kernels of inference.cpu.kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee."""
+    from inference.cpu.prepare import prepare_for_cpu_inference
+    from inference.cpu.kernels import current_kernel, unavailable_reason
 
     if kernel != "auto" and unavailable_reason(kernel):
         pytest.skip(unavailable_reason(kernel))

@@ -18,12 +18,12 @@ from conftest import TOKENIZER_PATH, save_tiny_vlm, tiny_config
 from helpers import load_script
 from PIL import Image
 
-import inference.benchmarks as benchmarks
+import evaluation.benchmarks as benchmarks
 from data_pipeline.records import SkipCounter
-from inference.bench_data import BenchmarkError, benchmark_files, read_items
-from inference.bench_scoring import (PopeScores, mmstar_report, parse_choice, parse_options, parse_yes_no,
+from evaluation.benchmark_data import BenchmarkError, benchmark_files, read_items
+from evaluation.benchmark_scoring import (PopeScores, mmstar_report, parse_choice, parse_options, parse_yes_no,
                                      pope_report, pope_scores)
-from inference.bench_specs import MANIFEST_NAME, MMSTAR, POPE
+from evaluation.benchmark_specs import MANIFEST_NAME, MMSTAR, POPE
 from inference.chat import VLMChat
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
@@ -314,7 +314,7 @@ def test_a_benchmark_on_converted_weights_records_them_and_the_loaded_fingerprin
 
 
 def test_the_fingerprint_refuses_converted_weights(tokenizer):
-    from model.cpu_inference import prepare_for_cpu_inference
+    from inference.cpu.prepare import prepare_for_cpu_inference
 
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer)).eval()

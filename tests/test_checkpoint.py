@@ -6,11 +6,11 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import save_file
 
-from model.checkpoint import config_from_checkpoint, load_model, load_weights, save_checkpoint
-from model.config_inference import infer_config
-from model.files import CheckpointError
+from checkpoints.checkpoint import config_from_checkpoint, load_model, load_weights, save_checkpoint
+from checkpoints.config_inference import infer_config
+from checkpoints.files import CheckpointError
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 
 
 def test_llm_only_checkpoint_reports_exactly_the_projection_as_new(tmp_path):

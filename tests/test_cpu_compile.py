@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (model.cpu_compile): the compiled one-row decode step gives the plain model's greedy
+"""The compiled CPU kernel (inference.cpu.compiled): the compiled one-row decode step gives the plain model's greedy
 tokens, serves every later answer without compiling again, leaves padded batches to the plain forward, and
 fails clearly without a C++ compiler or on a model converted already; auto_compile keeps whichever of it and
 auto's eager pick runs decode steps faster."""
@@ -12,8 +12,8 @@ from conftest import tiny_config
 from torch._dynamo.utils import counters
 
 from model import cpu_compile, cpu_kernels
-from model.cpu_compile import compiler_missing, time_decode_steps
-from model.cpu_kernels import choose_cpu_kernel, current_kernel, unavailable_reason
+from inference.cpu.compiled import compiler_missing, time_decode_steps
+from inference.cpu.kernels import choose_cpu_kernel, current_kernel, unavailable_reason
 from model.vlm import MiniMindVLM, pad_rows
 
 PROMPT = [[5, 17, 99, 240, 3, 77, 1000, 12]]

@@ -16,10 +16,10 @@ from PIL import Image
 
 from inference.batcher import DecodeRequest, DynamicBatcher
 from inference.chat import GenerationSettings, VLMChat
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.decoder import count_parameters
-from model.quantize import is_int8
-from model.tokenizer import encode
+from inference.cpu.quantize import is_int8
+from checkpoints.tokenizer import encode
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
 
@@ -84,7 +84,7 @@ def test_chat_script_measures_the_cpu_kernel_by_default(answering, eval_chat, ca
 
 def test_chat_script_answers_on_the_compiled_step_when_it_measures_faster(answering, eval_chat, capsys):
     """--cpu_kernel auto_compile: the line says what was timed and which path runs; fp32's answer either way."""
-    from model.cpu_compile import compiler_missing
+    from inference.cpu.compiled import compiler_missing
 
     if compiler_missing():
         pytest.skip(compiler_missing())

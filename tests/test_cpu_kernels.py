@@ -1,4 +1,4 @@
-"""model.cpu_kernels: each fp32 kernel path gives the default path's greedy tokens, the automatic choice follows
+"""inference.cpu.kernels: each fp32 kernel path gives the default path's greedy tokens, the automatic choice follows
 the measured times (and never takes bf16 unasked), and the capability checks and bad inputs fail clearly."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 
 from model import cpu_kernels
-from model.cpu_kernels import choose_cpu_kernel, current_kernel, pick_fastest, unavailable_reason
+from inference.cpu.kernels import choose_cpu_kernel, current_kernel, pick_fastest, unavailable_reason
 from model.vlm import MiniMindVLM, pad_rows
 
 PROMPT = [[5, 17, 99, 240, 3, 77, 1000, 12]]

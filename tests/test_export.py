@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors import safe_open
 
 import export_model
-from model.checkpoint import load_model, save_checkpoint, v1_state_dict
+from checkpoints.checkpoint import load_model, save_checkpoint, v1_state_dict
 from model.config import LMConfig
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 
 
 def _tiny_checkpoint(tmp_path, tokenizer, **overrides):

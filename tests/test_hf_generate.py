@@ -7,7 +7,7 @@ from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from PIL import Image
 
 import export_model
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.vlm import MiniMindVLM, pad_rows
 
 
@@ -162,7 +162,7 @@ def test_exported_clip_image_processor_is_pixel_identical_to_the_native_preproce
 
 
 def _processor(tokenizer):
-    from model.processing_minimind_v import MiniMindVProcessor
+    from hf_export.processing_minimind_v import MiniMindVProcessor
 
     return MiniMindVProcessor(tokenizer)
 

@@ -1,5 +1,6 @@
-"""The package layout: imports run one way (network <- data <- training; network <- inference <- apps), and no
-module grows past what a reader takes in at one sitting."""
+"""The package layout: imports run one way (network <- checkpoints <- data <- training; network <- checkpoints <-
+inference <- evaluation; the export wrappers import the network alone), no module imports one that imports it back,
+and no module grows past what a reader takes in at one sitting."""
 from __future__ import annotations
 
 import ast
@@ -13,31 +14,74 @@ ROOT = Path(__file__).resolve().parents[1]
 # and may import anything.
 ALLOWED = {
     "model": set(),
-    "data_pipeline": {"model"},
-    "trainer": {"model", "data_pipeline"},
-    "inference": {"model", "data_pipeline"},
+    "checkpoints": {"model"},
+    "hf_export": {"model"},
+    "data_pipeline": {"model", "checkpoints"},
+    "inference": {"model", "checkpoints", "data_pipeline"},
+    "evaluation": {"model", "checkpoints", "data_pipeline", "inference"},
+    "trainer": {"model", "checkpoints", "data_pipeline", "evaluation"},
 }
 PACKAGES = set(ALLOWED)
+MODEL_MAX_LINES = 1300
 MAX_MODULE_LINES = 400
 
 
-def project_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level project package) of every import in the file, relative ones resolved."""
-    package = path.parent.name
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in the file, relative ones resolved against its package; an
+    `from pkg import name` counts as importing pkg.name when that is a module, else pkg."""
+    package = module_name(path, root) if path.name == "__init__.py" else module_name(path, root).rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            names = [package if node.level else (node.module or "")]
-        else:
-            continue
-        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in PACKAGES]
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                is_module = (root / sub.replace(".", "/")).with_suffix(".py").exists() or \
+                    (root / sub.replace(".", "/") / "__init__.py").exists()
+                found.append((node.lineno, sub if is_module else module))
     return found
 
 
-def package_modules() -> list[Path]:
-    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py"))
+def project_imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, top-level project package) of every import in the file, relative ones resolved."""
+    return [(line, name.split(".")[0]) for line, name in imported_modules(path, root)
+            if name.split(".")[0] in PACKAGES]
+
+
+def package_modules(root: Path = ROOT) -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (root / pkg).rglob("*.py"))
+
+
+def module_cycles(root: Path = ROOT) -> list[list[str]]:
+    """Every cycle in the graph of project modules (package modules, root scripts, scripts/, bench/), each as the
+    list of modules around it; a module counts as importing its packages' __init__ too only when it names them."""
+    files = package_modules(root) + sorted(root.glob("*.py")) + sorted((root / "scripts").glob("*.py")) + \
+        sorted((root / "bench").glob("*.py"))
+    names = {module_name(f, root): f for f in files if f.exists()}
+    graph = {name: {m for _, m in imported_modules(f, root) if m in names and m != name} for name, f in names.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return cycles
 
 
 def test_every_package_exists_and_says_what_it_holds():
@@ -47,9 +91,39 @@ def test_every_package_exists_and_says_what_it_holds():
         assert ast.get_docstring(ast.parse(init.read_text())), f"{pkg}/__init__.py has no docstring"
 
 
-@pytest.mark.parametrize("path", package_modules(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_module_imports_one_that_imports_it_back():
+    assert module_cycles() == []
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path):
+    # a mutation: two modules of one package importing each other, one of them lazily inside a function
+    (tmp_path / "inference" / "cpu").mkdir(parents=True)
+    for init in ("inference/__init__.py", "inference/cpu/__init__.py"):
+        (tmp_path / init).write_text('"""pkg"""\n')
+    (tmp_path / "inference" / "cpu" / "a.py").write_text("from .b import f\n")
+    (tmp_path / "inference" / "cpu" / "b.py").write_text("def f():\n    from inference.cpu import a\n")
+    assert module_cycles(tmp_path) == [["inference.cpu.a", "inference.cpu.b", "inference.cpu.a"]]
+
+
+def test_model_is_the_network_only():
+    """model/ imports nothing else from the project and stays short enough to read in one sitting."""
+    total = sum(len(p.read_text().splitlines()) for p in (ROOT / "model").glob("*.py"))
+    assert total <= MODEL_MAX_LINES, f"model/ has {total} lines (limit {MODEL_MAX_LINES})"
+
+
+def test_the_layout_test_sees_a_project_import_from_model(tmp_path):
+    # a mutation: a network module importing the checkpoints package is refused
+    (tmp_path / "model").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "files.py").write_text("")
+    bad = tmp_path / "model" / "vlm.py"
+    bad.write_text("from checkpoints.files import atomic_write\n")
+    assert [t for _, t in project_imports(bad, tmp_path) if t not in ALLOWED["model"] | {"model"}] == ["checkpoints"]
+
+
+@pytest.mark.parametrize("path", package_modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_run_one_way(path):
-    package = path.parent.name
+    package = path.relative_to(ROOT).parts[0]
     wrong = [f"line {line}: imports {target}" for line, target in project_imports(path)
              if target != package and target not in ALLOWED[package]]
     assert not wrong, f"{package}/{path.name} may import only {sorted(ALLOWED[package]) or 'nothing'}: {wrong}"
@@ -60,10 +134,10 @@ def test_the_layout_test_sees_a_wrong_import(tmp_path):
     bad = tmp_path / "model" / "bad.py"
     bad.parent.mkdir()
     bad.write_text("from trainer.loop import main\nfrom . import config\nimport inference.chat\n")
-    assert project_imports(bad) == [(1, "trainer"), (2, "model"), (3, "inference")]
+    assert project_imports(bad, tmp_path) == [(1, "trainer"), (2, "model"), (3, "inference")]
 
 
-@pytest.mark.parametrize("path", package_modules(), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", package_modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_module_is_too_long(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines (limit {MAX_MODULE_LINES})"
@@ -84,6 +158,6 @@ def long_functions(path: Path) -> list[str]:
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
 
 
-@pytest.mark.parametrize("path", package_modules(), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", package_modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_function_is_too_long(path):
     assert not long_functions(path), f"{path.relative_to(ROOT)}: {long_functions(path)}"

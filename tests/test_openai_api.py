@@ -19,7 +19,7 @@ from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, build_tiny_clip, t
 from helpers import free_port
 from PIL import Image
 
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.vlm import MiniMindVLM
 
 MAX_BODY_MB = 1

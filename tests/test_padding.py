@@ -138,7 +138,7 @@ def test_evaluation_batches_across_prompt_lengths(tmp_path, tokenizer, tiny_clip
     from helpers import make_dataset
 
     from inference.chat import VLMChat
-    from inference.evaluate import answer_accuracy
+    from evaluation.held_out import answer_accuracy
     from model.vision import load_vision_encoder
 
     questions = ["What colour is it?", "Name the colour of this square, please.", "Colour?",

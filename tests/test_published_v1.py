@@ -21,8 +21,8 @@ from PIL import Image
 
 from inference.chat import GenerationSettings, VLMChat
 from inference.model_files import newest_chat_checkpoint
-from model.checkpoint import read_checkpoint, save_checkpoint, v1_state_dict
-from model.tokenizer import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, load_tokenizer,
+from checkpoints.checkpoint import read_checkpoint, save_checkpoint, v1_state_dict
+from checkpoints.tokenizer import (OFFICIAL_TOKENIZER_ENV, OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, load_tokenizer,
                              tokenizer_fingerprint, tokenizer_record)
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM

@@ -9,7 +9,7 @@ import torch
 from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 
 import export_model
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.decoder import count_parameters
 from model.vlm import MiniMindVLM
 

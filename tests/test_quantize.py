@@ -1,4 +1,4 @@
-"""model.quantize and model.cpu_inference: int8 keeps the greedy answers of a trained model, stays within a
+"""inference.cpu.quantize and inference.cpu.prepare: int8 keeps the greedy answers of a trained model, stays within a
 documented logit tolerance on a random one, shrinks the decode weights, prints no torch warnings, and refuses
 models it cannot or should not convert."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from model import quantize
-from model.cpu_inference import add_cpu_inference_args, prepare_for_cpu_inference
-from model.cpu_kernels import choose_cpu_kernel, current_kernel, decode_linears
-from model.quantize import is_int8, quantize_int8
+from inference.cpu.prepare import add_cpu_inference_args, prepare_for_cpu_inference
+from inference.cpu.kernels import choose_cpu_kernel, current_kernel, decode_linears
+from inference.cpu.quantize import is_int8, quantize_int8
 from model.vlm import MiniMindVLM
 
 PROMPT_LEN = 8
@@ -139,7 +139,7 @@ def test_the_chat_loader_quantises_on_request(tmp_path, tokenizer, tiny_clip_dir
     from PIL import Image
 
     from inference.chat import GenerationSettings, VLMChat
-    from model.checkpoint import save_checkpoint
+    from checkpoints.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.pth"

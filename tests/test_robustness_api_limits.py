@@ -21,7 +21,7 @@ from helpers import free_port, stop_process
 from PIL import Image
 from test_robustness_servers import rss_bytes, start
 
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.config import IMAGE_SPECIAL_TOKEN
 from model.vlm import MiniMindVLM
 

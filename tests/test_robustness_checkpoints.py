@@ -18,10 +18,10 @@ import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import load_script, make_dataset, train_argv
 
-from model.checkpoint import load_model, load_object, load_weights, save_checkpoint
-from model.files import CheckpointError
+from checkpoints.checkpoint import load_model, load_object, load_weights, save_checkpoint
+from checkpoints.files import CheckpointError
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.loop import main as train_main
 

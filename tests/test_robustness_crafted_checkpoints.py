@@ -14,10 +14,10 @@ import torch
 from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import load_script, run_stage
 
-from model.checkpoint import config_path_for, load_model, save_checkpoint
-from model.files import CheckpointError
+from checkpoints.checkpoint import config_path_for, load_model, save_checkpoint
+from checkpoints.files import CheckpointError
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 
 
 @pytest.fixture(scope="module")

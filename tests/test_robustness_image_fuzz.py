@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.vision import ImageError, open_image
+from data_pipeline.image_decode import ImageError, open_image
 
 FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA", "SGI", "DDS", "XBM"]
 MUTATIONS_PER_FORMAT = 40  # 480 in all, about a second

@@ -27,7 +27,7 @@ from PIL import Image
 
 from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.records import DataError
-from model.vision import MAX_IMAGE_PIXELS, ImageError, open_image
+from data_pipeline.image_decode import MAX_IMAGE_PIXELS, ImageError, open_image
 from trainer.config import PRETRAIN
 
 # name -> None when the file must work, else a phrase its one-line error must contain

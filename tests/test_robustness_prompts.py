@@ -12,7 +12,7 @@ from PIL import Image
 import inference.chat as chat_module
 from inference.chat import GenerationSettings, StreamStats, TooManyImagesError, VLMChat
 from model.config import IMAGE_SPECIAL_TOKEN
-from model.tokenizer import count_span_openings, encode, neutralise_placeholder
+from checkpoints.tokenizer import count_span_openings, encode, neutralise_placeholder
 from model.vlm import MiniMindVLM
 
 RESERVE = 64

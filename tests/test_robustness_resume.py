@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import make_dataset, run_stage, train_argv
 
-from model.checkpoint import load_object
+from checkpoints.checkpoint import load_object
 from trainer import build as trainer_build
 from trainer import loop as trainer_loop
 from trainer.config import PRETRAIN

@@ -28,7 +28,7 @@ from conftest import PROJECT_TOKENIZER, ROOT, TOKENIZER_PATH, tiny_config
 from helpers import free_port, stop_process
 from PIL import Image
 
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.vlm import MiniMindVLM
 
 HOST = "127.0.0.1"

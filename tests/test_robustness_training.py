@@ -21,9 +21,9 @@ from helpers import make_dataset, run_stage, train_argv
 
 from data_pipeline.dataset import VLMDataset
 from model import checkpoint as checkpoint_module
-from model.checkpoint import load_model, load_object
+from checkpoints.checkpoint import load_model, load_object
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.loop import main
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.records import DataError
-from model.checkpoint import load_model, load_object
+from checkpoints.checkpoint import load_model, load_object
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
 from trainer.config import PRETRAIN, SFT, ConfigError, RunConfig, build_parser, checkpoint_stem, model_size

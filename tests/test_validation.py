@@ -17,7 +17,7 @@ from data_pipeline.records import DataError
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
 from model.vision import load_vision_encoder
 from model.vlm import MiniMindVLM
-from model.weights import read_state_dict
+from checkpoints.weights import read_state_dict
 from trainer.config import PRETRAIN
 from trainer.distributed import Distributed
 from trainer.validation import Validator, answer_span

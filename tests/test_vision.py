@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from model.vision import ImageError, ImagePreprocessor, MissingVisionEncoderError, load_vision_encoder, open_image
+from model.vision import ImagePreprocessor, MissingVisionEncoderError, load_vision_encoder
+from data_pipeline.image_decode import ImageError, open_image
 
 
 def test_loader_features_are_encoder_output_before_post_layernorm(tiny_clip_dir):

@@ -19,10 +19,10 @@ from PIL import Image
 
 from inference.chat import VLMChat
 from inference.web_support import parse_args as web_parse_args
-from model.checkpoint import config_path_for, read_checkpoint
-from model.files import CheckpointError
+from checkpoints.checkpoint import config_path_for, read_checkpoint
+from checkpoints.files import CheckpointError
 from model.vision import load_vision_encoder
-from model.vision_pairing import VisionEncoderMismatch, encoder_record
+from checkpoints.vision_pairing import VisionEncoderMismatch, encoder_record
 from trainer.config import PRETRAIN, SFT
 
 

@@ -22,7 +22,7 @@ from conftest import PROJECT_TOKENIZER, ROOT, tiny_config
 from helpers import free_port, stop_process
 from PIL import Image, ImageDraw
 
-from model.checkpoint import save_checkpoint
+from checkpoints.checkpoint import save_checkpoint
 from model.vlm import MiniMindVLM
 
 CHROMIUM = "/usr/bin/chromium"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from inference.chat import VLMChat
 from model.decoder import count_parameters
-from model.vision import ImageError
+from data_pipeline.image_decode import ImageError
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402

@@ -14,10 +14,10 @@ from data_pipeline.dataset import Batch, VLMDataset, collate
 from data_pipeline.feature_store import FeatureStore
 from data_pipeline.records import DataError
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
-from model.checkpoint import Checkpoint, load_weights, read_checkpoint
+from checkpoints.checkpoint import Checkpoint, load_weights, read_checkpoint
 from model.config import LMConfig
-from model.config_inference import has_projection_bias
-from model.tokenizer import image_token_ids
+from checkpoints.config_inference import has_projection_bias
+from checkpoints.tokenizer import image_token_ids
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
 

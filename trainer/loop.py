@@ -25,14 +25,15 @@ import torch
 
 from data_pipeline.dataset import Batch
 from data_pipeline.records import DataError
-from model.checkpoint import config_path_for, save_checkpoint
+from checkpoints.checkpoint import config_path_for, save_checkpoint
 from model.decoder import count_parameters
-from model.files import CheckpointError, atomic_write, remove_stale_temp_files
-from model.seed import seed_everything
-from model.tokenizer import TokenizerError, load_tokenizer
-from model.tokenizer_pairing import training_tokenizer
-from model.vision import load_vision_encoder, stand_in_warning
-from model.vision_pairing import check_vision_encoder, encoder_record
+from checkpoints.files import CheckpointError, atomic_write, remove_stale_temp_files
+from trainer.seed import seed_everything
+from checkpoints.tokenizer import TokenizerError, load_tokenizer
+from checkpoints.tokenizer_pairing import training_tokenizer
+from model.vision import load_vision_encoder
+from checkpoints.vision_pairing import stand_in_warning
+from checkpoints.vision_pairing import check_vision_encoder, encoder_record
 
 from .build import build_data, build_model, build_validator, open_wandb, start_checkpoint
 from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, run_record

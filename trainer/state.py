@@ -20,9 +20,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from model.checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
-from model.tokenizer_pairing import check_resume_tokenizer
-from model.vision_pairing import check_vision_encoder
+from checkpoints.checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
+from checkpoints.tokenizer_pairing import check_resume_tokenizer
+from checkpoints.vision_pairing import check_vision_encoder
 
 from .distributed import Distributed
 
@@ -97,7 +97,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of this epoch already trained
     nan_skips: int = 0  # optimizer steps skipped under --nan_policy skip
     tokenizer: Optional[dict[str, str]] = None  # the record of the tokenizer trained with ({"path", "fingerprint"})
-    vision_encoder: Optional[dict[str, str]] = None  # ... and of the vision encoder (model.vision_pairing)
+    vision_encoder: Optional[dict[str, str]] = None  # ... and of the vision encoder (checkpoints.vision_pairing)
     best: Optional[float] = None  # the best validation score so far (--save_best)
     order: Optional[dict[str, Any]] = None  # order_record of this run; a resume file must match it
 

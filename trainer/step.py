@@ -16,7 +16,7 @@ import torch
 
 from data_pipeline.dataset import Batch
 from data_pipeline.feature_store import batch_features
-from model.checkpoint import unwrap
+from checkpoints.checkpoint import unwrap
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
 

@@ -4,8 +4,8 @@ Every rank evaluates its own slice of the validation samples (rank r takes sampl
 are all-reduced, so under DDP every rank takes part and each gets the same result (rank 0 reports it).
 Accuracy is scored on the first answer of each record (question/answer records), on the first `max_scored`
 samples: the prompt is everything before that answer (its images included), the model answers greedily, and
-the text is compared after lower-casing and trimming trailing punctuation (model/scoring.py, which
-inference/evaluate.py scores with too). A validation in which no sample could be used (every image failed to
+the text is compared after lower-casing and trimming trailing punctuation (evaluation/exact_match.py, which
+evaluation/held_out.py scores with too). A validation in which no sample could be used (every image failed to
 decode) reports "no samples scored" and has no score: it never counts as the best.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.tokens import IGNORE_INDEX, Sample
 from data_pipeline.feature_store import batch_features
-from model.scoring import exact_match, greedy_answers
+from evaluation.exact_match import exact_match, greedy_answers
 from model.vision import VisionEncoder
 
 from .distributed import Distributed
@@ -124,7 +124,7 @@ class Validator:
         return loss_sum, n_tokens, n_samples
 
     def _exact_match(self, model) -> tuple[int, int]:
-        """Greedy answers to the first question of each scored sample (model.scoring: batched, left-padded and
+        """Greedy answers to the first question of each scored sample (evaluation.exact_match: batched, left-padded and
         masked, the same tokens as one question at a time)."""
         device = self.dist.device
         correct = scored = 0

@@ -3,7 +3,7 @@
 A file that cannot be used at all (missing, not parquet, a required column missing or of the wrong type) is a
 BenchmarkError with one line naming the file. A row that cannot be used (no question, an answer that is not one of
 the benchmark's, no image bytes) is skipped and counted; undecodable image bytes are counted when the batch is
-decoded (inference/benchmarks.py).
+decoded (evaluation/benchmarks.py).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Iterator, Optional
 from data_pipeline.parquet import cell_image_bytes
 from data_pipeline.records import DataError, SkipCounter, check_data_file
 
-from .bench_scoring import LETTERS, NO, YES, parse_options
-from .bench_specs import MANIFEST_NAME, BenchmarkSpec
+from .benchmark_scoring import LETTERS, NO, YES, parse_options
+from .benchmark_specs import MANIFEST_NAME, BenchmarkSpec
 
 MAX_QUESTION_CHARS = 20_000  # MMStar's longest prompt is about 2,000 characters; longer is not a benchmark row
 

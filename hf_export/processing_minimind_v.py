@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import IMAGE_SPECIAL_TOKEN
-from .vision import ImagePreprocessor, to_rgb
-from .vlm import pad_rows
+from model.config import IMAGE_SPECIAL_TOKEN
+from model.vision import ImagePreprocessor, to_rgb
+from model.vlm import pad_rows
 
 # What marks an image in a prompt or message: v1's data tag, or the placeholder itself.
 IMAGE_TAG = "<image>"

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from .cpu_kernels import current_kernel, fuse_projections, release_freed_memory
+from .kernels import current_kernel, fuse_projections, release_freed_memory
 
 # Weight rows are quantised each with its own scale: rows of one matrix can differ in range by 10x.
 _QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
@@ -35,7 +35,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Quantise the decode linears (blocks and output head) of a CPU fp32 model to int8, in place; returns it.
 
     Raises ValueError for a model on another device, with non-fp32 weights, already quantised, or already
-    converted to another CPU kernel (model.cpu_kernels), and when this torch has no quantised engine."""
+    converted to another CPU kernel (inference.cpu.kernels), and when this torch has no quantised engine."""
     kernel = current_kernel(model)
     if kernel == "int8":
         raise ValueError("the model is already quantised to int8")

@@ -1,4 +1,4 @@
-"""The compiled decode step: the `compiled` CPU kernel path (model.cpu_kernels), for long-running CPU inference.
+"""The compiled decode step: the `compiled` CPU kernel path (inference.cpu.kernels), for long-running CPU inference.
 
 Once the weights stream at a kernel's best rate, what is left of a decode step on a small model is the cost of
 running it op by op: every eager op and module call, and oneDNN's per-call set-up (about 12 us a call, 33 calls
@@ -31,8 +31,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
-from .cpu_kernels import MARGIN, KernelChoice, fuse_projections, measured_choice, release_freed_memory, use_kernel
-from .decoder import KVCache
+from .kernels import MARGIN, KernelChoice, fuse_projections, measured_choice, release_freed_memory, use_kernel
+from model.decoder import KVCache
 
 # inductor settings of the compiled step: weights frozen as constants (so they can be packed once) and each
 # GEMM shape timed between inductor's C++ template and ATen at compile time (its tables of those timings on

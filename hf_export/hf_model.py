@@ -22,10 +22,10 @@ from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import IMAGE_TOKENS, LMConfig
-from .decoder import KVCache, MiniMindLM, RMSNorm, mask_padding_labels, rope_tables
-from .feed_forward import MoEGate
-from .vlm import MiniMindVLM
+from model.config import IMAGE_TOKENS, LMConfig
+from model.decoder import KVCache, MiniMindLM, RMSNorm, mask_padding_labels, rope_tables
+from model.feed_forward import MoEGate
+from model.vlm import MiniMindVLM
 
 # The config field naming the bundled vision-tower subfolder (absent or None when nothing was bundled).
 VISION_SUBFOLDER_FIELD = "vision_encoder_subfolder"
@@ -59,7 +59,7 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
     splice_images = MiniMindVLM.splice_images
     generate_stream = MiniMindVLM.generate_stream  # the native sampler with its pre-allocated KV cache
     next_token_logits = MiniMindVLM.next_token_logits  # its decode step
-    compiled_decode = None  # the compiled CPU decode step (model.cpu_compile) is for the native model only
+    compiled_decode = None  # the compiled CPU decode step (inference.cpu.compiled) is for the native model only
 
     def __init__(self, config: LMConfig):
         # MiniMind always ties the head to the embedding; transformers only honours the tie when the config says so.
@@ -120,7 +120,7 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values needs a CLIP vision tower, and this export bundles none: pass "
                                  "image_features [N, 50, vision_dim] computed with model.vision instead, or "
                                  "re-export with `python export_model.py --clip_path DIR`")
-            from .vision import load_vision_encoder
+            from model.vision import load_vision_encoder
 
             encoder = load_vision_encoder(self._resolve_subfolder(subfolder), device=self.device)
             # Kept out of the module tree on purpose: a registered submodule would add keys to the state dict.

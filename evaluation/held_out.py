@@ -9,14 +9,14 @@ from typing import Optional
 import torch
 
 from data_pipeline.records import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
-from model.scoring import exact_match, greedy_answers, normalise_answer
-from model.vision import ImageError, open_image
+from evaluation.exact_match import exact_match, greedy_answers, normalise_answer
+from data_pipeline.image_decode import ImageError, open_image
 
-from .chat import VLMChat
+from inference.chat import VLMChat
 
 
 def normalise(answer: str) -> str:
-    """The form answers are compared in (model.scoring.normalise_answer, shared with validation)."""
+    """The form answers are compared in (evaluation.exact_match.normalise_answer, shared with validation)."""
     return normalise_answer(answer)
 
 
@@ -104,7 +104,7 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
 
     Questions are decoded together in batches of up to batch_size across prompt lengths (left padding with
     an attention mask: identical results to one by one, except on int8 weights where two tokens nearly tie:
-    model.quantize quantises activations over the whole batch).
+    inference.cpu.quantize quantises activations over the whole batch).
     """
     items, skips = load_qa(path, images_path, image_prefix, limit)
     features: dict[str, Optional[torch.Tensor]] = {}

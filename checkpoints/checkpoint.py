@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .config import LMConfig
+from model.config import LMConfig
 from .config_inference import (PROJ_BIAS, PROJ_PREFIX, TOKENIZER_FIELD, VISION_FIELD, check_config_fields,
                                config_fields, has_projection_bias, infer_config)
 from .files import CheckpointError, PathLike, atomic_write, read_json_object
@@ -122,7 +122,7 @@ def load_model(path: Union[PathLike, Checkpoint], image_ids: Optional[list[int]]
     """Build a MiniMindVLM whose config comes from the checkpoint itself and load it strictly.
 
     `path` is a .pth/.safetensors file, a Hugging Face model directory, or an already read Checkpoint."""
-    from .vlm import MiniMindVLM
+    from model.vlm import MiniMindVLM
 
     config, sd = config_from_checkpoint(path, **overrides)
     source = path.path if isinstance(path, Checkpoint) else str(path)
@@ -199,8 +199,8 @@ def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[s
                     vision_encoder: Optional[dict[str, str]] = None) -> None:
     """Write the v1-layout weights and the config sidecar, both atomically.
 
-    `tokenizer` is the record of the tokenizer the weights go with (model.tokenizer.tokenizer_record), and
-    `vision_encoder` that of the encoder their projection was fitted to (model.vision_pairing.encoder_record)."""
+    `tokenizer` is the record of the tokenizer the weights go with (checkpoints.tokenizer.tokenizer_record), and
+    `vision_encoder` that of the encoder their projection was fitted to (checkpoints.vision_pairing.encoder_record)."""
     config = unwrap(model).config
     atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import LMConfig
+from model.config import LMConfig
 from .files import CheckpointError
 
 PROJ_PREFIX = "vision_proj."

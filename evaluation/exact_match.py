@@ -12,7 +12,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from .vlm import MiniMindVLM, pad_rows
+from model.vlm import MiniMindVLM, pad_rows
 
 TRAILING_PUNCTUATION = re.compile(r"[\s.!?。！？]+$")
 

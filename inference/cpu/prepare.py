@@ -2,12 +2,12 @@
 
 An app adds the flags with `add_cpu_inference_args(parser)` and, after loading the model,
 `print(prepare_for_cpu_inference(model, args.quantize, args.cpu_kernel), file=sys.stderr)`:
-  --quantize int8      the decoder's linears become int8 (model.quantize; about 4x faster decode of the 512/8
+  --quantize int8      the decoder's linears become int8 (inference.cpu.quantize; about 4x faster decode of the 512/8
                        model on an AMD EPYC; answers may differ from fp32 where two tokens are nearly tied)
   --cpu_kernel auto    time the fp32 kernel paths on the model's own weights and use the fastest
-                       (model.cpu_kernels; same greedy answers as default). auto_bf16 also tries bf16 weights
+                       (inference.cpu.kernels; same greedy answers as default). auto_bf16 also tries bf16 weights
                        where the CPU has native bf16 dot products; auto_compile also compiles the decode step
-                       (model.cpu_compile: tens of seconds at load, for servers) and keeps it when faster;
+                       (inference.cpu.compiled: tens of seconds at load, for servers) and keeps it when faster;
                        compiled compiles it unmeasured; default leaves the model as loaded.
 On a GPU model both flags at their defaults leave it unchanged (and say so).
 """
@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-from .cpu_kernels import CHOICES, choose_cpu_kernel
+from .kernels import CHOICES, choose_cpu_kernel
 from .quantize import quantize_int8
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -42,7 +42,7 @@ def prepare_for_cpu_inference(model: nn.Module, quantize: Optional[str] = "none"
     """Quantise and/or choose the CPU kernel of a loaded model, in place; returns (and logs at INFO on the
     "minimind" logger) one line saying what was done.
 
-    quantize: "none"/None or "int8". cpu_kernel: one of model.cpu_kernels.CHOICES; with int8 it must be auto or
+    quantize: "none"/None or "int8". cpu_kernel: one of inference.cpu.kernels.CHOICES; with int8 it must be auto or
     default (int8 replaces the fp32 linears the kernels apply to)."""
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:

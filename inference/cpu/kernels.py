@@ -19,7 +19,7 @@ read the same input, wq/wk/wv and w1/w3, into one each: fuse_projections):
                with native bf16 dot products (AVX512-BF16 or AMX), and only when asked for, because rounding
                the weights to bf16 can change answers
   compiled     not a linear layer's kernel: the whole one-row decode step compiled with inductor at load, on
-               plain stacked linears (model.cpu_compile): no per-op cost left between the products; tens of
+               plain stacked linears (inference.cpu.compiled): no per-op cost left between the products; tens of
                seconds to compile and a C++ compiler needed, so only when asked for (compiled, or auto_compile below)
 The fp32 paths compute the same products as default in another summation order (results within ~1e-6
 relative), so greedy answers match default's (tests/test_cpu_kernels.py); `auto` chooses among them only.
@@ -41,7 +41,7 @@ from torch import nn
 
 FP32_KERNELS = ("default", "transposed", "onednn")
 KERNELS = FP32_KERNELS + ("onednn_bf16",)
-# compiled: the whole single-token step compiled with inductor (model.cpu_compile), on plain stacked linears;
+# compiled: the whole single-token step compiled with inductor (inference.cpu.compiled), on plain stacked linears;
 # auto_compile measures it against auto's pick
 AUTO_CHOICES = ("auto", "auto_bf16", "auto_compile")
 CHOICES = AUTO_CHOICES + KERNELS + ("compiled",)
@@ -73,7 +73,7 @@ def onednn_available() -> bool:
 def unavailable_reason(kernel: str) -> Optional[str]:
     """Why `kernel` cannot run on this machine, or None when it can."""
     if kernel == "compiled":
-        from .cpu_compile import compiler_missing
+        from .compiled import compiler_missing
 
         return compiler_missing()
     if kernel not in KERNELS:
@@ -182,7 +182,7 @@ def linear_nbytes(linear: nn.Module) -> int:
 
 def current_kernel(model: nn.Module) -> str:
     """The kernel the model's decode linears run on now: 'default' for plain nn.Linear, 'int8' once quantised
-    (model.quantize), 'compiled' once its decode step is compiled (model.cpu_compile), else one of KERNELS."""
+    (inference.cpu.quantize), 'compiled' once its decode step is compiled (inference.cpu.compiled), else one of KERNELS."""
     if getattr(model, "compiled_decode", None) is not None:
         return "compiled"
     kernels = {kernel_of(child) for _, _, child in decode_linears(model)}
@@ -322,7 +322,7 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
 
     auto measures the fp32 paths (FP32_KERNELS) and keeps the fastest; auto_bf16 also tries onednn_bf16 where
     the CPU has native bf16 dot products; auto_compile also compiles the decode step and keeps it when its
-    decode steps are measured faster (model.cpu_compile). An auto choice on a model these kernels do not apply
+    decode steps are measured faster (inference.cpu.compiled). An auto choice on a model these kernels do not apply
     to (on a GPU, or already in bf16) keeps default and says why; asking for a named kernel there, or for one
     this machine lacks, is an error. A model converted once (or quantised) is not converted again: that is an
     error too."""
@@ -334,7 +334,7 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
             return KernelChoice("default", f"{not_applicable}: CPU kernels not used")
         raise ValueError(f"the {kernel} CPU kernel cannot run this model: {not_applicable}")
     if kernel in ("compiled", "auto_compile"):
-        from .cpu_compile import choose_compiled
+        from .compiled import choose_compiled
 
         return choose_compiled(model, measure=kernel == "auto_compile")
     if kernel not in AUTO_CHOICES:

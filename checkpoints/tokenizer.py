@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
 
 PROJECT_TOKENIZER_PATH = "model/minimind_tokenizer"  # this project's own tokenizer (scripts/train_tokenizer.py)
 DEFAULT_TOKENIZER_PATH = PROJECT_TOKENIZER_PATH  # what training from scratch uses

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Optional
 
 from .files import CheckpointError, PathLike
-from .vision import VisionEncoder
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, VisionEncoder
 
 log = logging.getLogger("minimind")
 
@@ -59,3 +60,27 @@ def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source
             f"{OVERRIDE_FLAG} to use this one anyway")
     log.warning("vision encoder mismatch allowed by %s: %s", OVERRIDE_FLAG, both)
     return False
+
+
+def is_stand_in(path: str) -> bool:
+    """True when `path` holds the untrained stand-in encoder: scripts/build_stand_in_clip.py marks it with
+    STAND_IN.md. The one test every entry point uses."""
+    return os.path.exists(os.path.join(path, "STAND_IN.md"))
+
+
+def clip_or_stand_in(path: str, root: str = ".") -> str:
+    """`path`, except that the default CLIP path, when it is missing and the stand-in was built, gives the stand-in
+    (entry points that offer it say so loudly, with stand_in_warning)."""
+    default, stand_in = os.path.join(root, DEFAULT_CLIP_PATH), os.path.join(root, STAND_IN_CLIP_PATH)
+    if (os.path.realpath(path) == os.path.realpath(default) and not os.path.exists(os.path.join(default, "config.json"))
+            and os.path.exists(os.path.join(stand_in, "config.json"))):
+        return stand_in
+    return path
+
+
+def stand_in_warning(path: str) -> Optional[str]:
+    """A loud line when `path` holds the untrained stand-in encoder (scripts/build_stand_in_clip.py)."""
+    if is_stand_in(path):
+        return (f"[stand-in] {path} is a randomly initialised, untrained CLIP-shaped vision tower, "
+                f"not OpenAI's CLIP (no pretrained weights can be downloaded here)")
+    return None

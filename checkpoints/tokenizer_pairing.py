@@ -13,7 +13,7 @@ from .tokenizer import DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, 
 def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tuple[str, str]:
     """(path, fingerprint) of the tokenizer for `ckpt` by the one resolution rule, checked against its record.
 
-    Raises model.tokenizer.TokenizerError (one line) when none is found or the vocabularies differ."""
+    Raises checkpoints.tokenizer.TokenizerError (one line) when none is found or the vocabularies differ."""
     path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path)
     return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path)
 

@@ -1,8 +1,8 @@
 """POPE and MMStar scores of a trained model, comparable with the figures other small VLMs publish.
 
-Each question is asked with the benchmark's standard prompt (inference/bench_specs.py) through the same batched
-greedy path as the held-out accuracy (model.scoring.greedy_answers), its answer read as the benchmark reads it
-(inference/bench_scoring.py), and the standard metrics computed. The result, with everything needed to compare
+Each question is asked with the benchmark's standard prompt (evaluation/benchmark_specs.py) through the same batched
+greedy path as the held-out accuracy (evaluation.exact_match.greedy_answers), its answer read as the benchmark reads it
+(evaluation/benchmark_scoring.py), and the standard metrics computed. The result, with everything needed to compare
 two runs (the checkpoint's fingerprint, the benchmark files' revision and sha256, the prompt, the decoding), is
 written to a JSON file.
 """
@@ -18,15 +18,15 @@ import torch
 
 from data_pipeline.records import SkipCounter
 from model.config import IMAGE_SPECIAL_TOKEN
-from model.cpu_kernels import current_kernel
-from model.scoring import greedy_answers
-from model.tokenizer import encode, neutralise_placeholder, render_chat
-from model.vision import ImageError, open_image
+from inference.cpu.kernels import current_kernel
+from evaluation.exact_match import greedy_answers
+from checkpoints.tokenizer import encode, neutralise_placeholder, render_chat
+from data_pipeline.image_decode import ImageError, open_image
 
-from .bench_data import BenchItem, count_rows, file_sha256, read_items, recorded_revision
-from .bench_scoring import PopeScores, mmstar_report, parse_choice, parse_yes_no, pope_report
-from .bench_specs import BenchmarkSpec
-from .chat import VLMChat
+from .benchmark_data import BenchItem, count_rows, file_sha256, read_items, recorded_revision
+from .benchmark_scoring import PopeScores, mmstar_report, parse_choice, parse_yes_no, pope_report
+from .benchmark_specs import BenchmarkSpec
+from inference.chat import VLMChat
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -141,7 +141,7 @@ def run_benchmark(chat: VLMChat, spec: BenchmarkSpec, files: list[str], limit: O
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 over the model's saved tensors (name, dtype, shape and bytes, in name order): the same weights give
     the same fingerprint whatever file format they came from. The weights as loaded only: a model converted for
-    CPU inference (model.cpu_inference: another kernel or int8) no longer holds them, so it is refused."""
+    CPU inference (inference.cpu.prepare: another kernel or int8) no longer holds them, so it is refused."""
     kernel = current_kernel(model)
     if kernel != "default":
         raise ValueError(f"the model runs on the {kernel} CPU kernel: fingerprint its weights before converting them")
