@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 from torch._dynamo.utils import counters
 
-from model import cpu_compile, cpu_kernels
+from inference.cpu import compiled as cpu_compile, kernels as cpu_kernels
 from inference.cpu.compiled import compiler_missing, time_decode_steps
 from inference.cpu.kernels import choose_cpu_kernel, current_kernel, unavailable_reason
 from model.vlm import MiniMindVLM, pad_rows

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from model import cpu_kernels
+from inference.cpu import kernels as cpu_kernels
 from inference.cpu.kernels import choose_cpu_kernel, current_kernel, pick_fastest, unavailable_reason
 from model.vlm import MiniMindVLM, pad_rows
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from model import quantize
+from inference.cpu import quantize
 from inference.cpu.prepare import add_cpu_inference_args, prepare_for_cpu_inference
 from inference.cpu.kernels import choose_cpu_kernel, current_kernel, decode_linears
 from inference.cpu.quantize import is_int8, quantize_int8

@@ -20,7 +20,7 @@ from conftest import ROOT
 from helpers import make_dataset, run_stage, train_argv
 
 from data_pipeline.dataset import VLMDataset
-from model import checkpoint as checkpoint_module
+from checkpoints import checkpoint as checkpoint_module
 from checkpoints.checkpoint import load_model, load_object
 from model.vlm import MiniMindVLM
 from checkpoints.weights import read_state_dict
