@@ -2,6 +2,7 @@
 
   records.py        the one check on a data file's path; reading JSON/JSONL; the checks on each record; DataError
   parquet.py        parquet rows in the current MiniMind-V layout, read one row group at a time
+  image_decode.py   decoding image files and bytes to RGB: the one boundary for untrusted images, Pillow's limits
   images.py         where a record's images are (files under --images_path, or parquet cells)
   tokens.py         a record's messages -> token ids with image placeholders and answer-only labels
   packing.py        --pack_same_image: several questions about the same images in one row

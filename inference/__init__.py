@@ -4,11 +4,10 @@
                       stream answers
   batcher.py          the dynamic batcher that decodes concurrent requests together
   model_files.py      the checkpoints the apps offer (model directories, the newest SFT checkpoint)
-  evaluate.py         exact-match accuracy on held-out questions
-  benchmarks.py, bench_data.py, bench_scoring.py, bench_specs.py   POPE and MMStar from their published files
   openai_app.py, openai_request.py   the OpenAI-compatible API server
   web_support.py, web_inspect.py     the web demo's logic and its "inside the model" panel
   attention_map.py, attention_plot.py  where an answer looked: attention maps and their pictures
+  cpu/                fast CPU inference: kernels chosen by measurement, the compiled decode step, int8
 
 Imports the network (model/) and reads data files through data_pipeline/, never the trainer.
 """

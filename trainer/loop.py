@@ -1,8 +1,5 @@
-"""The one training loop shared by 1-pretrain_vlm.py and 2-sft_vlm.py, composed of named pieces:
-
-  config        the flags, the two stages' defaults, RunConfig     step          one optimizer step
-  build         start checkpoint, model, data, validation set      state         optimizer, scaler, position, RNG
-  metrics       throughput, MFU, the log line                      distributed   torchrun setup and collectives
+"""The one training loop shared by 1-pretrain_vlm.py and 2-sft_vlm.py, composed of the package's named pieces
+(trainer/__init__.py lists them).
 
 A step is one optimizer update of --accumulation_steps micro-batches; --max_steps, --save_interval,
 --log_interval, --warmup_iters and the LR schedule all count steps. SIGINT/SIGTERM are checked before every step:
