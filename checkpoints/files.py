@@ -1,14 +1,16 @@
-"""File helpers for the model's files: the checkpoint error types, one-line error text, strict JSON-object reading
-and atomic writes (also used by the feature store).
+"""File helpers for the model's files: the checkpoint error types, one-line error text, the regular-file check,
+strict JSON-object reading and atomic writes (the error text, the file check and atomic writes serve the data
+pipeline, the servers and the feature store too).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,6 +28,28 @@ def first_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return line.split(". ")[0][:160]
+
+
+def regular_file_problem(path: PathLike, what: str) -> Optional[str]:
+    """Why `path` cannot be read as `what` ("an image file", "a checkpoint file"), checked without opening it, or
+    None: only a non-empty regular file is read (a FIFO would block the reader, /dev/urandom never ends)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"is a directory, not {what}"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else
+                "a block device" if stat.S_ISBLK(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        return f"not a regular file ({kind})"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
 
 
 def read_json_object(path: PathLike, what: str = "JSON", remedy: str = "") -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .files import CheckpointError, PathLike, first_line, read_json_object
+from .files import CheckpointError, PathLike, first_line, read_json_object, regular_file_problem
 
 PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 # Weight files of a Hugging Face model directory, in the order they are looked for.
@@ -77,15 +76,9 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
 def refuse_special_file(path: str) -> None:
     """A checkpoint is a non-empty regular file: name a directory, FIFO or device for what it is."""
-    st = os.stat(path)
-    if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file (give the .pth or .safetensors file)")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else \
-            "a character device" if stat.S_ISCHR(st.st_mode) else "not a regular file"
-        raise CheckpointError(f"{path}: not a regular file ({kind})")
-    if st.st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    problem = regular_file_problem(path, "a checkpoint file (give the .pth or .safetensors file)")
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def check_tensors(sd: dict[str, torch.Tensor], path: str) -> None:

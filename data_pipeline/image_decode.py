@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from checkpoints.files import first_line, regular_file_problem
 from model.vision import to_rgb
 
 # Refuse images larger than this before decoding them (a decompression bomb is tiny on disk).
@@ -39,24 +40,29 @@ def _image_label(source: ImageSource, name: Optional[str]) -> str:
     return "<uploaded image>"
 
 
-def _refuse_special_file(source: Union[str, os.PathLike], label: str) -> None:
-    """Only regular files are images: a FIFO would block the reader, a device (/dev/urandom) never ends."""
+class ImageTooLargeError(ValueError):
+    """An image over MAX_IMAGE_PIXELS, refused from its header; the caller puts the image's name in front."""
+
+
+@contextmanager
+def decompression_bomb_guard() -> Iterator[None]:
+    """Pillow calls inside this block see no warnings about odd metadata, and a decompression bomb raises
+    ImageTooLargeError: Pillow's own refusal (over twice MAX_IMAGE_PIXELS) and its multi-line warning (between
+    one and two times the limit) alike; check_pixel_count covers an image opened before the block."""
     try:
-        st = os.stat(source)
-    except FileNotFoundError:
-        raise ImageError(f"{label}: file not found") from None
-    except OSError as e:
-        raise ImageError(f"{label}: cannot read ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{label}: is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
-                "a character device" if stat.S_ISCHR(st.st_mode) else
-                "a block device" if stat.S_ISBLK(st.st_mode) else
-                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise ImageError(f"{label}: not a regular file ({kind})")
-    if st.st_size == 0:
-        raise ImageError(f"{label}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"refused, image too large ({first_line(e)})") from None
+
+
+def check_pixel_count(img: Image.Image) -> None:
+    """ImageTooLargeError for an image of more than MAX_IMAGE_PIXELS pixels, from its header alone."""
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(f"refused, {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
 
 
 def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
@@ -72,35 +78,29 @@ def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
     if isinstance(source, bytes) and not source:
         raise ImageError(f"{label}: empty file (0 bytes)")
     if isinstance(source, (str, os.PathLike)):
-        _refuse_special_file(source, label)
+        problem = regular_file_problem(source, "an image file")
+        if problem is not None:
+            raise ImageError(f"{label}: {problem}")
     stage = "open"
     try:
-        # PIL only warns (on stderr, several lines) between MAX_IMAGE_PIXELS and twice that: refuse those too
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decompression_bomb_guard():
             if isinstance(source, Image.Image):
                 img = source
             else:
                 img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{label}: refused, {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+            check_pixel_count(img)
             stage = "decode"
             if getattr(img, "is_animated", False):
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{label}: refused, image too large ({e})") from None
+    except ImageTooLargeError as e:
+        raise ImageError(f"{label}: {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image (unrecognised format)") from None
     except MemoryError:
         raise ImageError(f"{label}: refused, decoding it needs more memory than is available") from None
     except Exception as e:  # noqa: BLE001 - the decoding boundary: any Pillow failure is a bad file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         what = "unreadable image" if stage == "open" else "corrupt or truncated image"
-        raise ImageError(f"{label}: {what} ({type(e).__name__}: {reason})") from None
+        raise ImageError(f"{label}: {what} ({type(e).__name__}: {first_line(e)})") from None

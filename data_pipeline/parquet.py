@@ -15,14 +15,14 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline.image_decode import MAX_IMAGE_PIXELS, ImageError
+from checkpoints.files import first_line
+from data_pipeline.image_decode import ImageError, ImageTooLargeError, check_pixel_count, decompression_bomb_guard
 
 from .records import DataError, check_data_file
 
@@ -55,7 +55,7 @@ class ParquetImage:
         try:
             images = cell_image_bytes(_row_group_images(self.file, self.row_group)[self.row])
         except (OSError, ValueError, IndexError) as e:  # pyarrow's errors are OSError or ValueError subclasses
-            raise ImageError(f"{self.name}: cannot be read back ({_first_line(e)})") from None
+            raise ImageError(f"{self.name}: cannot be read back ({first_line(e)})") from None
         return images[self.index] if self.index < len(images) else b""
 
 
@@ -107,19 +107,14 @@ def image_header_problem(data: bytes) -> Optional[str]:
     if not data:
         return "empty image (0 bytes)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
+        with decompression_bomb_guard(), Image.open(io.BytesIO(data)) as img:
+            check_pixel_count(img)
+    except ImageTooLargeError as e:
+        return str(e)
     except UnidentifiedImageError:
         return "not an image (unrecognised format)"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"refused, image too large (over {MAX_IMAGE_PIXELS} pixels)"
     except Exception as e:  # noqa: BLE001 - whatever Pillow raises on a malformed header is a bad image
-        return f"unreadable image header ({type(e).__name__}: {_first_line(e)})"
-    if width * height > MAX_IMAGE_PIXELS:
-        return f"refused, {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+        return f"unreadable image header ({type(e).__name__}: {first_line(e)})"
     return None
 
 
@@ -136,7 +131,7 @@ def parse_conversations(cell: Any, max_chars: int) -> list:
         except RecursionError:
             raise ValueError("malformed conversations JSON: nested too deeply") from None
         except ValueError as e:  # e.g. an integer too long to convert
-            raise ValueError(f"malformed conversations JSON: {_first_line(e)}") from None
+            raise ValueError(f"malformed conversations JSON: {first_line(e)}") from None
     if not isinstance(cell, list):
         raise ValueError(f"conversations is a {type(cell).__name__}, not a list of turns")
     return cell
@@ -156,7 +151,7 @@ def read_parquet_records(path: str, max_chars: int) -> Iterator[tuple[str, Any, 
     try:
         pf = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowException, OSError) as e:
-        raise ParquetDataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        raise ParquetDataError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     with pf:
         names = pf.schema_arrow.names
         if CONVERSATIONS_COLUMN not in names:
@@ -167,7 +162,7 @@ def read_parquet_records(path: str, max_chars: int) -> Iterator[tuple[str, Any, 
             try:
                 table = pf.read_row_group(rg, columns=columns).to_pydict()
             except (pa.ArrowException, OSError) as e:
-                raise ParquetDataError(f"{path}: row group {rg} is unreadable ({_first_line(e)})") from None
+                raise ParquetDataError(f"{path}: row group {rg} is unreadable ({first_line(e)})") from None
             yield from _row_group_records(path, rg, table, max_chars, headers)
             del table
 
@@ -195,7 +190,3 @@ def _row_group_records(path: str, rg: int, table: dict[str, list], max_chars: in
             yield rid, e, []
             continue
         yield rid, record, refs
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]

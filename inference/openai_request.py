@@ -14,6 +14,7 @@ from typing import Any, Optional
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from checkpoints.files import first_line
 from data_pipeline.image_decode import ImageError, open_image
 
 from .chat import DEFAULT_QUESTION, MAX_IMAGES, GenerationSettings, TooManyImagesError, Turn, check_image_count
@@ -40,10 +41,6 @@ class APIError(Exception):
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 # ---------------------------------------------------------------------------------------------- request parsing
