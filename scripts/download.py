@@ -17,7 +17,14 @@ For users with internet access. Pieces (``--what``):
 
 ``all`` is everything except ``model`` and ``bench``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
 change it): its main branch later dropped the v1 files. Downloads show progress bars, and an interrupted one
-resumes where it stopped when the command is run again (huggingface_hub keeps the partial file).
+resumes where it stopped when the command is run again: a single file is fetched into ``<file>.<etag>.part``
+beside its destination and continued from there with an HTTP range request (huggingface_hub's own downloader
+deletes its partial file on failure, so it is used only for the folder pieces below).
+
+Each hub download has a deadline (``--deadline``, default 3600 s): one file, or for the folder pieces (``clip``,
+``eval_images``, ``model``) one folder. The per-read timeout of huggingface_hub alone does not bound a transfer:
+a server that sends a byte every few seconds never trips it. Past the deadline the command stops with a one-line
+error; what arrived is kept (for a single file, in 10 MiB chunks), and running the same command again resumes.
 
 The endpoint is whatever ``huggingface_hub`` uses, i.e. the ``HF_ENDPOINT``
 environment variable when set (e.g. ``HF_ENDPOINT=https://hf-mirror.com``).
@@ -25,7 +32,7 @@ environment variable when set (e.g. ``HF_ENDPOINT=https://hf-mirror.com``).
 Usage::
 
     python scripts/download.py [--what model clip eval_images dataset llm tokenizer bench | all] [--dim 512|768]
-                               [--revision SHA] [--root .]
+                               [--revision SHA] [--root .] [--deadline SECONDS]
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import huggingface_hub
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, snapshot_download
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -73,12 +83,19 @@ TOKENIZER_REPO = "jingyaogong/minimind-v-v1-small"
 TOKENIZER_DIR = "model/minimind_tokenizer_official"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
+# The longest one hub download (a file, or a folder piece) may take: 2.6 GB at under 1 MB/s is stalled.
+DEFAULT_DEADLINE_S = 3600.0
+
 PIECES = ("model", "clip", "eval_images", "dataset", "llm", "tokenizer", "bench")
 ALL_PIECES = ("clip", "dataset", "llm", "tokenizer")  # `--what all`: what training needs
 
 
 class DownloadError(RuntimeError):
     """A hub call failed; the message is a single line meant for the user."""
+
+
+class DownloadDeadlineError(DownloadError):
+    """A hub call ran past its deadline; its thread may still be blocked on the network (see main)."""
 
 
 def hub_endpoint() -> str:
@@ -92,11 +109,36 @@ def hub_endpoint() -> str:
     return str(getattr(huggingface_hub.constants, "ENDPOINT", DEFAULT_ENDPOINT)).rstrip("/")
 
 
-def _call_hub(description: str, fn: Callable, **kwargs) -> str:
-    """Run one hub call, turning any failure into a one-line DownloadError."""
+def _within_deadline(description: str, seconds: float, call: Callable[[], str]) -> str:
+    """call() in a daemon thread, waited for at most `seconds`; a DownloadDeadlineError past that. The thread cannot
+    be stopped while a read blocks, so it is left behind (main then exits the process)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"download {description}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise DownloadDeadlineError(
+            f"download stopped: {description} took longer than the deadline of {seconds:g} s (--deadline); what "
+            "arrived is kept, and running the same command again resumes from it")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
+
+
+def _call_hub(description: str, fn: Callable, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs) -> str:
+    """Run one hub call within its deadline, turning any failure into a one-line DownloadError."""
     endpoint = hub_endpoint()
     try:
-        return fn(endpoint=endpoint, **kwargs)
+        return _within_deadline(description, deadline_s, lambda: fn(endpoint=endpoint, **kwargs))
+    except DownloadError:
+        raise
     except Exception as err:  # noqa: BLE001 - network/auth/HTTP errors come in many types
         first_line = (str(err).strip().splitlines() or [""])[0][:300]
         hint = f"check your connection, or try a mirror: {MIRROR_HINT} python scripts/download.py ..."
@@ -107,12 +149,39 @@ def _call_hub(description: str, fn: Callable, **kwargs) -> str:
         ) from err
 
 
-def download_clip(root: Path) -> Path:
+def hf_hub_download(*, repo_id: str, filename: str, local_dir: str, repo_type: str = "model",
+                    revision: str | None = None, endpoint: str | None = None) -> str:
+    """Download one file of a hub repo to ``local_dir/filename`` and return that path, resuming a partial
+    ``.part`` file left by an earlier run (the file's etag is in its name, so a changed file starts afresh).
+    A destination already of the hub's size is kept as it is."""
+    target = Path(local_dir) / filename
+    url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)
+    if target.is_file() and meta.size is not None and target.stat().st_size == meta.size:
+        return str(target)
+    etag = "".join(c for c in (meta.etag or "unknown") if c.isalnum())[:16]
+    part = target.with_name(f"{target.name}.{etag}.part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    # unbuffered: every chunk huggingface_hub hands over is on disk even if the process is ended at the deadline
+    with open(part, "r+b" if part.exists() else "wb", buffering=0) as f:
+        resume = f.seek(0, os.SEEK_END)
+        if meta.size is not None and resume > meta.size:  # not a prefix of this file: start again
+            f.truncate(0)
+            resume = f.seek(0)
+        if meta.size is None or resume < meta.size:
+            http_get(meta.location, f, resume_size=resume, headers=build_hf_headers(), expected_size=meta.size,
+                     displayed_filename=filename)
+    os.replace(part, target)
+    return str(target)
+
+
+def download_clip(root: Path, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download CLIP ViT-B/32 (weights, configs, tokenizer files) to ``root/CLIP_DIR``."""
     target = root / CLIP_DIR
     _call_hub(
         f"{CLIP_REPO} (model)",
         snapshot_download,
+        deadline_s=deadline_s,
         repo_id=CLIP_REPO,
         repo_type="model",
         local_dir=str(target),
@@ -124,6 +193,7 @@ def download_clip(root: Path) -> Path:
         _call_hub(
             f"{CLIP_REPO}/pytorch_model.bin",
             hf_hub_download,
+            deadline_s=deadline_s,
             repo_id=CLIP_REPO,
             repo_type="model",
             filename="pytorch_model.bin",
@@ -163,12 +233,14 @@ def extract_zip(zip_path: Path, dataset_dir: Path) -> Path:
     return target
 
 
-def download_eval_images(root: Path, revision: str = DATASET_REVISION) -> Path:
+def download_eval_images(root: Path, revision: str = DATASET_REVISION,
+                         deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download the v1 eval_images/ folder of the dataset repo to ``root/dataset/eval_images``."""
     target = root / DATASET_DIR
     _call_hub(
         f"{DATASET_REPO}/{EVAL_IMAGES_FOLDER}/ (dataset, revision {revision[:12]})",
         snapshot_download,
+        deadline_s=deadline_s,
         repo_id=DATASET_REPO,
         repo_type="dataset",
         revision=revision,
@@ -178,20 +250,22 @@ def download_eval_images(root: Path, revision: str = DATASET_REVISION) -> Path:
     return target / EVAL_IMAGES_FOLDER
 
 
-def download_dataset(root: Path, delete_zips: bool = False, revision: str = DATASET_REVISION) -> list[Path]:
+def download_dataset(root: Path, delete_zips: bool = False, revision: str = DATASET_REVISION,
+                     deadline_s: float = DEFAULT_DEADLINE_S) -> list[Path]:
     """Download the v1 JSON files, image zips and eval images; unzip the image zips."""
     target = root / DATASET_DIR
     for filename in DATASET_FILES:
         _call_hub(
             f"{DATASET_REPO}/{filename} (dataset, revision {revision[:12]})",
             hf_hub_download,
+            deadline_s=deadline_s,
             repo_id=DATASET_REPO,
             repo_type="dataset",
             revision=revision,
             filename=filename,
             local_dir=str(target),
         )
-    download_eval_images(root, revision)
+    download_eval_images(root, revision, deadline_s)
     extracted = []
     for filename in DATASET_FILES:
         if not filename.endswith(".zip"):
@@ -205,7 +279,8 @@ def download_dataset(root: Path, delete_zips: bool = False, revision: str = DATA
     return extracted
 
 
-def download_llm(root: Path, dim: int = 512, revision: str = DATASET_REVISION) -> Path:
+def download_llm(root: Path, dim: int = 512, revision: str = DATASET_REVISION,
+                 deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download ``out/{dim}_llm.pth`` (MiniMind LLM weights) to ``root/out/``."""
     if dim not in LLM_DIMS:
         raise DownloadError(f"--dim must be one of {LLM_DIMS}, got {dim}")
@@ -213,6 +288,7 @@ def download_llm(root: Path, dim: int = 512, revision: str = DATASET_REVISION) -
     path = _call_hub(
         f"{DATASET_REPO}/{filename} (dataset)",
         hf_hub_download,
+        deadline_s=deadline_s,
         repo_id=DATASET_REPO,
         repo_type="dataset",
         revision=revision,
@@ -222,13 +298,14 @@ def download_llm(root: Path, dim: int = 512, revision: str = DATASET_REVISION) -
     return Path(path)
 
 
-def download_tokenizer(root: Path) -> Path:
+def download_tokenizer(root: Path, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download the official MiniMind tokenizer files to ``root/TOKENIZER_DIR``."""
     target = root / TOKENIZER_DIR
     for filename in TOKENIZER_FILES:
         _call_hub(
             f"{TOKENIZER_REPO}/{filename} (model)",
             hf_hub_download,
+            deadline_s=deadline_s,
             repo_id=TOKENIZER_REPO,
             repo_type="model",
             filename=filename,
@@ -237,7 +314,7 @@ def download_tokenizer(root: Path) -> Path:
     return target
 
 
-def download_model(root: Path, dim: int = 512) -> Path:
+def download_model(root: Path, dim: int = 512, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download the published MiniMind-V v1 model directory into ``root/<repo name>`` (as a `git clone` would),
     without its Python files: this project reads config.json and the weights, and never runs downloaded code."""
     if dim not in MODEL_REPOS:
@@ -247,6 +324,7 @@ def download_model(root: Path, dim: int = 512) -> Path:
     _call_hub(
         f"{repo} (model)",
         snapshot_download,
+        deadline_s=deadline_s,
         repo_id=repo,
         repo_type="model",
         local_dir=str(target),
@@ -255,7 +333,7 @@ def download_model(root: Path, dim: int = 512) -> Path:
     return target
 
 
-def download_bench(root: Path) -> Path:
+def download_bench(root: Path, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
     """Download the POPE and MMStar parquet files at their pinned commits into ``root/dataset/bench/<name>/`` (the
     Hub paths kept), and write bench_source.json beside them: the evaluation records the revision from it."""
     for spec in BENCHMARKS.values():
@@ -264,6 +342,7 @@ def download_bench(root: Path) -> Path:
             _call_hub(
                 f"{spec.repo}/{filename} (dataset, revision {spec.revision[:12]})",
                 hf_hub_download,
+                deadline_s=deadline_s,
                 repo_id=spec.repo,
                 repo_type="dataset",
                 revision=spec.revision,
@@ -287,7 +366,14 @@ def main(argv: list[str] | None = None) -> None:
                              "--what bench always fetches the benchmarks' pinned commits")
     parser.add_argument("--root", default=".", help="repository root to download into")
     parser.add_argument("--delete_zips", action="store_true", help="delete image zips after extracting them")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, metavar="SECONDS",
+                        help="the longest one hub download may take: a file, or a whole folder for clip, eval_images "
+                             "and model (default %(default)g s); past it the command stops, keeping what arrived "
+                             "for the next run to resume")
     args = parser.parse_args(argv)
+    if not 0 < args.deadline < float("inf"):
+        parser.error(f"--deadline must be a positive, finite number of seconds, got {args.deadline:g}")
+    deadline = args.deadline
 
     root = Path(args.root)
     pieces = ALL_PIECES if "all" in args.what else tuple(p for p in PIECES if p in args.what)
@@ -298,20 +384,26 @@ def main(argv: list[str] | None = None) -> None:
         for piece in pieces:
             print(f"[{piece}] downloading ...")
             if piece == "model":
-                result = download_model(root, args.dim)
+                result = download_model(root, args.dim, deadline)
             elif piece == "clip":
-                result = download_clip(root)
+                result = download_clip(root, deadline)
             elif piece == "eval_images":
-                result = download_eval_images(root, args.revision)
+                result = download_eval_images(root, args.revision, deadline)
             elif piece == "dataset":
-                result = download_dataset(root, delete_zips=args.delete_zips, revision=args.revision)
+                result = download_dataset(root, args.delete_zips, args.revision, deadline)
             elif piece == "llm":
-                result = download_llm(root, args.dim, args.revision)
+                result = download_llm(root, args.dim, args.revision, deadline)
             elif piece == "bench":
-                result = download_bench(root)
+                result = download_bench(root, deadline)
             else:
-                result = download_tokenizer(root)
+                result = download_tokenizer(root, deadline)
             print(f"[{piece}] done: {result}")
+    except DownloadDeadlineError as err:
+        # The download's thread is still blocked on the network and cannot be stopped; a normal exit would wait
+        # for huggingface_hub's worker threads, so the process ends here (the partial file stays for a resume).
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except DownloadError as err:
         raise SystemExit(f"error: {err}") from None
 
