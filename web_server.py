@@ -14,9 +14,9 @@ Run it from the repository root, either way:
 (streamlit's own, e.g. `--server.port`) go to streamlit, the rest to this script (checked first: an unknown flag
 or a bad value is argparse's one-line error).
 
-CPU inference (inference.cpu.prepare): the decoder's linear layers run on the fastest fp32 kernel path measured at
-load (--cpu_kernel auto; same greedy answers as default), or in int8 with --quantize int8. The sidebar's
-"int8 weights (CPU)" toggle starts from --quantize and reloads the model quantised or not; on a GPU it is disabled
+CPU inference (inference.cpu.prepare, docs/cpu_inference.md): --cpu_kernel auto (default), default, compiled, bf16
+or int8 (--quantize int8 is the same). The sidebar's "int8 weights (CPU)" toggle starts from --quantize and reloads
+the model in int8 (on: int8 takes the place of any --cpu_kernel) or on --cpu_kernel (off); on a GPU it is disabled
 (int8 here is CPU only). The sidebar caption shows the line saying which kernel runs.
 
 The checkpoint picker lists the .pth files in --out_dir and the MiniMind model directories (a published
@@ -65,8 +65,8 @@ from inference.chat import (MAX_IMAGES, GenerationSettings, StreamStats, TooMany
                             VLMChat, check_image_count)
 from inference.web_support import (IMAGE_TYPES, MAX_UPLOAD_MB, NO_CHECKPOINT_HELP, UPLOAD_ACCEPT,  # noqa: E402,F401
                                    ServerArgs, check_launch_flags, checkpoint_stamp, display_copy, error_text,
-                                   format_params, image_id, list_checkpoints, parse_args, resolve_clip_path,
-                                   split_flags, validate_upload)
+                                   format_params, image_id, kernel_to_load, list_checkpoints, parse_args,
+                                   resolve_clip_path, split_flags, validate_upload)
 from data_pipeline.image_decode import ImageError  # noqa: E402
 
 SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of several
@@ -126,7 +126,8 @@ def sidebar_quantize(args: ServerArgs) -> str:
     """The "int8 weights (CPU)" toggle, starting from --quantize: "int8" or "none". Disabled, with a note, when the
     model is not on the CPU (int8 here is CPU only)."""
     on_cpu = args.device.split(":")[0] == "cpu"
-    int8 = st.sidebar.toggle("int8 weights (CPU)", value=args.quantize == "int8", key="int8", disabled=not on_cpu,
+    start_on = args.quantize == "int8" or args.cpu_kernel == "int8"
+    int8 = st.sidebar.toggle("int8 weights (CPU)", value=start_on, key="int8", disabled=not on_cpu,
                              help="Reload the model with its decoder's linear layers in int8: faster on a CPU; "
                                   "answers may differ slightly from fp32")
     if not on_cpu:
@@ -139,8 +140,9 @@ def try_load(ckpt: Optional[str], clip_path: str, args: ServerArgs,
     if ckpt is None:
         return None, None
     try:
+        quantize, kernel = kernel_to_load(args, quantize == "int8")  # the toggle's int8 replaces any kernel
         return load_chat(ckpt, clip_path, args.tokenizer_path, args.device, checkpoint_stamp(ckpt), quantize,
-                         args.cpu_kernel, args.allow_encoder_mismatch), None
+                         kernel, args.allow_encoder_mismatch), None
     except Exception as e:  # a bad file or path must not take the server down
         return None, f"Could not load the model: {error_text(e)}"
 

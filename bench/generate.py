@@ -27,12 +27,13 @@ AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True), and decoded w
   hf_slowdown         native / transformers decode tok/s, best of the --reps interleaved runs of each
                       (1.0 = as fast as the native path)
   same_tokens_hf      generate() produced exactly the native greedy tokens
-With --kernel (how the decoder's linears run on CPU: inference.cpu.kernels; auto measures the paths at load) or
---quantize int8 (inference.cpu.quantize), the model is converted after a plain fp32 copy is set aside as the reference
-(peak_rss_mb then holds both), and:
-  kernel              the path used (default, transposed, onednn, onednn_bf16 or int8); kernel_line says why
+With --kernel (--cpu_kernel's values: auto, compiled, bf16, int8; docs/cpu_inference.md) or --quantize int8, the
+model is converted after a plain fp32 copy is set aside as the reference (peak_rss_mb then holds both), so one run
+compares the kernel with default, and:
+  kernel              the path used (default, transposed, onednn, onednn_bf16, compiled or int8); kernel_line says why
   decode_tok_s_fp32   the plain fp32 reference's decode tok/s, timed in turns with the converted model's reps
   speedup_vs_fp32     decode_tok_s_cache / decode_tok_s_fp32 over those interleaved reps
+  faster_reps_vs_fp32 in how many of those reps the converted model decoded faster than the reference
   same_tokens_fp32    the timed prompt's greedy tokens equal the reference's
   token_agreement_fp32  over --agree_prompts prompts (fixed questions, one seeded random image each): share of
                       the reference's --agree_tokens greedy tokens that the converted model also ranks first
@@ -62,8 +63,8 @@ import torch  # noqa: E402
 from bench.common import (DTYPES, bench_parser, bench_title, command_line, machine_info, peak_memory_mb,  # noqa: E402
                           read_bandwidth, report, start, sync)
 from model.config import CLIP_DIM, IMAGE_TOKENS, LMConfig  # noqa: E402
-from inference.cpu.prepare import QUANTIZE_CHOICES, prepare_for_cpu_inference  # noqa: E402
-from inference.cpu.kernels import CHOICES, current_kernel, decode_linears, linear_nbytes  # noqa: E402
+from inference.cpu.prepare import ACCEPTED, QUANTIZE_CHOICES, kernel_name, prepare_for_cpu_inference  # noqa: E402
+from inference.cpu.kernels import current_kernel, decode_linears, linear_nbytes  # noqa: E402
 from bench.versus_fp32 import compare_with_reference, prompt_ids, timed_generate  # noqa: E402
 from model.decoder import KVCache  # noqa: E402
 from checkpoints.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     a("--skip_nocache", action="store_true")
     a("--hf", action="store_true", help="also time the transformers export's generate() (see above)")
-    a("--kernel", default="default", choices=CHOICES, help="CPU path of the decoder's linears (inference.cpu.kernels)")
+    a("--kernel", default="default", type=kernel_name, choices=ACCEPTED,
+      help="CPU kernel, as the apps' --cpu_kernel (inference.cpu.prepare); against a plain fp32 copy in the same run")
     a("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: quantise the decoder's linears")
     a("--agree_prompts", type=int, default=8, help="prompts of the agreement with the fp32 reference")
     a("--agree_tokens", type=int, default=32, help="greedy tokens per agreement prompt")
@@ -227,6 +229,7 @@ def table_rows(result: dict[str, Any], args: argparse.Namespace, device) -> list
     if result["decode_tok_s_fp32"] is not None:
         rows += [["plain fp32 decode tok/s (interleaved reference)", result["decode_tok_s_fp32"]],
                  ["speed-up over plain fp32", result["speedup_vs_fp32"]],
+                 ["reps decoded faster than plain fp32", result["faster_reps_vs_fp32"]],
                  ["fp32_bw_fraction (fp32 weight bytes per token)", result["fp32_bw_fraction"]],
                  ["same greedy tokens as fp32 (timed prompt)", result["same_tokens_fp32"]],
                  [f"tokens ranked first as fp32 does ({result['agreement_prompts']} prompts x "
@@ -253,6 +256,7 @@ def print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
           f"{result['peak_rss_mb']:.0f} MB", flush=True)
     if result["decode_tok_s_fp32"] is not None:
         print(f"against plain fp32: {result['decode_tok_s_fp32']:.1f} tok/s, speed-up {result['speedup_vs_fp32']:.2f}x "
+              f"(faster in {result['faster_reps_vs_fp32']} reps) "
               f"({100 * result['fp32_bw_fraction']:.0f}% of read bw in fp32 bytes); greedy tokens ranked first as "
               f"fp32: {100 * result['token_agreement_fp32']:.1f}%, identical answers "
               f"{100 * result['same_answers_fp32']:.0f}% of {result['agreement_prompts']} prompts", flush=True)

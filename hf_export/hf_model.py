@@ -59,7 +59,6 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
     splice_images = MiniMindVLM.splice_images
     generate_stream = MiniMindVLM.generate_stream  # the native sampler with its pre-allocated KV cache
     next_token_logits = MiniMindVLM.next_token_logits  # its decode step
-    compiled_decode = None  # the compiled CPU decode step (inference.cpu.compiled) is for the native model only
 
     def __init__(self, config: LMConfig):
         # MiniMind always ties the head to the embedding; transformers only honours the tie when the config says so.

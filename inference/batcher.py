@@ -8,10 +8,10 @@ cancel event): its keys and values are dropped from the cache, so the others dec
 Requests that arrive while a batch is decoding join it at the next step while it has room: they are prefilled
 on their own and their cache is merged in, right-aligned, with the gap marked as padding. Greedy rows give exactly
 the tokens they would give alone (tests/test_padding.py, tests/test_batcher.py), on every fp32 CPU kernel
-(inference.cpu.kernels; with the compiled one, a lone unpadded row decodes through the compiled step). An int8 model
-(inference.cpu.quantize) quantises each layer's activations over the whole batch, so there a row can differ from its
-answer alone where two tokens nearly tie (a trained model's clear answers do not: tests/test_cpu_inference_apps.py);
-max_batch=1 decodes each request as alone.
+(inference.cpu; the decode step is the model's next_token_logits, so with the compiled CPU kernel installed there a
+lone unpadded row decodes through the compiled step). An int8 model (inference.cpu.quantize) quantises each layer's
+activations over the whole batch, so there a row can differ from its answer alone where two tokens nearly tie (a
+trained model's clear answers do not: tests/test_cpu_inference_apps.py); max_batch=1 decodes each request as alone.
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from inference.cpu.prepare import QUANTIZE_CHOICES, add_cpu_inference_args
-from inference.cpu.kernels import CHOICES as CPU_KERNEL_CHOICES
+from inference.cpu.prepare import ACCEPTED as CPU_KERNEL_CHOICES
+from inference.cpu.prepare import QUANTIZE_CHOICES, add_cpu_inference_args, kernel_name
 from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH
 from data_pipeline.image_decode import ImageError, open_image
 from checkpoints.vision_pairing import clip_or_stand_in, is_stand_in
@@ -42,7 +42,7 @@ class ServerArgs:
     tokenizer_path: Optional[str]  # None: the checkpoint's own
     device: str
     quantize: str = "none"  # inference.cpu.prepare: --quantize (the page's int8 toggle starts from it)
-    cpu_kernel: str = "auto"  # --cpu_kernel
+    cpu_kernel: str = "auto"  # --cpu_kernel (the toggle's int8 takes its place while on)
     allow_encoder_mismatch: bool = False  # --allow_encoder_mismatch (checkpoints.vision_pairing)
 
 
@@ -85,12 +85,21 @@ def parse_args(argv: Sequence[str], root: Path, env: Optional[dict[str, str]] = 
     """
     env = dict(os.environ if env is None else env)
     ns, _unknown = build_parser(env, root).parse_known_args(list(argv))
+    ns.cpu_kernel = kernel_name(ns.cpu_kernel)  # an older name from the environment, as the flag takes it
     for name, choices in (("quantize", QUANTIZE_CHOICES), ("cpu_kernel", CPU_KERNEL_CHOICES)):
         if getattr(ns, name) not in choices:  # argparse checks the choices of given flags, not of defaults
             raise argparse.ArgumentError(None, f"{ENV_VARS[name]}={getattr(ns, name)!r} is not one of "
                                                f"{', '.join(choices)}")
     return ServerArgs(ns.out_dir, ns.clip_path, ns.tokenizer_path, ns.device or default_device(), ns.quantize,
                       ns.cpu_kernel, ns.allow_encoder_mismatch)
+
+
+def kernel_to_load(args: ServerArgs, int8: bool) -> tuple[str, str]:
+    """(quantize, cpu_kernel) to load the model with when the page's int8 toggle is `int8`: on, int8 takes the
+    place of --cpu_kernel whatever it is (compiled, bf16, ...); off, --cpu_kernel runs on fp32 weights."""
+    if int8:
+        return "none", "int8"
+    return "none", "auto" if args.cpu_kernel == "int8" else args.cpu_kernel
 
 
 def check_launch_flags(argv: Sequence[str], root: Path) -> None:

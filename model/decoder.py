@@ -193,18 +193,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        # CPU inference may stack wq, wk and wv into one layer (inference.cpu.kernels.fuse_projections): one larger
-        # matrix-vector product per token streams the weights faster than three small ones.
-        self.wqkv: Optional[nn.Module] = None
 
     def rotated_qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x [B, T, dim] as [B, T, heads, head_dim], queries and keys rotated."""
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)

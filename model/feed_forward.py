@@ -4,7 +4,6 @@ by MoEGate), with the v1 parameter names.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, hidden, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.w13: Optional[nn.Module] = None  # w1 and w3 stacked by CPU inference (inference.cpu.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
-        return self.dropout(self.w2(F.silu(gate) * up))
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class MoEGate(nn.Module):

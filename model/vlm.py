@@ -61,8 +61,6 @@ class MiniMindVLM(MiniMindLM):
             raise ValueError(f"image_ids must hold {IMAGE_TOKENS} ids, got {len(ids)}")
         self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * IMAGE_TOKENS),
                              persistent=False)
-        # set by the compiled CPU kernel (inference.cpu.compiled): the single-token step with a KV cache, compiled
-        self.compiled_decode = None
 
     def find_image_spans(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, start) of every complete placeholder span, in row-major order. Raises on a cut-short span."""
@@ -114,13 +112,8 @@ class MiniMindVLM(MiniMindLM):
 
     # ----------------------------------------------------------------- generation
     def next_token_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, vocab] after the tokens ids [B, 1] that continue the cache: through the compiled decode
-        step where one is set and applies (one row, no padding in the cache, and a free slot left after this
-        token: filling the cache's last slot makes its keys one contiguous block, a second graph that would be
-        compiled mid-answer), else the plain forward."""
-        if self.compiled_decode is not None and ids.shape[0] == 1 and cache.key_mask is None \
-                and cache.length + 1 < cache.k.shape[3]:
-            return self.compiled_decode(ids, cache)
+        """Logits [B, vocab] after the tokens ids [B, 1] that continue the cache (the decode step of
+        generate_stream and of inference.batcher)."""
         return self(ids, cache=cache).logits[:, -1]
 
     @torch.inference_mode()

@@ -107,12 +107,15 @@ def test_requests_arriving_mid_batch_join_it_and_match_row_by_row(model):
 
 @pytest.mark.parametrize("kernel", ["transposed", "onednn", "auto", "compiled"])
 def test_each_cpu_kernel_path_batches_as_it_decodes_alone(model, kernel):
-    """The kernels of inference.cpu.kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee."""
-    from inference.cpu.prepare import prepare_for_cpu_inference
+    """The CPU kernels (what --cpu_kernel picks in the API) keep the batcher's guarantee; the compiled decode step
+    is the model's own next_token_logits, which the batcher calls."""
+    from inference.cpu.compiled import compiler_missing
     from inference.cpu.kernels import current_kernel, unavailable_reason
+    from inference.cpu.prepare import prepare_for_cpu_inference
 
-    if kernel != "auto" and unavailable_reason(kernel):
-        pytest.skip(unavailable_reason(kernel))
+    missing = compiler_missing() if kernel == "compiled" else None if kernel == "auto" else unavailable_reason(kernel)
+    if missing:
+        pytest.skip(missing)
     converted = copy.deepcopy(model)
     prepare_for_cpu_inference(converted, "none", kernel)
     assert kernel == "auto" or current_kernel(converted) == kernel

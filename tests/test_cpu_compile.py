@@ -1,7 +1,8 @@
-"""The compiled CPU kernel (inference.cpu.compiled): the compiled one-row decode step gives the plain model's greedy
-tokens, serves every later answer without compiling again, leaves padded batches to the plain forward, and
-fails clearly without a C++ compiler or on a model converted already; auto_compile keeps whichever of it and
-auto's eager pick runs decode steps faster."""
+"""The compiled CPU kernel (inference.cpu.compiled): installed from the outside as the model's decode step, it gives
+the plain model's greedy tokens, serves every later answer (longer ones than the model's context included) without
+compiling again, leaves padded batches and a cache's last slot to the plain forward, keeps its compiled state to
+itself (dropping or failing one model's never touches another's), and where it cannot be built (no compiler, a
+failing one, an MoE model) the model runs on auto instead, in one line."""
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,12 @@ import torch
 from conftest import tiny_config
 from torch._dynamo.utils import counters
 
-from inference.cpu import compiled as cpu_compile, kernels as cpu_kernels
-from inference.cpu.compiled import compiler_missing, time_decode_steps
-from inference.cpu.kernels import choose_cpu_kernel, current_kernel, unavailable_reason
+from inference.cpu import compiled as cpu_compiled, kernels as cpu_kernels
+from inference.cpu.compiled import compiler_missing, drop_compiled
+from inference.cpu.kernels import current_kernel
+from inference.cpu.prepare import choose_cpu_kernel
+from inference.cpu.stacked import StackedQKVAttention
+from model.decoder import KVCache
 from model.vlm import MiniMindVLM, pad_rows
 
 PROMPT = [[5, 17, 99, 240, 3, 77, 1000, 12]]
@@ -29,8 +33,10 @@ def base() -> MiniMindVLM:
 
 
 @pytest.fixture(autouse=True)
-def fresh_measurements(monkeypatch):
+def quick_auto(monkeypatch):
+    """auto (the fallback) measured without timing: the decode steps of a converted model never win."""
     monkeypatch.setattr(cpu_kernels, "_MEASURED", {})
+    monkeypatch.setattr(cpu_kernels, "decode_seconds", lambda model, ids, steps: 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +51,34 @@ def greedy(model: MiniMindVLM, rows: list[list[int]], n: int = 16) -> torch.Tens
     return model.generate(ids, max_new_tokens=n, temperature=0.0, attention_mask=mask)
 
 
-class CountingStep:
-    """Wraps a compiled step and counts the decode steps it serves."""
+class Counting:
+    """Wraps a model's compiled graph and counts the decode steps it serves."""
 
-    def __init__(self, step):
-        self.step, self.calls = step, 0
+    def __init__(self, model: MiniMindVLM):
+        self.step = model.next_token_logits
+        self.inner, self.calls = self.step._compiled, 0
 
-    def __call__(self, ids, cache):
+    def __call__(self, *args):
         self.calls += 1
-        return self.step(ids, cache)
+        return self.inner(*args)
+
+    def __enter__(self) -> "Counting":
+        self.step._compiled = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.step._compiled = self.inner
 
 
 def test_compiled_step_gives_the_plain_greedy_tokens(base, compiled):
     model, reason = compiled
     assert current_kernel(model) == "compiled" and "compiled with inductor in" in reason
-    counting = CountingStep(model.compiled_decode)
-    model.compiled_decode = counting
-    try:
+    assert "next_token_logits" not in vars(base) and isinstance(model.layers[0].attention, StackedQKVAttention)
+    with Counting(model) as counting:
         assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
         assert counting.calls == 15  # every step after the prompt's: the compiled step served them
         assert torch.equal(greedy(model, ROWS), greedy(base, ROWS))  # padded batch: the plain forward
         assert counting.calls == 15
-    finally:
-        model.compiled_decode = counting.step
 
 
 def test_later_answers_do_not_compile_again(base, compiled):
@@ -81,74 +92,85 @@ def test_later_answers_do_not_compile_again(base, compiled):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_an_answer_past_the_context_compiles_nothing(base, compiled):
+    """Past max_seq_len (160 here) the rotary table grows; the compiled step takes its rows as inputs, so it keeps
+    serving every step, compiles no graph, and gives the plain tokens."""
+    model, _ = compiled
+    prompt = [[(7 * i) % 6000 + 3 for i in range(120)]]
+    greedy(model, PROMPT, n=3)
+    graphs = counters["stats"]["unique_graphs"]
+    with Counting(model) as counting:
+        assert torch.equal(greedy(model, prompt, n=80), greedy(base, prompt, n=80))
+        assert counting.calls == 79
+    assert model._rope_len > model.config.max_seq_len
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))  # and later answers still run compiled
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_model_is_not_converted_again(compiled):
     model, _ = compiled
     with pytest.raises(ValueError, match="already runs on the compiled CPU kernel"):
         choose_cpu_kernel(model, "onednn")
 
 
-def test_missing_compiler_is_a_clear_error(base, monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    assert "no C++ compiler (no-such-compiler-xyz)" in unavailable_reason("compiled")
+@pytest.mark.parametrize("compiler, said", [("no-such-compiler-xyz", r"no C\+\+ compiler \(no-such-compiler-xyz\)"),
+                                            ("/bin/false", "the C\\+\\+ compiler /bin/false fails on a trivial")])
+def test_without_a_working_compiler_auto_runs_instead(base, monkeypatch, compiler, said):
+    monkeypatch.setenv("CXX", compiler)
     model = copy.deepcopy(base)
-    with pytest.raises(ValueError, match=r"the compiled CPU kernel cannot run here: no C\+\+ compiler"):
-        choose_cpu_kernel(model, "compiled")
-    assert current_kernel(model) == "default"  # nothing was changed
+    choice = choose_cpu_kernel(model, "compiled")
+    assert choice.kernel == "default" == current_kernel(model)
+    assert "\n" not in choice.describe()
+    assert pytest.importorskip("re").search(f"^compiled not used: {said}.*; auto: measured", choice.reason)
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
 
 
-def test_moe_model_is_refused_unchanged():
-    """Routing tokens to experts depends on the data: no single graph; the model is left as loaded."""
+def test_a_compile_that_fails_falls_back_in_one_line_and_spares_other_models(base, compiled, monkeypatch):
+    """inductor failing mid-compile (here: its C++ compiler swapped for /bin/false, its caches off) is one line and
+    auto; the other model's compiled step keeps serving without compiling again."""
+    other, _ = compiled
+    greedy(other, PROMPT, n=3)
+    monkeypatch.setattr(cpu_compiled, "compiler_missing", lambda: None)
+    monkeypatch.setattr(cpu_compiled, "INDUCTOR_OPTIONS", {**cpu_compiled.INDUCTOR_OPTIONS, "cpp.cxx": ("/bin/false",),
+                                                           "fx_graph_cache": False, "autotune_local_cache": False})
+    model = copy.deepcopy(base)
+    choice = choose_cpu_kernel(model, "compiled")
+    assert choice.kernel == "default" and "next_token_logits" not in vars(model)
+    assert "compiled not used: compiling it failed: " in choice.reason and "\n" not in choice.describe()
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
+    graphs = counters["stats"]["unique_graphs"]
+    with Counting(other) as counting:
+        assert torch.equal(greedy(other, PROMPT), greedy(base, PROMPT)) and counting.calls == 15
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_dropping_one_compiled_step_leaves_the_others(base, compiled):
+    """Two compiled models in one process (a web page holds two): dropping one frees its own state only."""
+    other, _ = compiled
+    model = copy.deepcopy(base)
+    assert choose_cpu_kernel(model, "compiled").kernel == "compiled"
+    greedy(other, PROMPT, n=3)
+    drop_compiled(model)
+    assert current_kernel(model) == "default"
+    graphs = counters["stats"]["unique_graphs"]
+    with Counting(other) as counting:
+        assert torch.equal(greedy(other, PROMPT), greedy(base, PROMPT)) and counting.calls == 15
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
+
+
+def test_moe_model_runs_on_auto_and_says_why():
+    """Routing tokens to experts depends on the data: no single graph."""
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(use_moe=True)).eval()
-    with pytest.raises(ValueError, match=r"runs dense models: .*use_moe.*use --cpu_kernel auto"):
-        choose_cpu_kernel(model, "compiled")
-    assert current_kernel(model) == "default" and model.layers[0].attention.wqkv is None
-
-
-def test_timing_decode_steps_does_not_recompile(base, compiled):
-    """auto_compile times the compiled step in turns with an eager copy: no compile during the measurement, and
-    the compiled model is left as it was."""
-    model, _ = compiled
-    eager = copy.deepcopy(base)
-    choose_cpu_kernel(eager, "transposed")
-    greedy(model, PROMPT, n=3)
-    graphs, rng = counters["stats"]["unique_graphs"], torch.random.get_rng_state()
-    times = time_decode_steps(model, eager, prompt=8, steps=4, rounds=2)
-    assert torch.equal(torch.random.get_rng_state(), rng)  # an app's seed set before loading still holds
-    assert set(times) == {"compiled", "eager"} and all(t > 0 for t in times.values())
-    assert counters["stats"]["unique_graphs"] == graphs and current_kernel(model) == "compiled"
-    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
-
-
-@pytest.mark.parametrize("compiled_ms, expected", [(1.0, "compiled"), (9.5, "transposed")])
-def test_auto_compile_keeps_the_faster_by_measured_decode_steps(base, monkeypatch, compiled_ms, expected):
-    """Kept only when its decode steps beat the eager pick's by the margin; else the eager pick, compiled step
-    dropped. Either way, the plain greedy tokens."""
-    monkeypatch.setattr(cpu_kernels, "time_kernels", lambda linears, kernels: {k: {"transposed": 1.0}.get(k, 2.0)
-                                                                             for k in kernels})
-    monkeypatch.setattr(cpu_compile, "time_decode_steps", lambda model, eager: {"compiled": compiled_ms,
-                                                                                "eager": 10.0})
-    model = copy.deepcopy(base)
-    choice = choose_cpu_kernel(model, "auto_compile")
-    assert choice.kernel == expected == current_kernel(model)
-    assert f"ms per decode step: compiled {compiled_ms:.2f}, eager transposed 10.00" in choice.reason
-    assert (model.compiled_decode is None) == (expected != "compiled")
-    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
-
-
-def test_auto_compile_without_a_compiler_keeps_the_auto_pick(base, monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    model = copy.deepcopy(base)
-    choice = choose_cpu_kernel(model, "auto_compile")
-    assert choice.kernel in ("default", "transposed", "onednn") and choice.kernel == current_kernel(model)
-    assert "compiled not tried: the compiled CPU kernel cannot run here: no C++ compiler" in choice.reason
+    choice = choose_cpu_kernel(model, "compiled")
+    assert choice.kernel == "default" and "next_token_logits" not in vars(model)
+    assert choice.reason.startswith("compiled not used: this model routes each token to experts (use_moe)")
 
 
 def test_filling_the_cache_to_its_last_slot_does_not_compile_again(base, compiled):
     """The last slot makes the cached keys one contiguous block, which the compiled graph does not cover: that
     step runs the plain forward instead of compiling a second graph mid-answer, with the same logits."""
-    from model.decoder import KVCache
-
     model, _ = compiled
     greedy(model, PROMPT, n=3)
     graphs = counters["stats"]["unique_graphs"]

@@ -78,12 +78,12 @@ def test_chat_script_measures_the_cpu_kernel_by_default(answering, eval_chat, ca
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     lines = _kernel_lines(stdout)
-    assert len(lines) == 1 and "(measured ms per pass over" in lines[0], stdout
+    assert len(lines) == 1 and "(measured a prefill and 24 decode steps" in lines[0], stdout
     assert f"[A]: {ANSWER}\n" in stdout
 
 
-def test_chat_script_answers_on_the_compiled_step_when_it_measures_faster(answering, eval_chat, capsys):
-    """--cpu_kernel auto_compile: the line says what was timed and which path runs; fp32's answer either way."""
+def test_chat_script_answers_on_the_compiled_step(answering, eval_chat, capsys):
+    """--cpu_kernel compiled (and its older name auto_compile): compiled at load, fp32's answer."""
     from inference.cpu.compiled import compiler_missing
 
     if compiler_missing():
@@ -92,8 +92,25 @@ def test_chat_script_answers_on_the_compiled_step_when_it_measures_faster(answer
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     lines = _kernel_lines(stdout)
-    assert len(lines) == 1 and "ms per decode step: compiled " in lines[0], stdout
+    assert len(lines) == 1 and lines[0].startswith("CPU kernel: compiled (the one-row decode step compiled"), stdout
     assert f"[A]: {ANSWER}\n" in stdout
+
+
+@pytest.mark.parametrize("app", ["3-eval_chat.py", "serve_openai_api.py"])
+def test_a_failing_compiler_is_one_line_and_the_app_runs_on_auto(answering, eval_chat, monkeypatch, capsys, app):
+    monkeypatch.setenv("CXX", "/bin/false")
+    if app == "3-eval_chat.py":
+        code = eval_chat.main(_chat_argv(answering, "--cpu_kernel", "compiled"))
+        stdout, stderr = capsys.readouterr()
+        assert f"[A]: {ANSWER}\n" in stdout
+    else:
+        code, seen = _serve(answering, monkeypatch, "--cpu_kernel", "compiled")
+        stdout, stderr = capsys.readouterr()
+        assert seen["reply"]["choices"][0]["message"]["content"] == ANSWER
+    assert code == 0 and "Traceback" not in stdout + stderr, stderr
+    lines = _kernel_lines(stdout)
+    assert len(lines) == 1 and "(compiled not used: the C++ compiler /bin/false fails on a trivial program" in \
+        lines[0], stdout
 
 
 def test_chat_script_refuses_bad_values_in_one_line(answering, eval_chat, capsys):
@@ -161,7 +178,7 @@ def test_api_serves_int8_weights_and_says_so_at_start_up(answering, monkeypatch,
 def test_api_measures_the_cpu_kernel_by_default(answering, monkeypatch, capsys):
     code, seen = _serve(answering, monkeypatch)
     assert code == 0
-    assert "(measured ms per pass over" in capsys.readouterr().out.splitlines()[1]
+    assert "(measured a prefill and 24 decode steps" in capsys.readouterr().out.splitlines()[1]
     assert seen["reply"]["choices"][0]["message"]["content"] == ANSWER
 
 
@@ -241,7 +258,7 @@ def test_web_int8_toggle_reloads_a_quantised_model_that_still_answers(page, answ
     at = page()
     toggle = at.sidebar.toggle(key="int8")
     assert toggle.label == "int8 weights (CPU)" and toggle.value is False and not toggle.disabled
-    assert "(measured ms per pass over" in _kernel_caption(at)  # --cpu_kernel auto by default
+    assert "(measured a prefill and 24 decode steps" in _kernel_caption(at)  # --cpu_kernel auto by default
     assert _ask_red_square(at, answering) == ANSWER
     at.sidebar.button(key="clear_chat").click().run()
     at.sidebar.toggle(key="int8").set_value(True).run()
@@ -256,6 +273,15 @@ def test_web_quantize_flag_starts_the_toggle_on(page, monkeypatch):
     monkeypatch.setenv("MINIMIND_QUANTIZE", "int8")  # how AppTest passes --quantize int8
     at = page()
     assert at.sidebar.toggle(key="int8").value is True
+    assert "CPU kernel: int8 (" in _kernel_caption(at)
+
+
+def test_web_int8_toggle_works_on_a_page_started_with_another_kernel(page, monkeypatch):
+    """Started with --cpu_kernel compiled (or bf16, ...) and the toggle on: int8 takes the kernel's place."""
+    monkeypatch.setenv("MINIMIND_QUANTIZE", "int8")
+    monkeypatch.setenv("MINIMIND_CPU_KERNEL", "compiled")
+    at = page()
+    assert at.sidebar.toggle(key="int8").value is True and not at.error, [e.value for e in at.error]
     assert "CPU kernel: int8 (" in _kernel_caption(at)
 
 
@@ -294,6 +320,10 @@ def test_web_args_carry_the_cpu_inference_flags():
 
     args = web_support.parse_args(["--quantize", "int8", "--cpu_kernel", "transposed"], ROOT, {})
     assert (args.quantize, args.cpu_kernel) == ("int8", "transposed")
+    assert web_support.parse_args([], ROOT, {"MINIMIND_CPU_KERNEL": "onednn_bf16"}).cpu_kernel == "bf16"
+    compiled = web_support.parse_args(["--cpu_kernel", "compiled"], ROOT, {})
+    assert web_support.kernel_to_load(compiled, True) == ("none", "int8")
+    assert web_support.kernel_to_load(compiled, False) == ("none", "compiled")
     assert (web_support.parse_args([], ROOT, {}).quantize, web_support.parse_args([], ROOT, {}).cpu_kernel) == \
         ("none", "auto")
 

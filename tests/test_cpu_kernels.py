@@ -1,16 +1,26 @@
-"""inference.cpu.kernels: each fp32 kernel path gives the default path's greedy tokens, the automatic choice follows
-the measured times (and never takes bf16 unasked), and the capability checks and bad inputs fail clearly."""
+"""inference.cpu.kernels, stacked and prepare: each eager fp32 path gives the default path's greedy tokens, auto keeps
+a path only when the model's own decode steps measured it faster than the plain model in most rounds (never bf16,
+never a slower path), the projections are stacked from the outside (the network has no hooks), the --cpu_kernel
+names old and new, and the capability checks and bad inputs fail clearly. runtime.cpu's timing rule too."""
 from __future__ import annotations
 
+import argparse
 import copy
+import itertools
 
 import pytest
 import torch
 from conftest import tiny_config
 
 from inference.cpu import kernels as cpu_kernels
-from inference.cpu.kernels import choose_cpu_kernel, current_kernel, pick_fastest, unavailable_reason
+from inference.cpu.kernels import current_kernel, unavailable_reason
+from inference.cpu.prepare import CHOICES, add_cpu_inference_args, choose_cpu_kernel, kernel_name
+from inference.cpu.stacked import StackedQKVAttention, StackedSwiGLU, stack_projections
+from model.decoder import Attention
+from model.feed_forward import FeedForward
 from model.vlm import MiniMindVLM, pad_rows
+from runtime import cpu as runtime_cpu
+from runtime.cpu import faster_in_turns
 
 PROMPT = [[5, 17, 99, 240, 3, 77, 1000, 12]]
 ROWS = [[5, 17, 99, 240, 3, 77, 1000, 12], [64, 2, 800, 31]]  # different lengths: left padding in a batch
@@ -27,16 +37,19 @@ def greedy(model: MiniMindVLM, rows: list[list[int]], n: int = 16) -> torch.Tens
     return model.generate(ids, max_new_tokens=n, temperature=0.0, attention_mask=mask)
 
 
-def fixed_times(times: dict[str, float]):
-    """A stand-in for time_kernels that returns these seconds per pass for whichever kernels are asked."""
-    def timer(linears, kernels):
-        return {k: times[k] for k in kernels}
-    return timer
-
-
 @pytest.fixture(autouse=True)
 def fresh_measurements(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_MEASURED", {})
+
+
+def decode_times(plain: list[float], converted: list[float]):
+    """A stand-in for decode_seconds: these seconds per run, in turn, for the model as loaded and converted (the
+    output head tells which is in place)."""
+    runs = {False: itertools.cycle(plain), True: itertools.cycle(converted)}
+
+    def timer(model, ids, steps):
+        return next(runs[not isinstance(model.output, torch.nn.Linear)])
+    return timer
 
 
 @pytest.mark.parametrize("kernel", ["transposed", "onednn"])
@@ -44,7 +57,7 @@ def test_fp32_kernels_give_the_default_greedy_tokens(base, kernel):
     if unavailable_reason(kernel):
         pytest.skip(unavailable_reason(kernel))
     model = copy.deepcopy(base)
-    choice = choose_cpu_kernel(model, kernel)
+    choice = choose_cpu_kernel(model, kernel)  # older names, still accepted: that fixed eager path
     assert choice.kernel == kernel == current_kernel(model)
     with torch.inference_mode():
         ids = torch.tensor(PROMPT)
@@ -55,9 +68,12 @@ def test_fp32_kernels_give_the_default_greedy_tokens(base, kernel):
 
 def test_bf16_kernel_stays_close_to_fp32(base):
     if unavailable_reason("onednn_bf16"):
+        with pytest.raises(ValueError, match="bf16 CPU kernel cannot run here: this CPU has no native bf16"):
+            choose_cpu_kernel(copy.deepcopy(base), "bf16")
         pytest.skip(unavailable_reason("onednn_bf16"))
     model = copy.deepcopy(base)
-    assert "answers may differ" in choose_cpu_kernel(model, "onednn_bf16").reason
+    choice = choose_cpu_kernel(model, "bf16")
+    assert choice.kernel == "bf16" and "answers may differ" in choice.reason
     with torch.inference_mode():
         ids = torch.tensor(PROMPT)
         ref, out = base(ids).logits, model(ids).logits
@@ -66,41 +82,49 @@ def test_bf16_kernel_stays_close_to_fp32(base):
     assert (out - ref).abs().max() < 0.05 * ref.std()
 
 
-def test_auto_takes_the_measured_fastest_fp32_path_and_never_bf16(base, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: True)
-    timer = fixed_times({"default": 1.0, "transposed": 0.6, "onednn": 0.7, "onednn_bf16": 0.1})
-    monkeypatch.setattr(cpu_kernels, "time_kernels", timer)
+@pytest.mark.parametrize("plain, converted, kept", [
+    ([1.0], [0.5], True),  # clearly faster every round
+    ([1.0], [1.2], False),  # slower: never kept
+    ([1.0], [0.98], False),  # faster by less than MIN_SPEEDUP: within a shared machine's noise
+    ([1.0, 1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 1.5, 1.5, 1.5], False),  # one lucky best time, lost most rounds
+    ([1.0, 1.0, 1.0, 1.0, 1.0], [0.5, 1.5, 0.5, 0.5, 1.5], True),  # won 3 of 5 rounds
+])
+def test_auto_keeps_a_path_only_when_the_decode_steps_win_most_rounds(base, monkeypatch, plain, converted, kept):
+    monkeypatch.setattr(cpu_kernels, "decode_seconds", decode_times(plain, [converted[-1]] + converted))
+    monkeypatch.setattr(cpu_kernels, "screen_kernels", lambda linears, first, second: "transposed")
     model = copy.deepcopy(base)
     choice = choose_cpu_kernel(model, "auto")
-    assert choice.kernel == "transposed" == current_kernel(model)
-    fp32_paths = {k for k in cpu_kernels.FP32_KERNELS if unavailable_reason(k) is None}
-    assert set(choice.times_ms) == fp32_paths  # bf16 not even timed
-    assert "transposed 600.00" in choice.describe() and "default 1000.00" in choice.describe()
-    if unavailable_reason("onednn_bf16") is None:  # asked for (the capability patched on) and measured fastest
-        choice = choose_cpu_kernel(copy.deepcopy(base), "auto_bf16")
-        assert choice.kernel == "onednn_bf16" and "answers may differ from fp32" in choice.reason
+    assert choice.kernel == ("transposed" if kept else "default") == current_kernel(model)
+    assert "in turns" in choice.reason and "transposed screened fastest" in choice.reason
+    assert ("default kept" in choice.reason) != kept
+    assert isinstance(model.layers[0].attention, StackedQKVAttention) == kept  # a refused path leaves no trace
+    assert torch.equal(greedy(model, PROMPT), greedy(base, PROMPT))
 
 
-def test_default_is_kept_unless_a_path_is_clearly_faster():
-    assert pick_fastest({"default": 1.0, "transposed": 0.97, "onednn": 0.99}) == "default"
-    assert pick_fastest({"default": 1.0, "transposed": 0.9, "onednn": 0.8}) == "onednn"
-    assert pick_fastest({"default": 0.5, "transposed": 0.9}) == "default"
+def test_auto_never_tries_bf16(base, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: True)
+    screened = []
+    monkeypatch.setattr(cpu_kernels, "screen_kernels", lambda linears, *kernels: screened.append(kernels) or
+                        kernels[0])
+    monkeypatch.setattr(cpu_kernels, "decode_seconds", decode_times([1.0], [0.5]))
+    choose_cpu_kernel(copy.deepcopy(base), "auto")
+    assert all(k in cpu_kernels.FP32_KERNELS for kernels in screened for k in kernels)
 
 
-def test_without_native_bf16_auto_bf16_falls_back_to_fp32_and_says_why(base, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "time_kernels", fixed_times({"default": 1.0, "transposed": 0.5, "onednn": 0.9}))
-    model = copy.deepcopy(base)
-    choice = choose_cpu_kernel(model, "auto_bf16")
-    assert choice.kernel == "transposed" and "onednn_bf16" not in choice.times_ms
-    assert "onednn_bf16 not tried: this CPU has no native bf16" in choice.reason
-    with pytest.raises(ValueError, match="onednn_bf16 CPU kernel cannot run here: this CPU has no native bf16"):
-        choose_cpu_kernel(copy.deepcopy(base), "onednn_bf16")
+def test_screening_takes_the_faster_of_two_eager_paths(base, monkeypatch):
+    kernels = [k for k in ("transposed", "onednn") if unavailable_reason(k) is None]
+    if len(kernels) < 2:
+        pytest.skip("needs both fp32 paths")
+    linears = cpu_kernels.measured_linears(base)
+    assert cpu_kernels.screen_kernels(linears, *kernels, rounds=1) in kernels  # real timing: one of them
+    fake = runtime_cpu.Turns([1.0] * 3, [0.5] * 3, 1.0, True)
+    monkeypatch.setattr(cpu_kernels, "faster_in_turns", lambda *a, **k: fake)
+    assert cpu_kernels.screen_kernels(linears, "transposed", "onednn") == "onednn"
 
 
 def test_without_onednn_only_the_mkl_paths_are_tried(base, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "onednn_available", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "time_kernels", fixed_times({"default": 1.0, "transposed": 0.99}))
+    monkeypatch.setattr(cpu_kernels, "decode_seconds", decode_times([1.0], [1.0]))
     choice = choose_cpu_kernel(copy.deepcopy(base), "auto")
     assert choice.kernel == "default" and set(choice.times_ms) == {"default", "transposed"}
     assert "onednn not tried" in choice.reason
@@ -110,29 +134,21 @@ def test_without_onednn_only_the_mkl_paths_are_tried(base, monkeypatch):
 
 def test_measurement_runs_once_per_process_for_the_same_shapes(base, monkeypatch):
     calls = []
-
-    def timer(linears, kernels):
-        calls.append(len(linears))
-        return {k: 1.0 for k in kernels}
-
-    monkeypatch.setattr(cpu_kernels, "time_kernels", timer)
+    timer = decode_times([1.0], [1.0])
+    monkeypatch.setattr(cpu_kernels, "decode_seconds", lambda *a: calls.append(1) or timer(*a))
     for _ in range(2):
         assert choose_cpu_kernel(copy.deepcopy(base), "auto").kernel == "default"
-    assert calls == [2 * 7 + 1]  # 7 linears per block, 2 blocks, and the output head, measured once
-
-
-def test_real_timing_returns_a_time_per_kernel(base):
-    kernels = [k for k in cpu_kernels.FP32_KERNELS if unavailable_reason(k) is None]
-    times = cpu_kernels.time_kernels(cpu_kernels.measured_linears(base), kernels, rounds=1)
-    assert set(times) == set(kernels) and all(0 < t < float("inf") for t in times.values())
+    assert len(calls) == 2 * (5 + 1)  # 5 rounds and a warm-up, plain and converted, measured once
 
 
 def test_measuring_at_load_leaves_the_random_generator_alone(base):
-    """An app that seeds before loading the model gets the same samples whatever the kernel measurement did."""
+    """An app that seeds before loading the model gets the same samples whatever the measurement did (real
+    timing: the screen and the decode steps)."""
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    choose_cpu_kernel(copy.deepcopy(base), "auto")
+    choice = choose_cpu_kernel(copy.deepcopy(base), "auto")
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert choice.kernel in cpu_kernels.FP32_KERNELS and "measured a prefill and 24 decode steps" in choice.reason
 
 
 def test_models_the_kernels_do_not_apply_to(base):
@@ -166,16 +182,22 @@ def test_moe_experts_and_bias_checks():
     moe = MiniMindVLM(tiny_config(use_moe=True)).eval()
     model = copy.deepcopy(moe)
     choose_cpu_kernel(model, "transposed")  # every expert's linears too (routing picks them per token)
+    assert all(isinstance(e, StackedSwiGLU) for e in model.layers[0].feed_forward.experts)
     assert torch.equal(greedy(model, PROMPT, 8), greedy(moe, PROMPT, 8))
     with pytest.raises(ValueError, match="the transposed CPU kernel takes linear layers without a bias"):
         cpu_kernels.convert_linear(torch.nn.Linear(4, 4), "transposed")
 
 
-def test_packed_kernels_run_on_stacked_projections_with_the_same_outputs(base):
+def test_stacked_projections_are_swapped_in_from_the_outside_with_the_same_outputs(base):
+    plain = Attention(base.config), FeedForward(base.config)
+    assert not any(hasattr(m, name) for m in plain for name in ("wqkv", "w13"))  # the network has no hooks
     model = copy.deepcopy(base)
-    cpu_kernels.fuse_projections(model)
+    stack_projections(model)
     attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    assert attention.wq is attention.wk is attention.wv is ffn.w1 is ffn.w3 is None
+    assert isinstance(attention, StackedQKVAttention) and isinstance(ffn, StackedSwiGLU)
+    assert not any(hasattr(attention, p) for p in ("wq", "wk", "wv")) and not hasattr(ffn, "w1")
+    assert attention.wo is base.layers[0].attention.wo or torch.equal(attention.wo.weight,
+                                                                      base.layers[0].attention.wo.weight)
     config = base.config
     assert attention.wqkv.out_features == (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
     assert ffn.w13.out_features == 2 * config.ffn_hidden_dim
@@ -187,3 +209,34 @@ def test_packed_kernels_run_on_stacked_projections_with_the_same_outputs(base):
     linears = [name for parent in converted.layers[0].modules() for name, child in parent.named_children()
                if isinstance(child, cpu_kernels.TransposedLinear)]
     assert sorted(linears) == ["w13", "w2", "wo", "wqkv"]
+
+
+def test_kernel_names_old_and_new():
+    assert CHOICES == ("auto", "default", "compiled", "bf16", "int8")
+    assert [kernel_name(k) for k in ("onednn_bf16", "auto_bf16", "auto_compile", "transposed", "auto")] == \
+        ["bf16", "bf16", "compiled", "transposed", "auto"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_cpu_inference_args(parser)
+    assert parser.parse_args(["--cpu_kernel", "auto_compile"]).cpu_kernel == "compiled"
+    assert parser.parse_args([]).cpu_kernel == "auto"
+    with pytest.raises(argparse.ArgumentError, match="invalid choice: 'fastest'"):
+        parser.parse_args(["--cpu_kernel", "fastest"])
+
+
+@pytest.mark.parametrize("plain, candidate, kept, wins", [
+    ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], True, 3),
+    ([1.0, 1.0, 1.0], [0.5, 1.5, 1.5], False, 1),  # its best time is the better one, its rounds are not
+    ([1.0, 1.0, 1.0], [0.96, 0.96, 0.96], False, 0),  # under the asked speed-up
+    ([1.0, 1.0, 1.0], [1.1, 1.1, 1.1], False, 0),
+])
+def test_faster_in_turns_needs_a_majority_of_rounds(plain, candidate, kept, wins):
+    order: list[str] = []
+    runs = {"plain": iter([9.0] + plain), "candidate": iter([9.0] + candidate)}  # a warm-up each first
+
+    def run(name):
+        return lambda: order.append(name) or runs[name].__next__()
+
+    turns = faster_in_turns(run("plain"), run("candidate"), rounds=3, min_speedup=1.05)
+    assert (turns.keep_candidate, turns.wins) == (kept, wins)
+    assert order == ["plain", "candidate", "plain", "candidate", "candidate", "plain", "plain", "candidate"]
+    assert turns.best_plain_s == 1.0 and "3 rounds in turns" in turns.describe("a", "b")

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from inference.cpu import quantize
-from inference.cpu.prepare import add_cpu_inference_args, prepare_for_cpu_inference
-from inference.cpu.kernels import choose_cpu_kernel, current_kernel, decode_linears
+from inference.cpu.prepare import add_cpu_inference_args, choose_cpu_kernel, prepare_for_cpu_inference
+from inference.cpu.kernels import current_kernel, decode_linears
 from inference.cpu.quantize import is_int8, quantize_int8
 from model.vlm import MiniMindVLM
 
@@ -80,7 +80,7 @@ def test_int8_replaces_the_decode_linears_and_their_fp32_weights(random_model):
     model = quantize_int8(copy.deepcopy(random_model))
     assert is_int8(model) and current_kernel(model) == "int8"
     linears = [linear for _, _, linear in decode_linears(model)]
-    # per block: q, k and v stacked into one (wqkv), wo, w1 and w3 stacked (w13), w2; then the output head
+    # per block: q, k and v stacked into one (inference.cpu.stacked: wqkv), wo, w1 and w3 stacked (w13), w2; the head
     assert len(linears) == 2 * 4 + 1 and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
     assert all(m.weight().dtype == torch.qint8 for m in linears)
     # no fp32 copy of a block weight is left; the embedding (tied to the head in fp32) keeps its own
@@ -128,6 +128,10 @@ def test_prepare_for_cpu_inference_and_its_flags(random_model):
     assert is_int8(model)
     with pytest.raises(ValueError, match="--cpu_kernel onednn applies to fp32 linear layers"):
         prepare_for_cpu_inference(copy.deepcopy(random_model), "int8", "onednn")
+    with pytest.raises(ValueError, match="--cpu_kernel compiled applies to fp32 linear layers"):
+        prepare_for_cpu_inference(copy.deepcopy(random_model), "int8", "compiled")
+    same = copy.deepcopy(random_model)  # --cpu_kernel int8 is --quantize int8
+    assert prepare_for_cpu_inference(same, "none", "int8").startswith("CPU kernel: int8 (") and is_int8(same)
     with pytest.raises(ValueError, match="unknown quantisation 'int4'"):
         prepare_for_cpu_inference(copy.deepcopy(random_model), "int4", "auto")
     line = prepare_for_cpu_inference(copy.deepcopy(random_model), "none", "default")

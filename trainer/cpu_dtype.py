@@ -1,10 +1,10 @@
 """Which dtype trains faster on this CPU, measured: fp32, or bf16 autocast (the trainer's --cpu_bf16).
 
 bf16 autocast pays off only where the CPU multiplies bf16 natively (AVX512-BF16, AMX), and by how much depends on
-the CPU and the model's size: 2x on an Intel Xeon with AMX at 512/8, about 1.5x on an AMD EPYC (Zen 4) at the
-demo's 128/4, and a slowdown where bf16 is emulated. So the choice is timed, not assumed: a few forward/backward
-passes of the run's own model on a synthetic batch of its shape, fp32 and bf16 taking turns. The caller's random
-number generators are left as they were, so a run that measures trains exactly as one that does not.
+the CPU and the model's size (bench/RESULTS.md), with a slowdown where bf16 is emulated. So the choice is timed, not
+assumed: forward/backward passes of the run's own model on a synthetic batch of its shape, fp32 and bf16 taking
+turns (runtime.cpu.faster_in_turns: bf16 is taken only when it wins most rounds by MIN_SPEEDUP). The caller's
+random number generators are left as they were, so a run that measures trains exactly as one that does not.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from model.vlm import MiniMindVLM
+from runtime.cpu import faster_in_turns, native_bf16
 
 # bf16 must beat fp32 by this much: below it, the run keeps fp32's precision for a gain within timing noise.
 MIN_SPEEDUP = 1.10
@@ -24,11 +25,6 @@ MIN_SPEEDUP = 1.10
 class DtypeChoice:
     bf16: bool  # train under CPU bf16 autocast
     line: str  # one line saying what was chosen and why
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot products (AVX512-BF16) or AMX tiles."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _step_seconds(model: MiniMindVLM, input_ids: torch.Tensor, bf16: bool, reps: int) -> float:
@@ -47,25 +43,23 @@ def _step_seconds(model: MiniMindVLM, input_ids: torch.Tensor, bf16: bool, reps:
 def choose_cpu_train_dtype(model: MiniMindVLM, batch_size: int, seq_len: int, rounds: int = 3,
                            reps: int = 2) -> DtypeChoice:
     """Time a training pass of a copy of `model` on a [batch_size, seq_len] batch in fp32 and in bf16 autocast
-    (alternating, `rounds` times, after one warm-up each) and choose bf16 when it is MIN_SPEEDUP faster."""
-    if not cpu_has_native_bf16():
+    (in turns, `rounds` times after one warm-up each, each turn the best of `reps` passes) and choose bf16 when it
+    is MIN_SPEEDUP faster in most rounds."""
+    if not native_bf16():
         return DtypeChoice(False, "CPU training dtype: float32 (this CPU has no native bf16: neither AVX512-BF16 "
                                   "nor AMX, so bf16 autocast would be emulated)")
     rng = torch.get_rng_state()
     try:
         probe = copy.deepcopy(model).float().train()
         ids = torch.randint(0, probe.config.vocab_size, (batch_size, seq_len))
-        times = {False: float("inf"), True: float("inf")}
-        for bf16 in (False, True):  # warm-up: allocations, oneDNN primitive caches
-            _step_seconds(probe, ids, bf16, reps=1)
-        for _ in range(rounds):
-            for bf16 in (False, True):
-                times[bf16] = min(times[bf16], _step_seconds(probe, ids, bf16, reps))
+        turns = faster_in_turns(lambda: _step_seconds(probe, ids, False, reps),
+                                lambda: _step_seconds(probe, ids, True, reps), rounds=rounds, min_speedup=MIN_SPEEDUP)
     finally:
         torch.set_rng_state(rng)
-    speedup = times[False] / times[True]
-    chosen = speedup >= MIN_SPEEDUP
+    fp32_s, bf16_s = turns.best_plain_s, turns.best_candidate_s
+    chosen = turns.keep_candidate
     return DtypeChoice(chosen, f"CPU training dtype: {'bfloat16 autocast' if chosen else 'float32'}, measured on "
-                               f"this model at batch {batch_size} x {seq_len} tokens: fp32 {1000 * times[False]:.0f} ms, "
-                               f"bf16 {1000 * times[True]:.0f} ms per forward and backward ({speedup:.2f}x; bf16 is "
-                               f"chosen from {MIN_SPEEDUP:.2f}x)")
+                               f"this model at batch {batch_size} x {seq_len} tokens: fp32 {1000 * fp32_s:.0f} ms, "
+                               f"bf16 {1000 * bf16_s:.0f} ms per forward and backward ({fp32_s / bf16_s:.2f}x; bf16 "
+                               f"is chosen when {MIN_SPEEDUP:.2f}x faster in {turns.wins}/{rounds} rounds in turns, "
+                               f"a majority)")

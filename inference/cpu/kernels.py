@@ -1,31 +1,26 @@
-"""How the decoder's linear layers run on a CPU at inference: the kernel path, chosen by measurement.
+"""The eager kernel paths of the decoder's linear layers on a CPU, and auto's measured choice among them.
 
-Decoding one token multiplies one activation row by every weight matrix once, so decode speed is set by how
-fast a kernel streams the weights from memory, and PyTorch's routes for that product differ a lot from one
-CPU to another (AMD EPYC Zen 4, 2 cores: F.linear streamed the 512/8 model's weights at 16 GB/s, the transposed
-and oneDNN layouts at 22-29 GB/s, a plain sum at 40-46 GB/s). So the path is not assumed:
-`choose_cpu_kernel` times the candidates on the model's own weights (a few passes of one row through its
-decode linears, candidates interleaved, best pass kept) once per process for a given set of shapes and thread
-count, and swaps the linears of the blocks and the output head for the fastest. While it times them it holds
-one converted copy of the timed weights per candidate (at most MEASURE_BYTES each; freed before it returns).
-
-Paths (all inference only; each swapped linear drops its fp32 weight, except the output head, which is tied
-to the token embedding and so gets a copy; the paths other than default, and int8, first stack the layers that
-read the same input, wq/wk/wv and w1/w3, into one each: fuse_projections):
+Decoding one token multiplies one activation row by every weight matrix once, so decode speed is set by how fast a
+kernel streams the weights from memory, and PyTorch's routes for that product differ from one CPU to another. The
+paths (inference only; each converted linear drops its fp32 weight, except the output head, which is tied to the
+token embedding and so gets a copy; all but default first stack wq/wk/wv and w1/w3: inference.cpu.stacked):
   default      F.linear on the weight as stored (MKL); nothing is swapped
   transposed   x @ Wt with Wt = W^T kept as a contiguous [in, out] copy (MKL's GEMM without a transpose)
   onednn       oneDNN's linear on a weight reordered once into its blocked layout (torch.ops.mkldnn)
-  onednn_bf16  the same with bf16 weights and bf16 dot products, the result cast back to fp32: only on a CPU
-               with native bf16 dot products (AVX512-BF16 or AMX), and only when asked for, because rounding
-               the weights to bf16 can change answers
-  compiled     not a linear layer's kernel: the whole one-row decode step compiled with inductor at load, on
-               plain stacked linears (inference.cpu.compiled): no per-op cost left between the products; tens of
-               seconds to compile and a C++ compiler needed, so only when asked for (compiled, or auto_compile below)
-The fp32 paths compute the same products as default in another summation order (results within ~1e-6
-relative), so greedy answers match default's (tests/test_cpu_kernels.py); `auto` chooses among them only.
-`auto_bf16` adds onednn_bf16 to the candidates where the CPU supports it and takes it only when measured faster.
-`auto_compile` compiles the decode step as well and keeps it when its decode steps are measured faster than
-those of auto's pick (for a long-running server, where the compile at load pays off).
+  onednn_bf16  the same with bf16 weights and products, the result cast back to fp32 (the bf16 CPU kernel): only
+               on a CPU with native bf16 dot products, and only when asked for, since bf16 weights change answers
+The fp32 paths compute the same products as default in another summation order (within ~1e-6 relative), so
+greedy answers match default's (tests/test_cpu_kernels.py).
+
+auto_choice (the `auto` CPU kernel) picks between them in two steps, each decided by runtime.cpu.faster_in_turns
+(the two sides timed in turns; the candidate kept only when faster by MIN_SPEEDUP in a majority of rounds):
+  1. screen: the fp32 candidates (transposed, onednn) against each other on passes of one row through the model's
+     first decode linears (at most MEASURE_BYTES of them, enough to stream from memory as decoding does);
+  2. validate: the screened candidate against the plain model on real decode steps of the model itself, its
+     converted modules swapped in and out; default is kept unless the candidate wins. So auto never keeps a path
+     that measured slower than the plain one in the same process.
+While it validates it holds the converted decode weights beside the plain ones (released before it returns).
+Both steps run once per process for a given set of shapes and thread count.
 """
 from __future__ import annotations
 
@@ -39,25 +34,20 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from model.decoder import KVCache
+from runtime.cpu import faster_in_turns, native_bf16
+
+from .stacked import Swap, is_stacked, stack_projections, stacked_swaps
+
 FP32_KERNELS = ("default", "transposed", "onednn")
 KERNELS = FP32_KERNELS + ("onednn_bf16",)
-# compiled: the whole single-token step compiled with inductor (inference.cpu.compiled), on plain stacked linears;
-# auto_compile measures it against auto's pick
-AUTO_CHOICES = ("auto", "auto_bf16", "auto_compile")
-CHOICES = AUTO_CHOICES + KERNELS + ("compiled",)
-# A candidate replaces default only when at least this much faster: closer timings are within the noise of a
-# shared machine, and default keeps the model unchanged.
-MARGIN = 0.05
-# The timed weights are the model's first decode linears up to this many bytes: enough to overflow a
-# server's last-level cache, so the timing streams from memory as decoding does, without timing a big model whole.
+# a candidate replaces the plain path only when this much faster in most rounds: closer timings are within the
+# noise of a shared machine, and default keeps the model unchanged
+MIN_SPEEDUP = 1.05
+# The screened weights are the model's first decode linears up to this many bytes: enough to overflow a server's
+# last-level cache, so the timing streams from memory as decoding does, without timing a big model whole.
 MEASURE_BYTES = 128 << 20
-_MEASURED: dict[tuple, dict[str, float]] = {}  # (shapes, threads, candidates) -> best seconds per pass
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
+_MEASURED: dict[tuple, "KernelChoice"] = {}  # (shapes, threads, candidates) -> auto's verdict
 
 
 def onednn_available() -> bool:
@@ -71,13 +61,9 @@ def onednn_available() -> bool:
 
 
 def unavailable_reason(kernel: str) -> Optional[str]:
-    """Why `kernel` cannot run on this machine, or None when it can."""
-    if kernel == "compiled":
-        from .compiled import compiler_missing
-
-        return compiler_missing()
+    """Why the eager path `kernel` (one of KERNELS) cannot run on this machine, or None when it can."""
     if kernel not in KERNELS:
-        raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(CHOICES)}")
+        raise ValueError(f"unknown eager CPU kernel {kernel!r}; choose from {', '.join(KERNELS)}")
     if kernel.startswith("onednn") and not onednn_available():
         return "this torch build has no oneDNN linear ops"
     if kernel == "onednn_bf16" and not native_bf16():
@@ -150,7 +136,7 @@ def convert_linear(linear: nn.Linear, kernel: str) -> nn.Module:
         return TransposedLinear(linear)
     if kernel in ("onednn", "onednn_bf16"):
         return OneDNNLinear(linear, torch.float32 if kernel == "onednn" else torch.bfloat16)
-    raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    raise ValueError(f"unknown eager CPU kernel {kernel!r}; choose from {', '.join(KERNELS)}")
 
 
 _LINEARS = (nn.Linear, _PackedLinear, torch.ao.nn.quantized.dynamic.Linear)
@@ -181,20 +167,54 @@ def linear_nbytes(linear: nn.Module) -> int:
 
 
 def current_kernel(model: nn.Module) -> str:
-    """The kernel the model's decode linears run on now: 'default' for plain nn.Linear, 'int8' once quantised
-    (inference.cpu.quantize), 'compiled' once its decode step is compiled (inference.cpu.compiled), else one of KERNELS."""
-    if getattr(model, "compiled_decode", None) is not None:
-        return "compiled"
+    """The kernel the model's decode steps run on now: 'default' for the model as loaded, 'int8' once quantised
+    (inference.cpu.quantize), 'compiled' once a compiled decode step is installed (inference.cpu.compiled: an
+    instance attribute next_token_logits that names its kernel), else one of KERNELS."""
+    step = vars(model).get("next_token_logits")
+    if step is not None:
+        return getattr(step, "cpu_kernel", "custom decode step")
     kernels = {kernel_of(child) for _, _, child in decode_linears(model)}
     if len(kernels) != 1:
         raise ValueError(f"the model's decode linears mix CPU kernels: {sorted(kernels)}")
     return kernels.pop()
 
 
-# ------------------------------------------------------------------------------------------ measure and choose
+def is_converted(model: nn.Module) -> bool:
+    """Whether the model was changed for CPU inference in any way (a kernel, int8, stacked projections)."""
+    return current_kernel(model) != "default" or is_stacked(model)
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed weights back to the OS after a conversion. glibc keeps freed blocks under 32 MB
+    in its heap (its mmap threshold rises after the first large free), so without this the converted model's
+    resident memory would still count the weights it dropped. Other C libraries reuse or return freed memory
+    their own way: there is nothing to ask them."""
+    gc.collect()  # replaced modules can sit in reference cycles: free their weights first
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def use_kernel(model: nn.Module, kernel: str) -> None:
+    """Swap the model's decode linears for the eager path `kernel` in place, after stacking its projections
+    (each swapped linear's weight is released); default leaves the model as it is."""
+    if kernel == "default":
+        return
+    stack_projections(model)
+    for parent, name, linear in decode_linears(model):
+        setattr(parent, name, convert_linear(linear, kernel))
+    release_freed_memory()
+
+
+# ------------------------------------------------------------------------------------------ auto
 @dataclass
 class KernelChoice:
-    """The kernel a model runs on and why; `times_ms` holds the measured ms per pass when it was measured."""
+    """The kernel a model runs on and why; `times_ms` holds measured ms where it was measured."""
 
     kernel: str
     reason: str
@@ -216,150 +236,95 @@ def measured_linears(model: nn.Module, max_bytes: int = MEASURE_BYTES) -> list[n
     return chosen
 
 
-def time_kernels(linears: Sequence[nn.Linear], kernels: Sequence[str], rounds: int = 5) -> dict[str, float]:
-    """Best seconds per pass of one input row through all `linears` for each kernel, the kernels taking turns
-    in every round (a shared machine's load then weighs on all of them alike)."""
-    converted = {k: [convert_linear(linear, k) for linear in linears] for k in kernels}
-    # fixed values, not torch's random generator (the timing does not depend on them): loading a model must not
-    # move the seed an app may have set
+def screen_kernels(linears: Sequence[nn.Linear], first: str, second: str, rounds: int = 5) -> str:
+    """The faster of two eager paths on passes of one row through `linears` (faster_in_turns: `second` must win
+    most rounds to be taken). Inputs are fixed values, not torch's random generator: loading a model must not
+    move the seed an app may have set."""
+    converted = {k: [convert_linear(linear, k) for linear in linears] for k in (first, second)}
     inputs = {n: torch.linspace(-1.0, 1.0, n).view(1, 1, n) for n in {linear.in_features for linear in linears}}
-    best = {k: float("inf") for k in kernels}
+
+    def one_pass(kernel: str):
+        return lambda: [module(inputs[module.in_features]) for module in converted[kernel]]
+
     with torch.inference_mode():
-        for k in kernels:  # warm-up: first-call setup (oneDNN primitives) is not what decoding pays per token
-            for module in converted[k]:
-                module(inputs[module.in_features])
-        for _ in range(rounds):
-            for k in kernels:
-                start = time.perf_counter()
-                for module in converted[k]:
-                    module(inputs[module.in_features])
-                best[k] = min(best[k], time.perf_counter() - start)
-    return best
+        turns = faster_in_turns(one_pass(first), one_pass(second), rounds=rounds, min_speedup=1.0)
+    return second if turns.keep_candidate else first
 
 
-def measure_kernels(model: nn.Module, kernels: Sequence[str]) -> dict[str, float]:
-    """time_kernels on the model's measured_linears, cached per process by shapes, thread count and kernels."""
+def converted_swaps(model: nn.Module, kernel: str) -> list[Swap]:
+    """(parent, attribute, module as loaded, its form for `kernel`) for the blocks' attentions and SwiGLUs and
+    the output head; the model is not changed (swap them in with apply_swaps)."""
+    swaps = stacked_swaps(model)
+    for _, _, _, stacked in swaps:
+        for name, child in list(stacked.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(stacked, name, convert_linear(child, kernel))
+    return swaps + [(model, "output", model.output, convert_linear(model.output, kernel))]
+
+
+def apply_swaps(swaps: Sequence[Swap], converted: bool) -> None:
+    """Put the converted modules of `swaps` in place (converted True) or the modules as loaded back."""
+    for parent, name, plain, new in swaps:
+        setattr(parent, name, new if converted else plain)
+
+
+@torch.inference_mode()
+def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+    """Seconds for a prefill of ids [1, T] (no image) and `steps` greedy decode steps through the model's own
+    next_token_logits."""
+    weight = model.tok_embeddings.weight  # the output head may be a converted copy here
+    start = time.perf_counter()
+    # one slot to spare: a compiled step leaves a cache's last slot to the plain forward
+    cache = KVCache(model.config, 1, ids.shape[1] + steps + 1, weight.device, weight.dtype)
+    logits = model(ids, cache=cache, last_only=True).logits[:, -1]
+    for _ in range(steps):
+        logits = model.next_token_logits(logits.argmax(-1, keepdim=True), cache)
+    return time.perf_counter() - start
+
+
+def timing_prompt(model: nn.Module, length: int = 8) -> torch.Tensor:
+    """Fixed ids [1, length] to time decode steps after (not torch's random generator: an app's seed holds)."""
+    return (torch.arange(length) * 7 + 5).remainder(model.config.vocab_size)[None]
+
+
+def auto_choice(model: nn.Module, steps: int = 24, rounds: int = 5) -> KernelChoice:
+    """auto: screen the fp32 paths on the model's linears, validate the faster against the plain model on its
+    own decode steps, and convert the model to it only when it won there (else it stays as loaded)."""
+    candidates = [k for k in FP32_KERNELS[1:] if unavailable_reason(k) is None]
+    skipped = [f"{k} not tried: {unavailable_reason(k)}" for k in FP32_KERNELS[1:] if k not in candidates]
+    if not candidates:
+        return KernelChoice("default", "; ".join(["no other fp32 path to measure"] + skipped))
     linears = measured_linears(model)
-    key = (tuple(tuple(linear.weight.shape) for linear in linears), torch.get_num_threads(), tuple(kernels))
+    key = (tuple(tuple(linear.weight.shape) for linear in linears), model.config.n_layers, torch.get_num_threads(),
+           tuple(candidates))
     if key not in _MEASURED:
-        _MEASURED[key] = time_kernels(linears, kernels)
-    return _MEASURED[key]
-
-
-def pick_fastest(times: dict[str, float]) -> str:
-    """The fastest kernel, unless it beats default by less than MARGIN."""
-    fastest = min(times, key=times.get)
-    if "default" in times and times[fastest] > (1 - MARGIN) * times["default"]:
-        return "default"
-    return fastest
-
-
-def release_freed_memory() -> None:
-    """Hand the pages of freed weights back to the OS after a conversion. glibc keeps freed blocks under 32 MB
-    in its heap (its mmap threshold rises after the first large free), so without this the converted model's
-    resident memory would still count the weights it dropped. Other C libraries reuse or return freed memory
-    their own way: there is nothing to ask them."""
-    gc.collect()  # replaced modules can sit in reference cycles: free their weights first
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-# Layers that read the same input, stacked into one for the packed kernels: (fused attribute, its parts).
-FUSED_PROJECTIONS = (("wqkv", ("wq", "wk", "wv")), ("w13", ("w1", "w3")))
-
-
-def fuse_projections(model: nn.Module) -> None:
-    """Stack each block's wq, wk, wv into one layer (wqkv) and each SwiGLU's w1, w3 into one (w13), in place, one
-    module at a time: one matrix-vector product over the stacked weights streams them faster than two or three
-    small ones (AMD EPYC Zen 4, 2 threads, the 512/8 shapes on oneDNN: 38 against 33 GB/s). Each output is the
-    same dot product as before. The decoder and SwiGLU use the stacked layer when it is set."""
-    for module in model.layers.modules():
-        for fused, parts in FUSED_PROJECTIONS:
-            if getattr(module, fused, "absent") is None and all(isinstance(getattr(module, p), nn.Linear)
-                                                                   for p in parts):
-                linears = [getattr(module, p) for p in parts]
-                # built on the meta device: no weight is allocated and initialised only to be replaced
-                stacked = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=False,
-                                    device="meta")
-                with torch.no_grad():
-                    stacked.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
-                for p in parts:
-                    setattr(module, p, None)
-                setattr(module, fused, stacked)
-
-
-def use_kernel(model: nn.Module, kernel: str) -> None:
-    """Swap the model's decode linears for `kernel` in place (each swapped linear's weight is released); the packed
-    kernels run on stacked projections (fuse_projections)."""
-    if kernel != "default":
-        fuse_projections(model)
-    for parent, name, linear in decode_linears(model):
-        setattr(parent, name, convert_linear(linear, kernel))
-    release_freed_memory()  # the replaced weights, and the copies the measurement made
-
-
-def _check_model(model: nn.Module) -> Optional[str]:
-    """Why the CPU kernels cannot apply to this model (None when they can); raises if it was converted already."""
-    kernel = current_kernel(model)
-    if kernel != "default":
-        raise ValueError(f"the model already runs on the {kernel} CPU kernel; load it again to choose another")
-    weight = model.output.weight
-    if weight.device.type != "cpu":
-        return f"the model is on {weight.device}"
-    if weight.dtype != torch.float32:
-        return f"its weights are {str(weight.dtype).replace('torch.', '')}, the kernels convert fp32 weights"
-    return None
-
-
-def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
-    """Run the model's decode linears on `kernel` (one of CHOICES), converting them in place, and say which and why.
-
-    auto measures the fp32 paths (FP32_KERNELS) and keeps the fastest; auto_bf16 also tries onednn_bf16 where
-    the CPU has native bf16 dot products; auto_compile also compiles the decode step and keeps it when its
-    decode steps are measured faster (inference.cpu.compiled). An auto choice on a model these kernels do not apply
-    to (on a GPU, or already in bf16) keeps default and says why; asking for a named kernel there, or for one
-    this machine lacks, is an error. A model converted once (or quantised) is not converted again: that is an
-    error too."""
-    if kernel not in CHOICES:
-        raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(CHOICES)}")
-    not_applicable = _check_model(model)
-    if not_applicable is not None:
-        if kernel in AUTO_CHOICES + ("default",):
-            return KernelChoice("default", f"{not_applicable}: CPU kernels not used")
-        raise ValueError(f"the {kernel} CPU kernel cannot run this model: {not_applicable}")
-    if kernel in ("compiled", "auto_compile"):
-        from .compiled import choose_compiled
-
-        return choose_compiled(model, measure=kernel == "auto_compile")
-    if kernel not in AUTO_CHOICES:
-        missing = unavailable_reason(kernel)
-        if missing is not None:
-            raise ValueError(f"the {kernel} CPU kernel cannot run here: {missing}")
-        use_kernel(model, kernel)
-        return KernelChoice(kernel, "asked for" + (": bf16 weights, answers may differ from fp32"
-                                                   if kernel == "onednn_bf16" else ""))
-    choice = measured_choice(model, with_bf16=kernel == "auto_bf16")
+        screened = candidates[0] if len(candidates) == 1 else screen_kernels(linears, *candidates)
+        _MEASURED[key] = validate_on_decode_steps(model, screened, steps, rounds)
+    choice = _MEASURED[key]
     use_kernel(model, choice.kernel)
-    return choice
+    return KernelChoice(choice.kernel, "; ".join([choice.reason] + skipped), choice.times_ms)
 
 
-def measured_choice(model: nn.Module, with_bf16: bool = False) -> KernelChoice:
-    """The fastest of the fp32 kernel paths (and onednn_bf16 if with_bf16 and the CPU has it) on the model's
-    own weights; the model is not converted."""
-    tried = FP32_KERNELS + (("onednn_bf16",) if with_bf16 else ())
-    candidates = [k for k in tried if unavailable_reason(k) is None]
-    skipped = [f"{k} not tried: {unavailable_reason(k)}" for k in tried if k not in candidates]
-    times = measure_kernels(model, candidates)
-    mb = sum(linear.weight.numel() for linear in measured_linears(model)) * 4 / 1e6
-    chosen = pick_fastest(times)
-    reason = f"measured ms per pass over {mb:.0f} MB of its fp32 weights, {torch.get_num_threads()} thread(s): " + \
-        ", ".join(f"{k} {1000 * t:.2f}" for k, t in times.items())
-    if chosen == "onednn_bf16":
-        reason += "; bf16 weights, answers may differ from fp32"
-    return KernelChoice(chosen, "; ".join([reason] + skipped), {k: 1000 * t for k, t in times.items()})
+def validate_on_decode_steps(model: nn.Module, kernel: str, steps: int, rounds: int) -> KernelChoice:
+    """The plain model against its `kernel` form on a prefill and `steps` decode steps, in turns; the model is
+    left as loaded."""
+    swaps = converted_swaps(model, kernel)
+    ids = timing_prompt(model)
+
+    def run(converted: bool):
+        def one() -> float:
+            apply_swaps(swaps, converted)
+            return decode_seconds(model, ids, steps)  # the swap itself is not timed
+        return one
+
+    try:
+        turns = faster_in_turns(run(False), run(True), rounds=rounds, min_speedup=MIN_SPEEDUP)
+    finally:
+        apply_swaps(swaps, False)
+        del swaps
+        release_freed_memory()
+    per_run = {"default": 1000 * turns.best_plain_s, kernel: 1000 * turns.best_candidate_s}
+    chosen = kernel if turns.keep_candidate else "default"
+    reason = (f"measured a prefill and {steps} decode steps of this model, {torch.get_num_threads()} thread(s), "
+              f"in turns: {turns.describe('default', kernel)}; {kernel} screened fastest of the fp32 paths")
+    return KernelChoice(chosen, reason + ("" if turns.keep_candidate else "; default kept"), per_run)

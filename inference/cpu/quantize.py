@@ -4,10 +4,9 @@ Each weight matrix of the blocks and the output head is stored as int8 with one 
 time the activations are quantised to int8 as well, with one scale per call over all of its rows (the whole batch
 and every position), and the product runs on int8 dot products (fbgemm / oneDNN through torch.ao). So a row's
 logits move slightly with the rows run beside it: batched greedy answers can differ from one at a time where two
-tokens nearly tie, as int8's can differ from fp32's. A decode step then reads a quarter of the fp32 bytes: on an
-AMD EPYC (Zen 4) the 512/8 model decoded about 4x faster than fp32 (bench/generate.py --quantize int8, which also
-reports the agreement with fp32). wq/wk/wv and w1/w3 are stacked first (cpu_kernels.fuse_projections): fewer,
-larger products, the same int8 values.
+tokens nearly tie, as int8's can differ from fp32's. A decode step then reads a quarter of the fp32 bytes
+(bench/generate.py --quantize int8 measures the speed and the agreement with fp32; figures in bench/RESULTS.md).
+wq/wk/wv and w1/w3 are stacked first (inference.cpu.stacked): fewer, larger products, the same int8 values.
 
 The conversion is in place and layer by layer, so each fp32 weight is released as its int8 copy is made: the
 fp32 model is never held twice. The token embedding stays fp32 (the output head, tied to it, gets its own int8
@@ -20,7 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from .kernels import current_kernel, fuse_projections, release_freed_memory
+from .kernels import current_kernel, release_freed_memory
+from .stacked import stack_projections
 
 # Weight rows are quantised each with its own scale: rows of one matrix can differ in range by 10x.
 _QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
@@ -49,7 +49,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                          f"{str(weight.dtype).replace('torch.', '')} (load it without a dtype change)")
     if torch.backends.quantized.engine == "none":
         raise ValueError("this torch build has no quantised engine for int8 linear layers")
-    fuse_projections(model)  # same int8 values (one scale per weight row, per call over the same input), fewer calls
+    stack_projections(model)  # same int8 values (one scale per weight row, per call over the same input), fewer calls
     spec = {"layers": _QCONFIG, "output": _QCONFIG}
     with warnings.catch_warnings():
         # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao, whose int8 linears ran these
