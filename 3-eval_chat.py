@@ -1,4 +1,9 @@
-"""Chat with a trained MiniMind-V about images.
+"""Chat with a trained MiniMind-V about images, or score it. One job per run, chosen by the flags given:
+
+  answer (default)  one question about each image of a folder or file (default dataset/eval_images), about
+                    several --image files together, or a chat loop with --interactive
+  held-out          --eval_data: exact-match accuracy on v1 question/answer records
+  benchmark         --benchmark pope|mmstar: the standard benchmark from its parquet files
 
     python 3-eval_chat.py                      # newest SFT checkpoint or model directory; every image in
                                                # dataset/eval_images, default question, streamed
@@ -7,11 +12,12 @@
     python 3-eval_chat.py --image cat.png --interactive          # a chat loop with history
     python 3-eval_chat.py --image a.png --image b.png --prompt "Are they the same colour?"   # several images
     python 3-eval_chat.py --eval_data dataset/demo/test.json --eval_images_path dataset/demo/images/test
-    python 3-eval_chat.py --benchmark pope [--bench_path FILE_OR_DIR] [--limit 200]   # or --benchmark mmstar
+    python 3-eval_chat.py --benchmark pope [--bench_path FILE_OR_DIR] [--eval_limit 200]   # or --benchmark mmstar
     python 3-eval_chat.py --image cat.png --quantize int8        # int8 decoder weights on the CPU
 
-On a CPU the decoder's linear layers run on the fastest fp32 kernel path measured at load (--cpu_kernel auto, same
-greedy answers as default); --quantize int8 makes them int8 instead. A line after the model line says which.
+A flag of another job's group is refused in one line. On a CPU the decoder's linear layers run on the fastest fp32
+kernel path measured at load (--cpu_kernel auto, same greedy answers as default); --quantize int8 makes them int8
+instead. A line after the model line says which. Reference: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -22,65 +28,20 @@ from typing import Optional
 
 import torch
 
-from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
-from inference.model_files import newest_chat_checkpoint
-from inference.cpu.prepare import add_cpu_inference_args
-from checkpoints.files import CheckpointError
-from trainer.seed import seed_everything
-from model.vision import DEFAULT_CLIP_PATH
-from data_pipeline.image_decode import ImageError, open_image
-from checkpoints.vision_pairing import stand_in_warning
 from checkpoints.vision_pairing import add_encoder_mismatch_arg
+from evaluation.jobs import BenchmarkOptions, benchmark_job, check_benchmark, default_result_path, held_out_job
+from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
+from inference.console import answer_images, choose_checkpoint, load_chat
+from inference.cpu.prepare import add_cpu_inference_args
+from model.vision import DEFAULT_CLIP_PATH
+from trainer.seed import seed_everything
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None,
-                   help="a .pth/.safetensors checkpoint or a Hugging Face model directory (default: with --dim or "
-                        "--use_moe, out/{dim}{_moe}_vlm_sft.pth; otherwise the newest out/*_vlm_sft.pth or model "
-                        "directory in out/ or the project root)")
-    p.add_argument("--out_dir", default="out")
-    p.add_argument("--dim", type=int, default=None, help="default 512; the model's size is read off the checkpoint")
-    p.add_argument("--n_layers", type=int, default=None)
-    p.add_argument("--use_moe", action="store_true")
-    p.add_argument("--image", action="append", default=None,
-                   help="an image file or a folder of images (each asked about in turn; default "
-                        "dataset/eval_images); repeat it to ask about several image files together, in order")
-    p.add_argument("--prompt", default=DEFAULT_QUESTION)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top_k", type=int, default=8)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--max_seq_len", type=int, default=1024, help="context kept for the prompt and history")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--clip_path", default=DEFAULT_CLIP_PATH,
-                   help="the vision encoder; it must be the one the checkpoint records (its fingerprint)")
-    add_encoder_mismatch_arg(p)
-    p.add_argument("--tokenizer_path", default=None,
-                   help="default: the checkpoint's own (inside a model directory, recorded beside a .pth, or "
-                        "model/minimind_tokenizer_official for a published v1 .pth)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no_stream", action="store_true", help="print each answer whole")
-    add_cpu_inference_args(p)
-    p.add_argument("--interactive", action="store_true", help="a chat loop with history about the image(s)")
-    p.add_argument("--eval_data", default=None, help="score exact-match accuracy over v1 question/answer records")
-    p.add_argument("--eval_images_path", default=None, help="image folder for --eval_data")
-    p.add_argument("--image_prefix", default="")
-    p.add_argument("--eval_limit", type=int, default=None, help="score only the first N questions")
-    p.add_argument("--benchmark", choices=("pope", "mmstar"), default=None,
-                   help="score a standard benchmark from its parquet files (get them with `python "
-                        "scripts/download.py --what bench`)")
-    p.add_argument("--bench_path", default=None,
-                   help="the benchmark's parquet file or a folder of them (default dataset/bench/<benchmark>)")
-    p.add_argument("--limit", type=positive_int, default=None, help="--benchmark: read only the first N rows")
-    p.add_argument("--bench_out", default=None,
-                   help="--benchmark: the JSON file for the results (default <out_dir>/bench_<benchmark>_<model>.json)")
-    p.add_argument("--bench_batch_size", type=positive_int, default=32, help="--benchmark: questions per batch")
-    return p.parse_args(argv)
+MODEL, ANSWER, HELD_OUT, BENCHMARK = "model", "answer", "held-out", "benchmark"
+# How each job is named in a refusal; the model group serves every job.
+JOB_NAMES = {ANSWER: "answering questions about images (--image, --prompt, --interactive)",
+             HELD_OUT: "held-out evaluation (--eval_data)", BENCHMARK: "a benchmark (--benchmark)"}
+SHARED = {"eval_limit": {HELD_OUT, BENCHMARK}}  # flags that serve more than their own group's job
 
 
 def positive_int(text: str) -> int:
@@ -90,58 +51,119 @@ def positive_int(text: str) -> int:
     return value
 
 
-def list_images(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return [path]
+def add_model_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--ckpt", default=None,
+                       help="a .pth/.safetensors checkpoint or a Hugging Face model directory (default: with --dim "
+                            "or --use_moe, out/{dim}{_moe}_vlm_sft.pth; otherwise the newest out/*_vlm_sft.pth or "
+                            "model directory in out/ or the project root)")
+    group.add_argument("--out_dir", default="out", help="where checkpoints are looked for and results written")
+    group.add_argument("--dim", type=int, default=None, help="default 512; the model's size is read off the checkpoint")
+    group.add_argument("--n_layers", type=int, default=None)
+    group.add_argument("--use_moe", action="store_true")
+    group.add_argument("--max_seq_len", type=int, default=1024, help="context kept for the prompt and history")
+    group.add_argument("--seed", type=int, default=1337)
+    group.add_argument("--clip_path", default=DEFAULT_CLIP_PATH,
+                       help="the vision encoder; it must be the one the checkpoint records (its fingerprint)")
+    add_encoder_mismatch_arg(group)
+    group.add_argument("--tokenizer_path", default=None,
+                       help="default: the checkpoint's own (inside a model directory, recorded beside a .pth, or "
+                            "model/minimind_tokenizer_official for a published v1 .pth)")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_cpu_inference_args(group)
 
 
-def ask(chat: VLMChat, question: str, image, history, settings: GenerationSettings, stream: bool) -> str:
-    print("[A]: ", end="", flush=True)
-    pieces = []
-    for piece in chat.stream(question, image, history, settings):
-        pieces.append(piece)
-        if stream:
-            print(piece, end="", flush=True)
-    answer = "".join(pieces)
-    print(answer if not stream else "", flush=True)
-    return answer
+def add_answer_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--image", action="append", default=None,
+                       help="an image file or a folder of images (each asked about in turn; default "
+                            "dataset/eval_images); repeat it to ask about several image files together, in order")
+    group.add_argument("--prompt", default=DEFAULT_QUESTION)
+    group.add_argument("--interactive", action="store_true", help="a chat loop with history about the image(s)")
+    group.add_argument("--no_stream", action="store_true", help="print each answer whole")
+    group.add_argument("--temperature", type=float, default=0.5)
+    group.add_argument("--top_k", type=int, default=8)
+    group.add_argument("--top_p", type=float, default=None)
+    group.add_argument("--repetition_penalty", type=float, default=1.0)
+    group.add_argument("--max_new_tokens", type=int, default=512)
 
 
-def choose_checkpoint(args: argparse.Namespace) -> tuple[str | None, bool]:
-    """(checkpoint path, whether it was picked automatically): --ckpt; with --dim/--use_moe the v1 default name;
-    else the newest SFT checkpoint or model directory."""
-    if args.ckpt:
-        return args.ckpt, False
-    if args.dim is not None or args.use_moe:
-        return os.path.join(args.out_dir, f"{args.dim or 512}{'_moe' if args.use_moe else ''}_vlm_sft.pth"), False
-    found = newest_chat_checkpoint(args.out_dir, ROOT)
-    return (str(found), True) if found is not None else (None, True)
+def add_held_out_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--eval_data", default=None, help="score exact-match accuracy over v1 question/answer records")
+    group.add_argument("--eval_images_path", default=None, help="image folder for --eval_data (default its folder)")
+    group.add_argument("--image_prefix", default="", help="prefix of the image file names in --eval_data")
+    group.add_argument("--eval_limit", type=positive_int, default=None,
+                       help="read only the first N questions (records of --eval_data, rows of --benchmark's files; "
+                            "a skipped one counts)")
 
 
-def load_chat(args: argparse.Namespace) -> Optional[VLMChat]:
-    """The checkpoint picked by --ckpt (or the newest one found) with its encoder and tokenizer, as loaded (see
-    prepare_cpu); None after printing a one-line error."""
-    ckpt, picked = choose_checkpoint(args)
-    if ckpt is None:
-        print(f"error: no checkpoint found (no {args.out_dir}/*_vlm_sft.pth and no model directory in {args.out_dir}/ "
-              f"or the project root): download the published model with `python scripts/download.py --what model "
-              f"--dim 512`, train one with 2-sft_vlm.py or `make demo`, or pass --ckpt", file=sys.stderr)
-        return None
-    if picked:
-        print(f"model: {ckpt} (the newest SFT checkpoint or model directory found; choose another with --ckpt)")
-    try:
-        chat = VLMChat.load(ckpt, args.clip_path, args.tokenizer_path, args.device, max_seq_len=args.max_seq_len,
-                            allow_encoder_mismatch=args.allow_encoder_mismatch, dim=args.dim, n_layers=args.n_layers)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        hint = " (train one with 2-sft_vlm.py or `make demo`)" if not os.path.exists(ckpt) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return None
-    note = stand_in_warning(args.clip_path)
-    if note:
-        print(note)
-    print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}, tokenizer: {chat.tokenizer_path}")
-    return chat
+def add_benchmark_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--benchmark", choices=("pope", "mmstar"), default=None,
+                       help="score a standard benchmark from its parquet files (get them with `python "
+                            "scripts/download.py --what bench`)")
+    group.add_argument("--bench_path", default=None,
+                       help="the benchmark's parquet file or a folder of them (default dataset/bench/<benchmark>)")
+    group.add_argument("--bench_out", default=None,
+                       help="the JSON file for the results (default <out_dir>/bench_<benchmark>_<model>.json)")
+    group.add_argument("--bench_batch_size", type=positive_int, default=32, help="questions per batch")
+    group.add_argument("--limit", dest="limit_alias", type=positive_int, default=None,
+                       help=argparse.SUPPRESS)  # the old name of --eval_limit for benchmarks
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser, and the job each flag's group serves (by dest)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = [(MODEL, "model loading (every job)", add_model_args),
+              (ANSWER, "answering and chat (the default job)", add_answer_args),
+              (HELD_OUT, "held-out evaluation (--eval_data)", add_held_out_args),
+              (BENCHMARK, "benchmarks (--benchmark)", add_benchmark_args)]
+    job_of = {}
+    for job, title, add in groups:
+        group = parser.add_argument_group(title)
+        add(group)
+        job_of.update({action.dest: job for action in group._group_actions})
+    return parser, job_of
+
+
+class _NotGiven(list):
+    """Marks a flag left off the command line (a list, so that an append flag's copy of it still works)."""
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> dict[str, str]:
+    """{dest: the flag as written} for every flag on the command line (a default value given counts)."""
+    marker = _NotGiven()
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(
+        **{a.dest: marker for a in parser._actions if a.dest != "help"}))
+    return {a.dest: a.option_strings[0] for a in parser._actions
+            if a.dest != "help" and getattr(parsed, a.dest) is not marker}
+
+
+def choose_job(given: dict[str, str], job_of: dict[str, str]) -> tuple[Optional[str], str]:
+    """(the job the flags ask for, ""), or (None, the one-line reason) when they ask for two."""
+    job = BENCHMARK if "benchmark" in given else HELD_OUT if "eval_data" in given else ANSWER
+    if job == BENCHMARK and "eval_data" in given:
+        return None, "--benchmark and --eval_data are two jobs: run them one at a time"
+    for dest, flag in given.items():
+        serves = SHARED.get(dest, {job_of[dest]})
+        if job_of[dest] != MODEL and job not in serves:
+            wanted = " or ".join(JOB_NAMES[j] for j in sorted(serves))
+            return None, f"{flag} is for {wanted}; this command runs {JOB_NAMES[job]}: drop {flag}"
+    return job, ""
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags, with args.job set (None with args.refusal when the flags ask for two jobs); the old --limit
+    becomes --eval_limit with a one-line note."""
+    parser, job_of = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if "limit_alias" in given:
+        print("note: --limit is the old name of --eval_limit; use --eval_limit", file=sys.stderr)
+        if "eval_limit" in given:
+            args.job, args.refusal = None, "--limit and --eval_limit are the same flag: give --eval_limit once"
+            return args
+        args.eval_limit = args.limit_alias
+        given["eval_limit"] = given.pop("limit_alias")
+    args.job, args.refusal = choose_job(given, job_of)
+    return args
 
 
 def prepare_cpu(chat: VLMChat, args: argparse.Namespace) -> bool:
@@ -155,127 +177,39 @@ def prepare_cpu(chat: VLMChat, args: argparse.Namespace) -> bool:
     return True
 
 
-def score(chat: VLMChat, args: argparse.Namespace) -> int:
-    """Exact-match accuracy over --eval_data, printed with the per-type breakdown."""
-    from evaluation.held_out import answer_accuracy
-
-    images_path = args.eval_images_path or os.path.dirname(args.eval_data)
-    try:
-        result = answer_accuracy(chat, args.eval_data, images_path, args.image_prefix, args.eval_limit)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(result.lines()))
-    return 0
+def run_job(chat: VLMChat, args: argparse.Namespace, ckpt: str, bench, weights_sha256: Optional[str]) -> int:
+    if args.job == BENCHMARK:
+        options = BenchmarkOptions(args.bench_out or default_result_path(args.out_dir, bench.spec, ckpt),
+                                   args.eval_limit, args.bench_batch_size)
+        return benchmark_job(chat, bench, options, ckpt, args.clip_path, weights_sha256)
+    if args.job == HELD_OUT:
+        return held_out_job(chat, args.eval_data, args.eval_images_path, args.image_prefix, args.eval_limit)
+    settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                  args.repetition_penalty, args.seed)
+    return answer_images(chat, args.image, args.prompt, settings, args.interactive, not args.no_stream)
 
 
-def benchmark_files(args: argparse.Namespace) -> Optional[list[str]]:
-    """--benchmark's parquet files, checked before the model is loaded; None after a one-line error."""
-    from evaluation.benchmark_data import BenchmarkError, benchmark_files as find_files
-    from evaluation.benchmark_specs import BENCHMARKS
-
-    spec = BENCHMARKS[args.benchmark]
-    try:
-        return find_files(args.bench_path or spec.default_path, spec)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
-
-
-def benchmark(chat: VLMChat, args: argparse.Namespace, files: list[str], weights_sha256: str) -> int:
-    """--benchmark: the standard metrics, printed and written to a JSON file with the model's fingerprint
-    (weights_sha256: of the weights as loaded, before prepare_cpu converted them)."""
-    from evaluation.benchmark_data import BenchmarkError
-    from evaluation.benchmark_specs import BENCHMARKS
-    from evaluation.benchmarks import model_record, result_record, run_benchmark, summary_lines, write_result
-
-    spec = BENCHMARKS[args.benchmark]
-    ckpt, _ = choose_checkpoint(args)
-    model_name = os.path.splitext(os.path.basename(os.path.normpath(ckpt)))[0]
-    out = args.bench_out or os.path.join(args.out_dir, f"bench_{spec.name}_{model_name}.json")
-    try:
-        run = run_benchmark(chat, spec, files, args.limit, args.bench_batch_size)
-        record = result_record(run, model_record(chat, ckpt, args.clip_path,
-                                                 stand_in_warning(args.clip_path) is not None, weights_sha256))
-    except (BenchmarkError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(summary_lines(run)))
-    try:
-        write_result(record, out)
-    except OSError as e:
-        print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print(f"results: {out}")
-    return 0
-
-
-def chat_loop(chat: VLMChat, images: list, settings: GenerationSettings, stream: bool) -> None:
-    """Questions from stdin about the same images, with history, until EOF or exit/quit."""
-    history: list[tuple[str, str]] = []
-    while True:
-        try:
-            question = input("[Q]: ").strip()
-        except EOFError:
-            return
-        if question.lower() in {"exit", "quit"}:
-            return
-        if question:
-            history.append((question, ask(chat, question, images, history, settings, stream)))
-
-
-def answer_images(chat: VLMChat, args: argparse.Namespace, settings: GenerationSettings) -> int:
-    """One question about each image of a folder (or about all --image files together); a bad image is
-    reported in one line and the rest are still answered."""
-    image_args = args.image or ["dataset/eval_images"]
-    if len(image_args) == 1:
-        image_sets = [[path] for path in list_images(image_args[0])]  # each image of a folder on its own
-    else:
-        image_sets = [image_args]  # several --image: one question about all of them
-    if not image_sets:
-        print(f"error: no images found in {image_args[0]}", file=sys.stderr)
-        return 1
-    failures = 0
-    for paths in image_sets:
-        try:
-            images = [open_image(path) for path in paths]
-        except ImageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failures += 1
-            continue
-        print(f"[Image]: {', '.join(os.path.basename(path) for path in paths)}")
-        if args.interactive:
-            chat_loop(chat, images, settings, not args.no_stream)
-        else:
-            print(f"[Q]: {args.prompt}")
-            ask(chat, args.prompt, images, (), settings, not args.no_stream)
-        print()
-    return 1 if failures else 0
-
-
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.job is None:
+        print(f"error: {args.refusal}", file=sys.stderr)
+        return 2
     seed_everything(args.seed)
-    files = benchmark_files(args) if args.benchmark else None
-    if args.benchmark and files is None:
+    bench = check_benchmark(args.benchmark, args.bench_path) if args.job == BENCHMARK else None
+    if args.job == BENCHMARK and bench is None:  # the files are checked before the model loads
         return 1
-    chat = load_chat(args)
+    ckpt, picked = choose_checkpoint(args, ROOT)
+    chat = load_chat(args, ckpt, picked)
     if chat is None:
         return 1
     weights_sha256 = None
-    if files is not None:  # the fingerprint of the weights as loaded: the CPU kernels and int8 replace them
+    if bench is not None:  # the fingerprint of the weights as loaded: the CPU kernels and int8 replace them
         from evaluation.benchmarks import state_dict_sha256
 
         weights_sha256 = state_dict_sha256(chat.model)
     if not prepare_cpu(chat, args):
         return 1
-    if files is not None:
-        return benchmark(chat, args, files, weights_sha256)
-    if args.eval_data:
-        return score(chat, args)
-    settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.repetition_penalty, args.seed)
-    return answer_images(chat, args, settings)
+    return run_job(chat, args, ckpt, bench, weights_sha256)
 
 
 if __name__ == "__main__":

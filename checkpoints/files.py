@@ -68,11 +68,24 @@ def read_json_object(path: PathLike, what: str = "JSON", remedy: str = "") -> di
     return value
 
 
+def refuse_special_target(path: PathLike) -> None:
+    """CheckpointWriteError when `path` is there but is not a regular file: renaming over a directory fails (after
+    the whole write), and renaming over a FIFO or a device replaces it (as root, /dev/null itself)."""
+    try:
+        mode = os.stat(path).st_mode  # follows a link: one to /dev/null is refused too
+    except OSError:
+        return  # nothing there yet (or unreachable: the write says why)
+    if not stat.S_ISREG(mode):
+        raise CheckpointWriteError(f"{path}: {regular_file_problem(path, 'a file')}; not replaced (give a file path)")
+
+
 def atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], Any]) -> None:
     """Write through a temp file in the same folder, fsync, then rename: a crash leaves the old file intact.
 
-    An OSError while writing (e.g. ENOSPC: disk full) becomes a one-line CheckpointWriteError naming the file."""
+    Only a regular file (or nothing) is ever replaced (refuse_special_target). An OSError while writing (e.g.
+    ENOSPC: disk full) becomes a one-line CheckpointWriteError naming the file."""
     path = Path(path)
+    refuse_special_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -8,7 +8,6 @@ decoded (evaluation/benchmarks.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ from data_pipeline.parquet import cell_image_bytes
 from data_pipeline.records import DataError, SkipCounter, check_data_file
 
 from .benchmark_scoring import LETTERS, NO, YES, parse_options
-from .benchmark_specs import MANIFEST_NAME, BenchmarkSpec
+from .benchmark_specs import BenchmarkSpec
 
+DUPLICATE = "duplicate question id"  # the skip reason of a row that repeats a question already read
 MAX_QUESTION_CHARS = 20_000  # MMStar's longest prompt is about 2,000 characters; longer is not a benchmark row
 
 
@@ -38,6 +38,7 @@ class BenchItem:
     l2_category: str
     image: bytes
     options: dict[str, str]
+    key: tuple = ()  # what makes the question distinct: its category and ids (see question_key)
 
 
 def benchmark_files(path: str, spec: BenchmarkSpec) -> list[str]:
@@ -120,7 +121,7 @@ def _truth(spec: BenchmarkSpec, answer: str, options: dict[str, str]) -> str:
             raise ValueError(f"unusable answer: {answer[:40]!r} is not yes or no")
         return truth
     truth = answer.strip().upper()
-    if truth not in (options or LETTERS):
+    if truth not in (tuple(options) or tuple(LETTERS)):  # one whole letter: '' or 'AB' is not an option
         raise ValueError(f"unusable answer: {answer[:40]!r} is not one of the options "
                          f"{''.join(options) or LETTERS}")
     return truth
@@ -149,7 +150,16 @@ def row_item(spec: BenchmarkSpec, row: dict[str, Any], row_id: str) -> BenchItem
         raise ValueError("no image bytes: the image cell is empty")
     l2 = row.get("l2_category")
     return BenchItem(row_id, question, truth, category.strip(), l2.strip() if isinstance(l2, str) else "",
-                     images[0], options)
+                     images[0], options, question_key(spec, row, category.strip(), images[0]))
+
+
+def question_key(spec: BenchmarkSpec, row: dict[str, Any], category: str, image: bytes) -> tuple:
+    """What tells two questions apart: the category and the row's ids (POPE's question_id restarts in each
+    split), or, in a file without ids, the question's text and image."""
+    ids = tuple(str(row[c]) for c in spec.id_columns if row.get(c) is not None)
+    if ids:
+        return ("ids", category) + ids
+    return ("content", category, row.get("question"), hashlib.sha256(image).hexdigest())
 
 
 def count_rows(files: list[str]) -> int:
@@ -160,61 +170,97 @@ def count_rows(files: list[str]) -> int:
     return total
 
 
+def _bytes_type(kind):
+    """The arrow type with every text field as bytes (the cast is free: no UTF-8 check, no copy)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(kind):
+        return pa.binary()
+    if pa.types.is_large_string(kind):
+        return pa.large_binary()
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(f.name, _bytes_type(f.type), f.nullable) for f in kind])
+    return kind
+
+
+def _read_rows(pf, path: str, rg: int, columns: list[str]) -> tuple[list[dict[str, Any]], set[str]]:
+    """The rows of one row group with their text cells as bytes, and the names of the text columns: a cell that
+    is not UTF-8 then costs its row (text_row), not the whole run."""
+    import pyarrow as pa
+
+    try:
+        table = pf.read_row_group(rg, columns=columns)
+        text = {f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+        table = table.cast(pa.schema([pa.field(f.name, _bytes_type(f.type), f.nullable) for f in table.schema]))
+        return table.to_pylist(), text
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BenchmarkError(f"{path}: row group {rg} cannot be read ({reason})") from None
+
+
+def text_row(row: dict[str, Any], text_columns: set[str]) -> dict[str, Any]:
+    """The row with its text columns decoded; ValueError naming the first column that is not UTF-8."""
+    out = dict(row)
+    for column in text_columns:
+        if isinstance(row.get(column), bytes):
+            try:
+                out[column] = row[column].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"not UTF-8 text: column '{column}' holds bytes that are not UTF-8") from None
+    return out
+
+
+def _row_id(spec: BenchmarkSpec, base: str, rg: int, i: int, row: dict[str, Any]) -> str:
+    """How a row is named in messages: its file, row group and row, and its first id (whatever its bytes)."""
+    for column in spec.id_columns:
+        value = row.get(column)
+        if value is not None:
+            shown = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            return f"{base} row group {rg} row {i} ({column} {shown[:80]})"
+    return f"{base} row group {rg} row {i}"
+
+
+def _file_items(spec: BenchmarkSpec, path: str, skips: SkipCounter, budget: Optional[int],
+                first_seen: dict[tuple, str]) -> Iterator[Optional[BenchItem]]:
+    """read_items for one file, reading at most `budget` rows; `first_seen` maps each question's key to the row
+    that first asked it, across files."""
+    with _open(path) as pf:
+        columns = check_columns(path, pf.schema_arrow, spec)
+        base = os.path.basename(path)
+        for rg in range(pf.num_row_groups):
+            if budget is not None and budget <= 0:
+                return
+            rows, text_columns = _read_rows(pf, path, rg, columns)
+            for i, row in enumerate(rows[:budget]):
+                row_id = _row_id(spec, base, rg, i, row)
+                try:
+                    item = row_item(spec, text_row(row, text_columns), row_id)
+                except ValueError as e:
+                    skips.skip(row_id, str(e))
+                    yield None
+                    continue
+                if item.key in first_seen:
+                    skips.skip(row_id, f"{DUPLICATE}: the same question as {first_seen[item.key]} (scored once)")
+                    yield None
+                    continue
+                first_seen[item.key] = f"{row_id} of {path}"
+                yield item
+            budget = None if budget is None else budget - min(len(rows), budget)
+            del rows
+
+
 def read_items(spec: BenchmarkSpec, files: list[str], skips: SkipCounter,
                limit: Optional[int] = None) -> Iterator[Optional[BenchItem]]:
     """One entry per row read, in file order (None for a row skipped and counted in `skips`), up to `limit` rows.
 
-    Only the needed columns of one row group are in memory at a time."""
-    import pyarrow as pa
-
+    A row that repeats a question already read (the same category and ids: a second copy of a file) is a counted
+    skip under DUPLICATE, so that no question counts twice. Only the needed columns of one row group are in
+    memory at a time."""
+    first_seen: dict[tuple, str] = {}
     seen = 0
     for path in files:
-        with _open(path) as pf:
-            columns = check_columns(path, pf.schema_arrow, spec)
-            base = os.path.basename(path)
-            for rg in range(pf.num_row_groups):
-                if limit is not None and seen >= limit:
-                    return
-                try:
-                    rows = pf.read_row_group(rg, columns=columns).to_pylist()
-                except (pa.ArrowException, OSError) as e:
-                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                    raise BenchmarkError(f"{path}: row group {rg} cannot be read ({reason})") from None
-                for i, row in enumerate(rows):
-                    if limit is not None and seen >= limit:
-                        return
-                    seen += 1
-                    named = [f" ({c} {str(row[c])[:80]})" for c in spec.id_columns if row.get(c) is not None][:1]
-                    row_id = f"{base} row group {rg} row {i}" + "".join(named)
-                    try:
-                        yield row_item(spec, row, row_id)
-                    except ValueError as e:
-                        skips.skip(row_id, str(e))
-                        yield None
-                del rows
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def recorded_revision(path: str) -> Optional[dict[str, str]]:
-    """{"repo", "revision"} from the manifest scripts/download.py wrote beside the benchmark files (in the file's
-    folder or up to two above it, since the Hub paths keep their folders), when it lists this file."""
-    here = Path(path).resolve()
-    for folder in list(here.parents)[:3]:
-        manifest = folder / MANIFEST_NAME
-        if not manifest.is_file():
-            continue
-        try:
-            record = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            return None
-        if isinstance(record, dict) and here.relative_to(folder).as_posix() in record.get("files", []):
-            return {"repo": str(record.get("repo")), "revision": str(record.get("revision"))}
-        return None
-    return None
+        if limit is not None and seen >= limit:
+            return
+        for item in _file_items(spec, path, skips, None if limit is None else limit - seen, first_seen):
+            seen += 1
+            yield item

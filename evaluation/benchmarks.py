@@ -21,11 +21,14 @@ from model.config import IMAGE_SPECIAL_TOKEN
 from inference.cpu.kernels import current_kernel
 from evaluation.exact_match import greedy_answers
 from checkpoints.tokenizer import encode, neutralise_placeholder, render_chat
-from data_pipeline.image_decode import ImageError, open_image
+from checkpoints.files import atomic_write
+from data_pipeline.image_decode import ImageError
 
-from .benchmark_data import BenchItem, count_rows, file_sha256, read_items, recorded_revision
+from .benchmark_data import DUPLICATE, BenchItem, BenchmarkError, count_rows, read_items
+from .benchmark_sources import Source, file_sha256
 from .benchmark_scoring import PopeScores, mmstar_report, parse_choice, parse_yes_no, pope_report
 from .benchmark_specs import BenchmarkSpec
+from .images import decode_for_encoder
 from inference.chat import VLMChat
 
 DEFAULT_BATCH_SIZE = 32
@@ -69,7 +72,7 @@ def answer_batch(chat: VLMChat, spec: BenchmarkSpec, items: list[BenchItem], run
     good, images = [], []
     for item in items:
         try:
-            images.append(open_image(item.image, name=item.row_id))
+            images.append(decode_for_encoder(chat.encoder, item.image, item.row_id))
             good.append(item)
         except ImageError as e:
             run.skips.skip(item.row_id, f"undecodable image: {str(e).removeprefix(item.row_id + ': ')}")
@@ -134,8 +137,18 @@ def run_benchmark(chat: VLMChat, spec: BenchmarkSpec, files: list[str], limit: O
             bar.update(len(batch))
     finally:
         bar.close()  # an error line then starts on a line of its own
+    if not run.answers:
+        raise BenchmarkError(nothing_scored(run))
     run.scores = score(run)
     return run
+
+
+def nothing_scored(run: BenchRun) -> str:
+    """The one line that refuses a score over no question: which files, and why each row was not scored."""
+    files = run.files[0] + (f" and {len(run.files) - 1} more file(s)" if len(run.files) > 1 else "")
+    reasons = "; ".join(f"{n} {reason}" for reason, n in run.skips.counts.most_common(4))
+    return (f"{files}: no {run.spec.name} question could be scored ({run.rows_read} row(s) read"
+            + (f", {run.skips.total} skipped: {reasons}" if run.skips.total else "") + "); no score to report")
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -168,12 +181,13 @@ def model_record(chat: VLMChat, ckpt: str, clip_path: str, stand_in: bool,
             "vision_encoder_is_untrained_stand_in": stand_in}
 
 
-def result_record(run: BenchRun, model: dict[str, Any]) -> dict[str, Any]:
-    """The JSON written after a run: scores, counts, the model, the files and how questions were asked."""
+def result_record(run: BenchRun, model: dict[str, Any], sources: dict[str, Source]) -> dict[str, Any]:
+    """The JSON written after a run: scores, counts, the model, the files (`sources`: each file's repo and
+    revision, benchmark_sources.file_sources, read before the run) and how questions were asked."""
     spec = run.spec
     files = []
     for path in run.files:
-        source = recorded_revision(path)
+        source = sources.get(path)
         files.append({"path": os.path.abspath(path), "sha256": file_sha256(path),
                       "repo": source["repo"] if source else None,
                       "revision": source["revision"] if source else None})
@@ -192,11 +206,10 @@ def result_record(run: BenchRun, model: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_result(record: dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    """The record as JSON, written atomically (checkpoints.files.atomic_write: never over a directory or a
+    special file such as a FIFO or /dev/null)."""
+    text = json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _show(value: Optional[float]) -> str:
@@ -219,4 +232,7 @@ def summary_lines(run: BenchRun) -> list[str]:
                   for name, c in scores["categories"].items()]
     if run.skips.total:
         lines.append(f"  {run.skips.summary()}")
+    if run.skips.counts.get(DUPLICATE):
+        lines.append(f"warning: {run.skips.counts[DUPLICATE]} row(s) repeat a question already read (the same "
+                     f"category and ids), each scored once: is a copy of a file under --bench_path?")
     return lines

@@ -10,7 +10,8 @@ import torch
 
 from data_pipeline.records import SkipCounter, count_image_tags, read_records, record_id, record_to_messages
 from evaluation.exact_match import exact_match, greedy_answers, normalise_answer
-from data_pipeline.image_decode import ImageError, open_image
+from data_pipeline.image_decode import ImageError
+from evaluation.images import decode_for_encoder
 
 from inference.chat import VLMChat
 
@@ -77,10 +78,13 @@ def per_type_accuracy(questions: list[str], answers: list[str], hits: list[bool]
 
 def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional[int] = None,
             ) -> tuple[list[tuple[str, str, str]], SkipCounter]:
-    """(image path, question, answer) of each record's first turn; bad records are skipped and counted."""
+    """(image path, question, answer) of each record's first turn, from the first `limit` records (a skipped one
+    counts toward the limit, as a benchmark's skipped rows do); bad records are skipped and counted."""
     skips = SkipCounter(source=path)
     items = []
     for n, record in enumerate(read_records(path)):
+        if limit is not None and n >= limit:
+            break
         rid = record_id(record, n)
         try:
             messages = record_to_messages(record, multi_turn=False)
@@ -92,8 +96,6 @@ def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional
         question = messages[0]["content"].replace("<image>", "").strip()
         items.append((os.path.join(images_path, image_prefix + str(record.get("image", ""))), question,
                       messages[1]["content"]))
-        if limit is not None and len(items) >= limit:
-            break
     return items, skips
 
 
@@ -113,10 +115,10 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
         good, images = [], []
         for image_path in unique[i:i + batch_size]:
             try:
-                images.append(open_image(image_path))
+                images.append(decode_for_encoder(chat.encoder, image_path))
                 good.append(image_path)
             except ImageError as e:
-                skips.skip(os.path.basename(image_path), str(e))
+                skips.skip(os.path.basename(image_path), f"unusable image: {str(e).removeprefix(image_path + ': ')}")
                 features[image_path] = None
         if images:
             features.update(zip(good, chat.encoder.encode_images(images, batch_size)))
@@ -135,7 +137,10 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
             predictions.append(predicted)
             hits.append(exact_match(predicted, answer))
     n = len(prompts)
+    if n == 0:  # an accuracy over no question would read as a score of 0
+        raise ValueError(f"{path}: no question could be scored ({len(items)} usable record(s); {skips.summary()}); "
+                         f"no accuracy to report")
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)
     per_type = per_type_accuracy([p[3] for p in ordered], [p[2] for p in ordered], hits)
-    return Accuracy(sum(hits) / max(n, 1), n, top_n / max(n, 1), top, skips.total, predictions, per_type)
+    return Accuracy(sum(hits) / n, n, top_n / n, top, skips.total, predictions, per_type)

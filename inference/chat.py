@@ -43,7 +43,7 @@ class TooManyImagesError(ValueError):
         else:
             reason = (f"this model's context ({context} tokens) holds at most {limit} image(s) per question, each "
                       f"taking {IMAGE_TOKENS + 1} tokens of the prompt (and never more than {MAX_IMAGES})")
-        super().__init__(f"{n_images} images are too many: {reason}")
+        super().__init__(f"{n_images} image{' is' if n_images == 1 else 's are'} too many: {reason}")
         self.n_images, self.limit = n_images, limit
 
 
