@@ -200,3 +200,22 @@ def test_dataset_options_are_keyword_only(tmp_path, tokenizer):
     packed = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN, pack_same_image=2)
     assert [s.segment_ids is not None for s in packed.samples] == [True]
     assert "segment_ids" in packed[0] and collate([packed[0]]).segment_ids is not None
+
+
+@pytest.mark.parametrize("width, height", [(20000, 20000), (9000, 9000)])  # Pillow's own limit; only ours
+def test_decompression_bomb_in_a_parquet_cell_is_refused_as_a_file_is(tmp_path, tokenizer, width, height):
+    """One guard for image files and parquet cells: the same refusal, from the header, before any pixel."""
+    from test_robustness_images import bomb_png
+
+    from data_pipeline.image_decode import ImageError, open_image
+    from data_pipeline.parquet import image_header_problem
+
+    bomb = bomb_png(width, height)
+    problem = image_header_problem(bomb)
+    assert problem is not None and problem.startswith("refused, image too large"), problem
+    with pytest.raises(ImageError) as refused:
+        open_image(bomb, name="bomb.png")
+    assert str(refused.value) == f"bomb.png: {problem}"
+    path = write_parquet(tmp_path / "bomb.parquet", [(QUESTION, bomb), (QUESTION, png("red"))])
+    ds = VLMDataset(str(path), "", tokenizer, MAX_SEQ_LEN)
+    assert len(ds) == 1 and dict(ds.skips.counts) == {"unreadable image": 1}, ds.skips.summary()
