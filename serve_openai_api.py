@@ -20,10 +20,12 @@ them (left padding with an attention mask; each request keeps its own sampling s
 runs on the batcher's thread, so the server keeps answering (/health, new requests) while it generates. It
 binds 127.0.0.1 unless told otherwise.
 
-On a CPU the decoder's linear layers run on the fastest fp32 kernel path measured at start-up (--cpu_kernel auto,
-the same greedy answers as default); --quantize int8 makes them int8 (faster; answers may differ from fp32 where
-two tokens nearly tie, and, since int8 quantises a layer's activations over the whole batch, a batched answer can
-then differ from the answer alone too: --max_batch 1 avoids that). The start-up line after "serving ..." says which.
+On a CPU the decoder runs on an fp32 kernel path kept only when measured faster than default at start-up
+(--cpu_kernel auto, the same greedy answers as default); --cpu_kernel compiled compiles the decode step at start-up,
+for a long-running server (docs/cpu_inference.md); --quantize int8 makes the decoder's linears int8 (faster;
+answers may differ from fp32 where two tokens nearly tie, and, since int8 quantises a layer's activations over the
+whole batch, a batched answer can then differ from the answer alone too: --max_batch 1 avoids that). The start-up
+line after "serving ..." says which.
 
 This file parses the flags and starts uvicorn; the app is inference/openai_app.py, and the reading of requests
 inference/openai_request.py.
