@@ -21,6 +21,7 @@ from model.config import LMConfig
 from .config_inference import (PROJ_BIAS, PROJ_PREFIX, TOKENIZER_FIELD, VISION_FIELD, check_config_fields,
                                config_fields, has_projection_bias, infer_config)
 from .files import CheckpointError, PathLike, atomic_write, read_json_object
+from .schema import check, path_and_fingerprint, portable_path
 from .tokenizer import tokenizer_fingerprint
 from .weights import load_weights_only, read_hf_weights, read_state_dict, strip_prefixes, untie_head
 
@@ -68,17 +69,17 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         sd = read_state_dict(path)
         stored = read_stored_config(path)
         check_config_fields(stored, what=str(config_path_for(path)))
-        record = _record(stored, TOKENIZER_FIELD, "tokenizer", path)
-        ckpt = Checkpoint(path, sd, stored, record, vision_record=_record(stored, VISION_FIELD, "vision encoder", path))
+        record = _record(stored, TOKENIZER_FIELD, path)
+        ckpt = Checkpoint(path, sd, stored, record, vision_record=_record(stored, VISION_FIELD, path))
     config_from_checkpoint(ckpt)  # structure: embedding, contiguous layers, head counts, bounds
     return ckpt
 
 
-def _record(stored: dict[str, Any], name: str, what: str, path: str) -> Optional[dict[str, str]]:
-    """The sidecar's record `name` ({"path", "fingerprint"}), taken out of `stored`; None when there is none."""
+def _record(stored: dict[str, Any], name: str, path: str) -> Optional[dict[str, str]]:
+    """The sidecar's record `name` ({"path", "fingerprint"}, strings of bounded length), taken out of `stored`;
+    None when there is none. Anything else is one line naming the sidecar and the field."""
     record = stored.pop(name, None)
-    if record is not None and not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
-        raise CheckpointError(f"{config_path_for(path)}: the {what} record is not {{'path', 'fingerprint'}}")
+    check(record, path_and_fingerprint(), str(config_path_for(path)), name=name)
     return record
 
 
@@ -205,10 +206,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[s
     atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
                                       "dim": config.dim, "n_layers": config.n_layers}
-    if tokenizer is not None:
-        fields[TOKENIZER_FIELD] = dict(tokenizer)
+    if tokenizer is not None:  # paths as portable records: project-relative or absolute (schema.portable_path)
+        fields[TOKENIZER_FIELD] = {**tokenizer, "path": portable_path(tokenizer["path"])}
     if vision_encoder is not None:
-        fields[VISION_FIELD] = dict(vision_encoder)
+        fields[VISION_FIELD] = {**vision_encoder, "path": portable_path(vision_encoder["path"])}
     text = json.dumps(fields, indent=2, ensure_ascii=False)
     atomic_write(config_path_for(path), lambda f: f.write(text.encode()))
 

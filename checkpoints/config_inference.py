@@ -12,6 +12,7 @@ import torch
 
 from model.config import LMConfig
 from .files import CheckpointError
+from .schema import Rule, brief, check, obj
 
 PROJ_PREFIX = "vision_proj."
 PROJ_BIAS = "vision_proj.vision_proj.0.bias"
@@ -28,6 +29,14 @@ CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
     "rope_theta": (float, 1.0, 1e9), "aux_loss_alpha": (float, 0.0, 1e3),
 }
 BOOL_FIELDS = ("use_moe", "vision_proj_bias", "flash_attn", "seq_aux", "norm_topk_prob")
+# The types of the other config fields (absent or null is allowed; the constructor defaults them).
+_NULL = type(None)
+OTHER_FIELDS = obj({
+    "image_special_token": Rule((str, _NULL), max_len=1024), "scoring_func": Rule((str, _NULL), max_len=64),
+    "image_ids": Rule((list, _NULL), max_len=1024, each=Rule((int,), low=0)),
+    "n_shared_experts": Rule((bool, int, _NULL)), "generation": Rule((str, _NULL), max_len=64),
+    "rope_yarn": Rule((dict, _NULL), max_len=64, each=Rule((int, float, str, bool, _NULL), max_len=256)),
+}, optional=("image_special_token", "scoring_func", "image_ids", "n_shared_experts", "generation", "rope_yarn"))
 
 
 def has_projection_bias(sd: dict[str, torch.Tensor]) -> bool:
@@ -87,6 +96,7 @@ def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] =
 def check_config_fields(fields: dict[str, Any], what: str = "config") -> None:
     """Raise CheckpointError (one line, naming the field) for a config value of the wrong type or out of bounds,
     or head/expert counts that do not divide; fields that are absent or None (hidden_dim) are skipped."""
+    check(fields, OTHER_FIELDS, what, root="the config")
     for name, (kind, low, high) in CONFIG_BOUNDS.items():
         value = fields.get(name)
         if value is None:
@@ -95,21 +105,16 @@ def check_config_fields(fields: dict[str, Any], what: str = "config") -> None:
             (kind is float or float(value).is_integer())
         if not ok_type or not math.isfinite(value) or not low <= value <= high:
             want = "an integer" if kind is int else "a number"
-            raise CheckpointError(f"{what}: {name} = {_brief(value)} is out of range ({want} in [{low:g}, {high:g}])")
+            raise CheckpointError(f"{what}: {name} = {brief(value)} is out of range ({want} in [{low:g}, {high:g}])")
     for name in BOOL_FIELDS:
         if name in fields and fields[name] is not None and not isinstance(fields[name], bool):
-            raise CheckpointError(f"{what}: {name} = {_brief(fields[name])} is not true/false")
+            raise CheckpointError(f"{what}: {name} = {brief(fields[name])} is not true/false")
     heads, kv = fields.get("n_heads"), fields.get("n_kv_heads")
     if heads is not None and kv is not None and heads % kv:
         raise CheckpointError(f"{what}: n_heads {heads} is not a multiple of n_kv_heads {kv}")
     if fields.get("use_moe") and fields.get("num_experts_per_tok", 2) > fields.get("n_routed_experts", 4):
         raise CheckpointError(f"{what}: num_experts_per_tok {fields.get('num_experts_per_tok')} is more than "
                               f"n_routed_experts {fields.get('n_routed_experts')}")
-
-
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def config_fields(raw: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from .schema import recorded_candidates
 
 PROJECT_TOKENIZER_PATH = "model/minimind_tokenizer"  # this project's own tokenizer (scripts/train_tokenizer.py)
 DEFAULT_TOKENIZER_PATH = PROJECT_TOKENIZER_PATH  # what training from scratch uses
@@ -61,8 +62,16 @@ def tokenizer_fingerprint(path: str) -> str:
 
 
 def tokenizer_record(path: str) -> dict[str, str]:
-    """What a checkpoint's sidecar stores about its tokenizer: the path used and the vocabulary fingerprint."""
+    """What a checkpoint's sidecar stores about its tokenizer: the path used and the vocabulary fingerprint
+    (save_checkpoint makes the path portable)."""
     return {"path": str(path), "fingerprint": tokenizer_fingerprint(path)}
+
+
+def default_tokenizer_path() -> str:
+    """The tokenizer training from scratch uses: DEFAULT_TOKENIZER_PATH from the working directory, or from the
+    project root when the working directory has none (a run started in another folder)."""
+    return DEFAULT_TOKENIZER_PATH if _has_tokenizer(DEFAULT_TOKENIZER_PATH) else str(PROJECT_ROOT /
+                                                                                  DEFAULT_TOKENIZER_PATH)
 
 
 def official_tokenizer_path() -> str:
@@ -88,8 +97,10 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
     """The tokenizer directory for a checkpoint, by the one rule every tool uses:
 
     1. an explicit --tokenizer_path; 2. the tokenizer inside a Hugging Face model directory; 3. the path in the
-    checkpoint's record; 4. for a checkpoint with no record (a published v1 file), the official tokenizer at
-    OFFICIAL_TOKENIZER_PATH; 5. otherwise a one-line TokenizerError giving the download command.
+    checkpoint's record (a relative one looked up from the working directory, the project root and the
+    checkpoint's folder: one with the recorded vocabulary wins); 4. for a checkpoint with no record (a published
+    v1 file), the official tokenizer at OFFICIAL_TOKENIZER_PATH; 5. otherwise a one-line TokenizerError giving
+    the download command.
     A recorded path that no longer exists falls through to the official tokenizer only when the record's
     fingerprint is the official one; otherwise it is an error naming the record.
     """
@@ -99,10 +110,14 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
         return model_dir_tokenizer
     if record:
         recorded = record.get("path")
-        if recorded and os.path.exists(os.path.join(recorded, "tokenizer.json")):
-            return recorded
+        found = [c for c in recorded_candidates(recorded, source) if _has_tokenizer(c)] if recorded else []
+        same = next((c for c in found if _fingerprint_or_none(c) == record.get("fingerprint")), None)
+        if same:
+            return same
         if record.get("fingerprint") == OFFICIAL_TOKENIZER_FINGERPRINT and _has_tokenizer(official_tokenizer_path()):
             return official_tokenizer_path()
+        if found:  # another vocabulary there: check_tokenizer names the mismatch
+            return found[0]
         raise TokenizerError(f"{source} was trained with the tokenizer at '{recorded}' (vocabulary "
                              f"{_vocabulary_label(record.get('fingerprint', '?'))}), which is not there: pass "
                              f"--tokenizer_path DIR pointing at that tokenizer")
@@ -113,6 +128,15 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
 
 def _has_tokenizer(path: str) -> bool:
     return os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
+def _fingerprint_or_none(path: str) -> Optional[str]:
+    """The vocabulary fingerprint of the tokenizer at `path`, or None when it cannot be read (another candidate
+    may hold the recorded one)."""
+    try:
+        return tokenizer_fingerprint(path)
+    except (OSError, TokenizerError):
+        return None
 
 
 def check_tokenizer(path: str, record: Optional[dict], source: str) -> str:

@@ -7,7 +7,8 @@ from typing import Optional
 
 from .checkpoint import Checkpoint
 from .files import PathLike
-from .tokenizer import DEFAULT_TOKENIZER_PATH, TokenizerError, check_tokenizer, resolve_tokenizer_path, tokenizer_record
+from .tokenizer import (TokenizerError, check_tokenizer, default_tokenizer_path, resolve_tokenizer_path,
+                        tokenizer_record)
 
 
 def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tuple[str, str]:
@@ -24,7 +25,7 @@ def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint]) -> d
     From scratch: `explicit` or the project's tokenizer. From a checkpoint (a chained stage, --init, or the
     published *_llm.pth): its own tokenizer by the resolution rule, which must match its record."""
     if init is None:
-        return tokenizer_record(explicit or DEFAULT_TOKENIZER_PATH)
+        return tokenizer_record(explicit or default_tokenizer_path())
     path, fingerprint = checkpoint_tokenizer(init, explicit)
     return {"path": path, "fingerprint": fingerprint}
 

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from .files import CheckpointError, PathLike
+from .schema import recorded_candidates
 from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, VisionEncoder
 
 log = logging.getLogger("minimind")
@@ -50,7 +51,7 @@ def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source
         return False
     if record.get("fingerprint") == encoder["fingerprint"]:
         return True
-    recorded, loaded = record.get("path"), encoder["path"]
+    recorded, loaded = _recorded_location(str(record.get("path")), source), encoder["path"]
     both = (f"{source} was trained with the vision encoder at '{recorded}' (fingerprint {record.get('fingerprint')}), "
             f"but the one loaded from '{loaded}' has fingerprint {encoder['fingerprint']}")
     if not allow_mismatch:
@@ -60,6 +61,12 @@ def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source
             f"{OVERRIDE_FLAG} to use this one anyway")
     log.warning("vision encoder mismatch allowed by %s: %s", OVERRIDE_FLAG, both)
     return False
+
+
+def _recorded_location(recorded: str, source: PathLike) -> str:
+    """Where the recorded encoder is from here: a relative record (from the project root, or from the working
+    directory of an older run) named by the first place it exists, so the --clip_path hint works from any folder."""
+    return next((c for c in recorded_candidates(recorded, str(source)) if os.path.isdir(c)), recorded)
 
 
 def is_stand_in(path: str) -> bool:

@@ -3,6 +3,7 @@ and malicious pickles. Every loader (load_model, the trainer's --init/--resume, 
 web demo's checkpoint picker) answers with one line naming the file; nothing in a checkpoint is ever run."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -29,7 +30,7 @@ CHILD = textwrap.dedent("""
     import io, sys, time
     import torch
     sys.path.insert(0, {root!r})
-    from model import checkpoint as ck
+    from checkpoints import checkpoint as ck
     from model.config import LMConfig
     from model.vlm import MiniMindVLM
 
@@ -368,3 +369,44 @@ def test_web_picker_shows_each_bad_checkpoint_clearly(corrupt, evil, tiny_clip_d
     at.run()
     assert not at.exception and not at.error and at.title[0].value.startswith("MiniMind-V (0.")  # back to work
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- malformed sidecar records
+MALFORMED_SIDECAR = {  # field -> (its value in the sidecar, what the error line says)
+    "tokenizer path is an int": ("tokenizer", {"path": 5, "fingerprint": "ab"}, "tokenizer.path is 5 (int), not a "
+                                                                                "string"),
+    "tokenizer path is a list": ("tokenizer", {"path": ["model"], "fingerprint": "ab"}, "tokenizer.path is ['model']"),
+    "tokenizer record is a string": ("tokenizer", "model/minimind_tokenizer", "tokenizer is 'model/minimind_tok"),
+    "tokenizer fingerprint is missing": ("tokenizer", {"path": "model/minimind_tokenizer"},
+                                         "tokenizer.fingerprint is missing"),
+    "2 MB tokenizer path": ("tokenizer", {"path": "p" * 2_000_000, "fingerprint": "ab"},
+                            "tokenizer.path is 2,000,000 long (at most 4,096 allowed)"),
+    "5 MB tokenizer fingerprint": ("tokenizer", {"path": "model/minimind_tokenizer", "fingerprint": "f" * 5_000_000},
+                                   "tokenizer.fingerprint is 5,000,000 long"),
+    "5 MB vision fingerprint": ("vision_encoder", {"path": "clip", "fingerprint": "f" * 5_000_000},
+                                "vision_encoder.fingerprint is 5,000,000 long"),
+    "vision path is an int": ("vision_encoder", {"path": 7, "fingerprint": "ab"}, "vision_encoder.path is 7 (int)"),
+    "image_ids is a string": ("image_ids", "abc", "image_ids is 'abc' (str), not a list or null"),
+    "rope_yarn is a string": ("rope_yarn", "x", "rope_yarn is 'x' (str), not an object or null"),
+    "image_special_token is an int": ("image_special_token", 5, "image_special_token is 5 (int)"),
+}
+
+
+def test_malformed_sidecar_records_are_one_bounded_line(tmp_path, tiny_clip_dir, capsys):
+    ckpt = tmp_path / "64_vlm_sft.pth"
+    save_checkpoint(MiniMindVLM(tiny_config()), ckpt, tokenizer=PROJECT_TOKENIZER)
+    sidecar = ckpt.with_suffix(".config.json")
+    good = json.loads(sidecar.read_text())
+    eval_chat = _eval_chat()
+    for name, (field, value, expected) in MALFORMED_SIDECAR.items():
+        sidecar.write_text(json.dumps({**good, field: value}))
+        with pytest.raises(CheckpointError) as err:
+            load_model(ckpt)
+        assert str(err.value) == f"{sidecar}: {expected}" if expected.endswith("string") else \
+            expected in str(err.value) and len(str(err.value)) < 300, (name, str(err.value)[:300])
+        argv = [a for a in _eval_argv(ckpt, tiny_clip_dir) if a not in ("--tokenizer_path", TOKENIZER_PATH)]
+        assert eval_chat.main(argv) == 1, name  # the chat script reads the record itself: one short line
+        err_text = capsys.readouterr().err
+        lines = [line for line in err_text.splitlines() if line.strip()]
+        assert "Traceback" not in err_text and len(lines) == 1 and expected in lines[0], (name, err_text[:500])
+        assert str(sidecar) in lines[0] and len(lines[0]) < 300, (name, lines[0][:300])

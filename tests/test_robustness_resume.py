@@ -188,3 +188,52 @@ def test_a_second_signal_gives_up_at_once_in_one_line(tmp_path, tiny_clip_dir, m
     except KeyboardInterrupt:
         pytest.fail("the second signal ended the run with a KeyboardInterrupt traceback")
     assert line.startswith("error: interrupted") and len(steps) == 2, line
+
+
+# ------------------------------------------------------------------------------------------------ malformed files
+def _set(name, value):
+    return lambda state: state.__setitem__(name, value)
+
+
+def _del(name):
+    return lambda state: state.__delitem__(name)
+
+
+def _huge_tokenizer_path(state):
+    state["tokenizer"] = {**state["tokenizer"], "path": "x" * 2_000_000}
+
+
+# (how the resume file is damaged, the field the error line must name)
+MALFORMED_RESUME = {
+    "tokenizer is a string": (_set("tokenizer", "model/minimind_tokenizer"), "tokenizer is 'model/minimind"),
+    "vision_encoder is a string": (_set("vision_encoder", "clip"), "vision_encoder is 'clip' (str)"),
+    "order is a string": (_set("order", "batch_size=2"), "order is 'batch_size=2' (str)"),
+    "rng is a string": (_set("rng", "seed"), "rng is 'seed' (str)"),
+    "step is a string": (_set("step", "5"), "step is '5' (str), not an integer"),
+    "model is missing": (_del("model"), "model is missing"),
+    "optimizer is a list": (_set("optimizer", [1, 2]), "optimizer is [1, 2] (list)"),
+    "scaler is missing": (_del("scaler"), "scaler is missing"),
+    "step is negative": (_set("step", -3), "step is -3, below 0"),
+    "rng of another world size": (lambda s: s.__setitem__("rng", []), "rng holds 0 process states"),
+    "rng state of the wrong kind": (lambda s: s["rng"][0].__setitem__("python", "abc"), "rng[0].python is 'abc'"),
+    "the file is a list": (lambda s: (s.clear(), s.__setitem__("_list", True)), "the resume file is [1, 2, 3]"),
+    "2 MB tokenizer path": (_huge_tokenizer_path, "tokenizer.path is 2,000,000 long"),
+    "5 MB order value": (lambda s: s["order"].__setitem__("training_rows", "y" * 5_000_000),
+                         "order.training_rows is 5,000,000 long"),
+    "optimizer state of another model": (lambda s: s["optimizer"]["param_groups"].append(
+        dict(s["optimizer"]["param_groups"][0], params=[10_000])), "optimizer does not fit this run's model"),
+}
+
+
+def test_resume_file_with_wrongly_typed_records_is_one_bounded_line(saved_at_batch_5, capsys, no_spinning):
+    argv, out = saved_at_batch_5
+    path = out / f"{STEM}_resume.pth"
+    good = path.read_bytes()
+    for name, (damage, expected) in MALFORMED_RESUME.items():
+        state = load_object(path)
+        damage(state)
+        torch.save([1, 2, 3] if state.get("_list") else state, path)
+        line = error_line(argv("--resume"), capsys)
+        assert line.startswith(f"error: {path}: ") and expected in line and len(line) < 400, (name, line[:500])
+        path.write_bytes(good)
+    assert run(argv("--resume", "--max_steps", "6"))["step"] == 6  # the good file still resumes

@@ -174,7 +174,8 @@ def test_a_malformed_record_is_a_one_line_error(tmp_path, tokenizer, tiny_clip_d
     ckpt = _saved(tmp_path / "m.pth", tokenizer, tiny_clip_dir)
     sidecar = _sidecar(ckpt) | {"vision_encoder": "clip"}
     config_path_for(ckpt).write_text(json.dumps(sidecar))
-    with pytest.raises(CheckpointError, match=r"m.config.json: the vision encoder record is not"):
+    with pytest.raises(CheckpointError, match=r"m.config.json: vision_encoder is 'clip' \(str\), not an object with "
+                                              r"path, fingerprint or null$"):
         read_checkpoint(ckpt)
 
 

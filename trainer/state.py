@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from checkpoints.checkpoint import load_object, load_weights, save_checkpoint, save_object, unwrap
+from checkpoints.files import CheckpointError
+from checkpoints.schema import Rule, brief, check, obj, path_and_fingerprint
 from checkpoints.tokenizer_pairing import check_resume_tokenizer
 from checkpoints.vision_pairing import check_vision_encoder
 
@@ -44,6 +46,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+INDEX = Rule((int,), low=0)
+# One process's random generators (rng_state): Mersenne Twister states of 625 (Python's, its position included)
+# and 624 (NumPy's) words; python_pos is in fact Python's gauss_next (a float or None).
+RNG_RULE = obj({"torch": Rule((torch.Tensor,)), "python": Rule((list,), min_len=625, max_len=625, each=INDEX),
+                "python_pos": Rule((float, type(None))), "numpy": Rule((list,), min_len=624, max_len=624, each=INDEX),
+                "numpy_pos": INDEX, "cuda": Rule((list,), each=Rule((torch.Tensor,)))}, optional=("cuda",))
+# What TrainState.save writes: every field read back is checked before any is used.
+RESUME_RULE = obj({
+    "model": Rule((dict,), each=Rule((torch.Tensor,))),
+    "optimizer": obj({"state": Rule((dict,)), "param_groups": Rule((list,), each=Rule((dict,)))}),
+    "scaler": Rule((dict,)), "step": INDEX, "epoch": INDEX, "batches_in_epoch": INDEX, "nan_skips": INDEX,
+    "best": Rule((float, type(None))), "rng": Rule((dict, list), max_len=65_536),
+    "tokenizer": path_and_fingerprint(), "vision_encoder": path_and_fingerprint(),
+    "order": Rule((dict, type(None)), max_len=64, each=Rule((int, float, str, bool, type(None)), max_len=256)),
+}, optional=("nan_skips", "best", "tokenizer", "vision_encoder", "order"))
+
+
+def read_resume_file(path: str, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the resume file's fields, this rank's RNG states), each checked against RESUME_RULE / RNG_RULE; anything
+    else is one CheckpointError line naming the file and the field."""
+    state = load_object(path)
+    check(state, RESUME_RULE, path, root="the resume file")
+    rngs = state["rng"]
+    if isinstance(rngs, list):
+        if rank >= len(rngs):
+            raise CheckpointError(f"{path}: rng holds {len(rngs)} process states, but this process has rank {rank}; "
+                                  f"resume with the world size the file was saved with")
+        check(rngs[rank], RNG_RULE, path, name=f"rng[{rank}]")
+        return state, rngs[rank]
+    check(rngs, RNG_RULE, path, name="rng")
+    return state, rngs
+
+
+def restore(target: Any, saved: dict[str, Any], name: str, path: str) -> None:
+    """`target.load_state_dict(saved)` (the optimizer, the scaler), or one line naming the file and the field."""
+    try:
+        target.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {name} does not fit this run's model ({type(e).__name__}: "
+                              f"{brief(str(e), 120)})") from None
 
 
 class ResumeError(ValueError):
@@ -83,9 +127,9 @@ def check_order(saved: Optional[dict[str, Any]], current: dict[str, Any], resume
             continue
         what = {"world_size": "world size (processes)", "training_rows": "training rows (from --data_path)"}.get(
             name, f"--{name}")
-        raise ResumeError(f"--resume: {resume_path} was saved with {what} {then!r}, but this run has {now!r}; a "
-                          f"resumed run must keep its order: resume with the saved value, or start a new run "
-                          f"without --resume")
+        raise ResumeError(f"--resume: {resume_path} was saved with {what} {brief(then, 60)}, but this run has "
+                          f"{brief(now, 60)}; a resumed run must keep its order: resume with the saved value, or "
+                          f"start a new run without --resume")
 
 
 @dataclass
@@ -116,7 +160,7 @@ class TrainState:
 
     def load(self, model: torch.nn.Module, resume_path: str, rank: int, allow_encoder_mismatch: bool = False) -> None:
         """Restore the weights, optimizer, scaler, position and this rank's RNG states from a resume file."""
-        state = load_object(resume_path)
+        state, rng = read_resume_file(str(resume_path), rank)
         if self.tokenizer is not None:  # before anything is restored: a resume must keep its vocabulary
             check_resume_tokenizer(state.get("tokenizer"), self.tokenizer, resume_path)
         if self.vision_encoder is not None:  # ... and its vision encoder
@@ -124,11 +168,15 @@ class TrainState:
         if self.order is not None:  # ... and its order (a position counts batches of that order)
             check_order(state.get("order"), self.order, str(resume_path))
         load_weights(model, state["model"], source=resume_path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        restore(self.optimizer, state["optimizer"], "optimizer", resume_path)
+        restore(self.scaler, state["scaler"], "scaler", resume_path)
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.nan_skips = state["batches_in_epoch"], state.get("nan_skips", 0)
         self.best = state.get("best")
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        try:
+            set_rng_state(rng)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+            raise CheckpointError(f"{resume_path}: rng cannot be restored ({type(e).__name__}: "
+                                  f"{brief(str(e), 120)})") from None
         log.info("resumed from %s at epoch %d, batch %d of the epoch (step %d)", resume_path, self.epoch,
                  self.batches_in_epoch, self.step)
