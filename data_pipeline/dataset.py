@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from checkpoints.tokenizer import count_span_openings, image_token_ids
 from model.vision import ImagePreprocessor
+from model.vlm import find_image_spans
 from data_pipeline.image_decode import ImageError
 
 from .images import ImageRef, image_file, image_ref_key, open_image_ref
@@ -81,7 +82,7 @@ class VLMDataset(Dataset):
         """ids, labels and either "features" [n_images, 50, hidden] or "pixels" [n_images, 3, H, W] (n may be 0);
         an image that cannot be used puts its reason under "error" instead."""
         s = self.samples[index]
-        item = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels}
+        item = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels, "image_starts": self._span_starts(s)}
         if s.segment_ids is not None:
             item["segment_ids"] = s.segment_ids
         try:
@@ -94,6 +95,19 @@ class VLMDataset(Dataset):
                 raise DataError(f"record {s.id}: {e} (--strict_data)") from None
             item["error"] = str(e)  # counted by the collate step; training goes on
         return item
+
+    def _span_starts(self, s: Sample) -> list[int]:
+        """Where each of the sample's image spans starts: the splice takes them from the batch (no search, no
+        host sync in a compiled step). A span cut short, or a span count unlike the image count, is an error
+        naming the record (fit_to_length and the placeholder check already refuse both when reading)."""
+        try:
+            _, starts = find_image_spans(torch.tensor([s.input_ids]), self.image_ids)
+        except ValueError as e:
+            raise DataError(f"record {s.id}: {e}") from None
+        if starts.numel() != len(s.images):
+            raise DataError(f"record {s.id}: {starts.numel()} image placeholder span(s) but "
+                            f"{len(s.images)} image(s)")
+        return starts.tolist()
 
 
 def _records_with_images(data_path: str, images_path: str, images_root: str,
@@ -137,6 +151,13 @@ class Batch:
     # [B, T] long when a row is packed (--pack_same_image): 0 on the shared prefix, k on its k-th question,
     # -1 on padding; None otherwise
     segment_ids: Optional[torch.Tensor] = None
+    # Where the images go, one entry per image (the order of features/pixels): row and first position of its
+    # placeholder span ([N] long each); the model's splice takes them instead of searching the ids.
+    image_rows: Optional[torch.Tensor] = None
+    image_starts: Optional[torch.Tensor] = None
+    # The positions with a next-token label, as flat indices into [B * (T-1)] (ascending): the model's
+    # loss_positions, found here so that the training step has no data-dependent mask.
+    loss_positions: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> bool:
@@ -152,8 +173,10 @@ class Batch:
         return 0 if self.labels is None else int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
-    """Pad to the longest row of the batch (or to pad_to); drop items whose image failed, reporting them."""
+def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None, segments: bool = False) -> Batch:
+    """Pad to the longest row of the batch (or to pad_to); drop items whose image failed, reporting them.
+    segments: segment_ids for every batch (unpacked rows: 0 on their tokens), not only for those holding a packed
+    row: the attention layout is then the same in every batch (a compiled step compiles it once)."""
     bad = [(it["id"], it["error"]) for it in items if "error" in it]
     items = [it for it in items if "error" not in it]
     batch = Batch(ids=[it["id"] for it in items], skipped=bad)
@@ -167,7 +190,7 @@ def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
         batch.input_ids[row, :n] = torch.tensor(it["input_ids"])
         batch.labels[row, :n] = torch.tensor(it["labels"])
     batch.lengths = [len(it["input_ids"]) for it in items]
-    if any("segment_ids" in it for it in items):
+    if segments or any("segment_ids" in it for it in items):
         batch.segment_ids = torch.full((len(items), length), -1, dtype=torch.long)
         for row, it in enumerate(items):
             n = len(it["input_ids"])
@@ -176,4 +199,9 @@ def collate(items: list[dict[str, Any]], pad_to: Optional[int] = None) -> Batch:
     images = [torch.as_tensor(image) for it in items for image in it[kind]]
     setattr(batch, kind, torch.stack(images) if images else None)
     batch.n_images = len(images)
+    if all("image_starts" in it for it in items):  # VLMDataset's items (it checked one start per image)
+        spans = [(row, start) for row, it in enumerate(items) for start in it["image_starts"]]
+        batch.image_rows = torch.tensor([r for r, _ in spans], dtype=torch.long)
+        batch.image_starts = torch.tensor([t for _, t in spans], dtype=torch.long)
+    batch.loss_positions = (batch.labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
     return batch

@@ -218,7 +218,8 @@ class Attention(nn.Module):
                 # uses kv head h // group, as enable_gqa does); a padding mask [B, 1, 1, L] broadcasts.
                 out = self._attend(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask, False)
                 return self.resid_dropout(self.wo(out.reshape(B, 1, -1)))
-        out = self._attend(q, k, v, attn_mask, causal=attn_mask is None and T > 1)
+        causal = True if attn_mask is None and T > 1 else False  # a bool even where T is symbolic (compiled)
+        out = self._attend(q, k, v, attn_mask, causal=causal)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -339,12 +340,18 @@ class MiniMindLM(nn.Module):
         return self.logits_and_loss(h, mask_padding_labels(labels, attention_mask))
 
     def logits_and_loss(self, h: torch.Tensor, labels: Optional[torch.Tensor],
-                        loss_only: bool = False) -> ModelOutput:
+                        loss_only: bool = False, loss_positions: Optional[torch.Tensor] = None) -> ModelOutput:
         """Logits and the loss. labels align with input_ids: position t predicts token t+1; -100 is ignored
         (token id 0 is an ordinary target). loss_only computes logits just where a label is supervised:
-        the output head is a large share of a small model's FLOPs and most positions carry no label."""
+        the output head is a large share of a small model's FLOPs and most positions carry no label.
+        loss_positions: those positions already found (flat indices into [B * (T-1)], ascending: the same rows
+        in the same order as the mask gives), so a compiled step needs no data-dependent mask here."""
         aux = self.aux_loss() if self.training else None
-        if labels is not None and loss_only:
+        if labels is not None and loss_only and loss_positions is not None:
+            flat = h[:, :-1].reshape(-1, h.shape[-1])
+            logits = self.output(flat[loss_positions])
+            loss = F.cross_entropy(logits.float(), labels[:, 1:].reshape(-1)[loss_positions])
+        elif labels is not None and loss_only:
             targets = labels[:, 1:]
             keep = targets != -100
             logits = self.output(h[:, :-1][keep])

@@ -69,17 +69,25 @@ class MiniMindVLM(MiniMindLM):
                                    "(checkpoints.tokenizer.image_token_ids)")
         return find_image_spans(input_ids, self.image_ids)
 
-    def splice_images(self, h: torch.Tensor, input_ids: torch.Tensor,
-                      image_features: Optional[torch.Tensor]) -> torch.Tensor:
+    def splice_images(self, h: torch.Tensor, input_ids: torch.Tensor, image_features: Optional[torch.Tensor],
+                      image_spans: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Replace each placeholder span of h [B, T, dim] with projected features, in one step.
 
         image_features is [N, 50, vision_dim]: one per span in row-major order, or one per row
         (N == B) when every row holds at most one span (rows without a span skip theirs).
+        image_spans: the spans' (rows [N], starts [N]) when the caller already knows them (training: the
+        collate step put the placeholders there and checked them); no search then, and no host sync, so a
+        compiled training step runs the splice without a graph break.
         """
         if image_features is None:
             return h
         if image_features.dim() == 2:
             image_features = image_features.unsqueeze(0)
+        if image_spans is not None:
+            rows, starts = image_spans
+            if rows.shape[0] != image_features.shape[0]:
+                raise ImageSpliceError(f"{rows.shape[0]} image span(s) given but {image_features.shape[0]} image(s)")
+            return self._write_spans(h, rows, starts, image_features)
         rows, starts = self.find_image_spans(input_ids)
         n_spans, n_images = rows.numel(), image_features.shape[0]
         if n_spans == 0:
@@ -90,6 +98,11 @@ class MiniMindVLM(MiniMindLM):
                 image_features = image_features[rows]
             else:
                 raise ImageSpliceError(f"{n_spans} image placeholder span(s) but {n_images} image(s) given")
+        return self._write_spans(h, rows, starts, image_features)
+
+    def _write_spans(self, h: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                     image_features: torch.Tensor) -> torch.Tensor:
+        """h with the 50 positions from each (row, start) replaced by that image's projected features."""
         proj = self.vision_proj(image_features.to(h.dtype)).to(h.dtype)  # [N, 50, dim]
         cols = starts[:, None] + torch.arange(IMAGE_TOKENS, device=h.device)  # [N, 50]
         return h.index_put((rows[:, None].expand_as(cols), cols), proj)
@@ -98,17 +111,21 @@ class MiniMindVLM(MiniMindLM):
                 labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 loss_only: bool = False, last_only: bool = False,
                 attention_mask: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> ModelOutput:
+                segment_ids: Optional[torch.Tensor] = None,
+                image_spans: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                loss_positions: Optional[torch.Tensor] = None) -> ModelOutput:
         """logits [B, T, vocab] for every position (and .loss given labels). Two shortcuts skip the output
         head where it is not needed: loss_only keeps the supervised positions ([N, vocab], training) and
         last_only the last position ([B, 1, vocab], generation). attention_mask (1 = token, 0 = padding):
         left padding for generation, right padding for scoring; padded positions are neither attended to
         nor targets of the loss. segment_ids [B, T] marks packed rows (several questions sharing one image:
-        dataset.pack_same_image); each question then sees only the image prefix and itself."""
-        h = self.splice_images(self.embed(input_ids), input_ids, image_features)
+        dataset.pack_same_image); each question then sees only the image prefix and itself. image_spans and
+        loss_positions (training: the collate step computes both) spare the forward its two host syncs, the
+        span search and the supervised-position mask: see splice_images and logits_and_loss."""
+        h = self.splice_images(self.embed(input_ids), input_ids, image_features, image_spans)
         h = self.run_blocks(h, cache, attention_mask, segment_ids)
         labels = mask_padding_labels(labels, attention_mask)
-        return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only)
+        return self.logits_and_loss(h[:, -1:] if last_only else h, labels, loss_only, loss_positions)
 
     # ----------------------------------------------------------------- generation
     def next_token_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -98,8 +98,11 @@ def build_data(args: RunConfig, tokenizer, encoder: VisionEncoder, dist: Distrib
     else:
         sampler = ResumableSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
     pad_to = args.max_seq_len if args.pad_to_max else None
+    # compiled and packed: every batch has segment ids, so the step's attention layout never changes (one graph)
+    segments = args.compile and args.pack_same_image > 1
     loader_kwargs = dict(batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                         collate_fn=lambda items: collate(items, pad_to), pin_memory=dist.device.type == "cuda",
+                         collate_fn=lambda items: collate(items, pad_to, segments),
+                         pin_memory=dist.device.type == "cuda",
                          drop_last=False, persistent_workers=False)
     return TrainData(dataset, sampler, loader_kwargs, math.ceil(len(sampler) / args.batch_size))
 

@@ -9,6 +9,7 @@ order than the one it was saved in. A run in which no step trained on anything i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from checkpoints.vision_pairing import stand_in_warning
 from checkpoints.vision_pairing import check_vision_encoder, encoder_record
 
 from .build import build_data, build_model, build_validator, open_wandb, start_checkpoint
+from .compile_step import CompileCounts, compile_for_training
 from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, run_record
 from .distributed import Distributed
 from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
@@ -166,7 +168,7 @@ class Run:
     def train(self) -> dict[str, Any]:
         config, state = self.config, self.state
         self._log_setup()
-        train_model = self.dist.wrap(torch.compile(self.model) if config.compile else self.model, config.use_moe)
+        train_model = self.dist.wrap(self._compiled_if_asked(), config.use_moe)
         wandb_run = open_wandb(config, self.stage, self.dist)
         from tqdm import tqdm
 
@@ -194,6 +196,19 @@ class Run:
         if wandb_run is not None:
             wandb_run.finish()
         return self._summary()
+
+    def _compiled_if_asked(self) -> torch.nn.Module:
+        """The model the steps run: under torch.compile with --compile (where inductor can build kernels here;
+        otherwise one line says why and training runs eager), else the model itself."""
+        self.compile_start = CompileCounts.now()
+        if not self.config.compile:
+            return self.model
+        model, problem = compile_for_training(self.model, self.dist.device)
+        if problem is not None:
+            log.warning("--compile: %s; training runs eager", problem)
+            return model
+        self.ctx = dataclasses.replace(self.ctx, compiled=True)
+        return model
 
     @property
     def stopping(self) -> bool:
@@ -333,10 +348,14 @@ class Run:
 
     def _summary(self) -> dict[str, Any]:
         skips = self.data.dataset.skips
+        compiled = CompileCounts.now().since(self.compile_start)
+        if self.ctx.compiled:
+            log.info("%s", compiled.line())
         log.info("done: %d optimizer steps from %d micro-batches this run, final loss %.4f, %s; %d images failed "
                  "to decode", self.state.step, self.micro_batches, self.losses[-1] if self.losses else float("nan"),
                  skips.summary(), self.skipped_images)
         return {"stopped": False, "step": self.state.step, "micro_batches": self.micro_batches,
+                "compiled_graphs": compiled.graphs, "graph_breaks": compiled.graph_breaks,
                 "losses": self.losses, "checkpoint": self.paths.weights, "skipped_records": skips.total,
                 "skipped_images": self.skipped_images, "nan_skips": self.state.nan_skips}
 

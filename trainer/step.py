@@ -20,6 +20,7 @@ from checkpoints.checkpoint import unwrap
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
 
+from .compile_step import mark_dynamic_dims
 from .distributed import Distributed
 from .metrics import StepMetrics
 from .state import TrainState
@@ -79,6 +80,7 @@ class StepContext:
     accumulation_steps: int = 1
     grad_clip: float = 1.0  # <= 0: no clipping
     dist: Optional[Distributed] = None  # None: a single process
+    compiled: bool = False  # the model is under torch.compile: its inputs' varying sizes are marked dynamic
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainState, lr: float,
@@ -86,7 +88,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
     """Train on the micro-batches of one optimizer step (a batch whose images all failed adds nothing)."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    config = (model.module if hasattr(model, "module") else model).config
+    config = unwrap(model).config
     metrics = StepMetrics(loss=float("nan"), micro_batches=len(micro_batches))
     losses = []
     for i, batch in enumerate(micro_batches):
@@ -98,11 +100,11 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             features = batch_features(batch, ctx.encoder, ctx.device)
-            input_ids = batch.input_ids.to(ctx.device, non_blocking=True)
-            labels = batch.labels.to(ctx.device, non_blocking=True)
-            segments = None if batch.segment_ids is None else batch.segment_ids.to(ctx.device, non_blocking=True)
+            inputs = _model_inputs(batch, features, ctx.device)
+            if ctx.compiled:
+                mark_dynamic_dims(inputs)
             with ctx.autocast():
-                loss = model(input_ids, features, labels=labels, loss_only=True, segment_ids=segments).loss
+                loss = model(**inputs).loss
             if features is None:
                 loss = _with_projection(model, loss)
             # v1 divides by accumulation_steps even for the shorter last group of an epoch
@@ -117,6 +119,19 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], state: TrainS
         metrics.loss = sum(losses) / len(losses)
     metrics.non_finite = not _apply_update(state, ctx, bad_loss=not all(map(math.isfinite, losses)))
     return metrics
+
+
+def _model_inputs(batch: Batch, features: Optional[torch.Tensor], device: torch.device) -> dict:
+    """The forward's arguments for a batch: the spans and supervised positions the collate step found travel
+    with it, so the forward has no host sync (compiled, the step has no graph break)."""
+    def to_device(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    spans = None if batch.image_rows is None or features is None else \
+        (to_device(batch.image_rows), to_device(batch.image_starts))
+    return dict(input_ids=to_device(batch.input_ids), image_features=features, labels=to_device(batch.labels),
+                loss_only=True, segment_ids=to_device(batch.segment_ids), image_spans=spans,
+                loss_positions=to_device(batch.loss_positions))
 
 
 def _with_projection(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
