@@ -44,7 +44,7 @@ _KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an inte
 
 @dataclass(frozen=True)
 class Rule:
-    """What one value must be: one of `kinds` (int excludes bool; float accepts int), with at most `max_len`
+    """What one value must be: one of `kinds` (int excludes bool; float accepts int), with `min_len` to `max_len`
     characters or items, at least `low` when a number; an object's `keys` (name -> Rule; names not given are
     allowed and not checked; `optional` names may be absent); a list's items or an object's values `each`."""
 

@@ -8,6 +8,9 @@ A position only means something in the order it was counted in, so the resume fi
 order (`order_record`): the batch size, the world size, the seed, the micro-batches per step, length grouping and
 a fingerprint of the training rows (which the data file, --max_seq_len, --pack_same_image, --multi_turn and
 --skip_text_only decide). A resume that changes any of them is refused (`ResumeError`), naming what changed.
+
+Every field of a resume file is checked against `RESUME_RULE` (types, sizes, required keys; checkpoints.schema)
+before anything is restored: a damaged file is one line naming the file and the field.
 """
 from __future__ import annotations
 
