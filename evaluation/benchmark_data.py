@@ -1,9 +1,10 @@
 """Benchmark questions read from the benchmarks' own parquet files, one row group at a time.
 
 A file that cannot be used at all (missing, not parquet, a required column missing or of the wrong type) is a
-BenchmarkError with one line naming the file. A row that cannot be used (no question, an answer that is not one of
-the benchmark's, no image bytes) is skipped and counted; undecodable image bytes are counted when the batch is
-decoded (evaluation/benchmarks.py).
+BenchmarkError with one line naming the file. A row that cannot be used (no question, text that is not UTF-8, an
+answer that is not one of the benchmark's, no image bytes) is skipped and counted, and so is a row that repeats a
+question already read (a second copy of a file); undecodable image bytes are counted when the batch is decoded
+(evaluation/benchmarks.py).
 """
 from __future__ import annotations
 
@@ -183,14 +184,14 @@ def _bytes_type(kind):
     return kind
 
 
-def _read_rows(pf, path: str, rg: int, columns: list[str]) -> tuple[list[dict[str, Any]], set[str]]:
+def _read_rows(pf, path: str, rg: int, columns: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of one row group with their text cells as bytes, and the names of the text columns: a cell that
     is not UTF-8 then costs its row (text_row), not the whole run."""
     import pyarrow as pa
 
     try:
         table = pf.read_row_group(rg, columns=columns)
-        text = {f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+        text = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
         table = table.cast(pa.schema([pa.field(f.name, _bytes_type(f.type), f.nullable) for f in table.schema]))
         return table.to_pylist(), text
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
@@ -198,7 +199,7 @@ def _read_rows(pf, path: str, rg: int, columns: list[str]) -> tuple[list[dict[st
         raise BenchmarkError(f"{path}: row group {rg} cannot be read ({reason})") from None
 
 
-def text_row(row: dict[str, Any], text_columns: set[str]) -> dict[str, Any]:
+def text_row(row: dict[str, Any], text_columns: list[str]) -> dict[str, Any]:
     """The row with its text columns decoded; ValueError naming the first column that is not UTF-8."""
     out = dict(row)
     for column in text_columns:

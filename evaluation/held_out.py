@@ -138,7 +138,7 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
             hits.append(exact_match(predicted, answer))
     n = len(prompts)
     if n == 0:  # an accuracy over no question would read as a score of 0
-        raise ValueError(f"{path}: no question could be scored ({len(items)} usable record(s); {skips.summary()}); "
+        raise ValueError(f"{path}: no question could be scored ({len(items)} question(s) read; {skips.summary()}); "
                          f"no accuracy to report")
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)

@@ -3,6 +3,7 @@
   chat.py             VLMChat: load a checkpoint, encode images, build prompts (images capped by the context),
                       stream answers
   batcher.py          the dynamic batcher that decodes concurrent requests together
+  console.py          3-eval_chat.py's answering job: which checkpoint, loading it, questions about image files
   model_files.py      the checkpoints the apps offer (model directories, the newest SFT checkpoint)
   openai_app.py, openai_request.py   the OpenAI-compatible API server
   web_support.py, web_inspect.py     the web demo's logic and its "inside the model" panel

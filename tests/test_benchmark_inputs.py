@@ -136,7 +136,7 @@ def test_held_out_data_with_no_usable_record_is_refused(tmp_path, eval_chat, tin
     code = eval_chat.main(_argv(tiny_ckpt, tiny_clip_dir, "--eval_data", str(data)))
     stdout, error = _one_error(capsys)
     assert code == 1 and "accuracy:" not in stdout
-    assert error.startswith(f"error: {data}: no question could be scored") and "file not found" in error
+    assert error.startswith(f"error: {data}: no question could be scored") and "1 unusable image" in error
 
 
 # ------------------------------------------------------------------------------------------- the manifest
