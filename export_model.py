@@ -42,7 +42,7 @@ from model.vision import ImagePreprocessor, VisionEncoder, load_vision_encoder
 from checkpoints.vision_pairing import OVERRIDE_FLAG, check_vision_encoder, encoder_record
 
 WRAPPER_FILES = ("hf_model.py", "processing_minimind_v.py")  # hf_export/: what auto_map names
-CODE_FILES = ("config.py", "decoder.py", "feed_forward.py", "vlm.py", "vision.py") + WRAPPER_FILES
+CODE_FILES = ("config.py", "decoder.py", "rope.py", "feed_forward.py", "vlm.py", "vision.py") + WRAPPER_FILES
 VISION_SUBFOLDER = "vision_encoder"
 AUTO_MAP = {"AutoConfig": "config.LMConfig", "AutoModelForCausalLM": "hf_model.MiniMindVLMForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

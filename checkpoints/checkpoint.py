@@ -17,12 +17,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from model.config import LMConfig
+from model.config import V3_DEFAULTS, LMConfig
 from .config_inference import (PROJ_BIAS, PROJ_PREFIX, TOKENIZER_FIELD, VISION_FIELD, check_config_fields,
                                config_fields, has_projection_bias, infer_config)
 from .files import CheckpointError, PathLike, atomic_write, read_json_object
 from .schema import check, path_and_fingerprint, portable_path
 from .tokenizer import tokenizer_fingerprint
+from .v3_layout import V3_MODEL_TYPE, native_layout, read_v3_model_dir, to_upstream
 from .weights import load_weights_only, read_hf_weights, read_state_dict, strip_prefixes, untie_head
 
 
@@ -69,6 +70,7 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         sd = read_state_dict(path)
         stored = read_stored_config(path)
         check_config_fields(stored, what=str(config_path_for(path)))
+        sd, stored = native_layout(sd, stored, path)  # a 3v file: its upstream key names translated
         record = _record(stored, TOKENIZER_FIELD, path)
         ckpt = Checkpoint(path, sd, stored, record, vision_record=_record(stored, VISION_FIELD, path))
     config_from_checkpoint(ckpt)  # structure: embedding, contiguous layers, head counts, bounds
@@ -93,10 +95,13 @@ def read_model_dir(path: str) -> Checkpoint:
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file nor a model directory (no config.json)")
     raw = read_json_object(cfg_file)
-    if raw.get("model_type", "minimind") != "minimind":
-        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, not 'minimind'")
-    sd = untie_head(read_hf_weights(root), path)
-    fields = config_fields(raw)
+    if raw.get("model_type") == V3_MODEL_TYPE:  # a minimind-3v directory (upstream's conversion)
+        sd, fields = read_v3_model_dir(root, raw)
+    elif raw.get("model_type", "minimind") != "minimind":
+        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, not 'minimind' (v1) nor "
+                              f"{V3_MODEL_TYPE!r} (minimind-3v)")
+    else:
+        sd, fields = untie_head(read_hf_weights(root), path), config_fields(raw)
     check_config_fields(fields, what=str(cfg_file))
     tokenizer_dir = path if (root / "tokenizer.json").exists() else None
     # The directory's own tokenizer is the one its weights go with.
@@ -203,9 +208,13 @@ def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[s
     `tokenizer` is the record of the tokenizer the weights go with (checkpoints.tokenizer.tokenizer_record), and
     `vision_encoder` that of the encoder their projection was fitted to (checkpoints.vision_pairing.encoder_record)."""
     config = unwrap(model).config
-    atomic_write(path, lambda f: torch.save(v1_state_dict(model), f))
+    v3 = getattr(config, "generation", "v1") == "3v"  # 3v: upstream key names, every 3v default spelled out
+    sd = to_upstream(v1_state_dict(model)) if v3 else v1_state_dict(model)
+    atomic_write(path, lambda f: torch.save(sd, f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
                                       "dim": config.dim, "n_layers": config.n_layers}
+    if v3:
+        fields |= {name: getattr(config, name) for name in V3_DEFAULTS} | {"generation": "3v"}
     if tokenizer is not None:  # paths as portable records: project-relative or absolute (schema.portable_path)
         fields[TOKENIZER_FIELD] = {**tokenizer, "path": portable_path(tokenizer["path"])}
     if vision_encoder is not None:

@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import torch
 
-from model.config import LMConfig
+from model.config import GENERATIONS, LMConfig
 from .files import CheckpointError
+from .v3_layout import infer_v3_fields
 from .schema import Rule, brief, check, obj
 
 PROJ_PREFIX = "vision_proj."
@@ -61,6 +62,11 @@ def infer_config(sd: dict[str, torch.Tensor], stored: Optional[dict[str, Any]] =
     stored = dict(stored or {})
     stored.pop(TOKENIZER_FIELD, None)  # not model fields
     stored.pop(VISION_FIELD, None)
+    check_config_fields(stored, what="stored config")
+    if stored.get("generation") == "3v":  # shapes tell 3v's head counts too (q_norm is head_dim wide)
+        cfg = infer_v3_fields(sd, stored)
+        check_config_fields(cfg)
+        return cfg
     if "tok_embeddings.weight" not in sd:
         raise CheckpointError("not a MiniMind checkpoint: no tok_embeddings.weight")
     if sd["tok_embeddings.weight"].dim() != 2:
@@ -109,6 +115,8 @@ def check_config_fields(fields: dict[str, Any], what: str = "config") -> None:
     for name in BOOL_FIELDS:
         if name in fields and fields[name] is not None and not isinstance(fields[name], bool):
             raise CheckpointError(f"{what}: {name} = {brief(fields[name])} is not true/false")
+    if fields.get("generation", "v1") not in GENERATIONS:
+        raise CheckpointError(f"{what}: generation = {_brief(fields['generation'])} is not one of {GENERATIONS}")
     heads, kv = fields.get("n_heads"), fields.get("n_kv_heads")
     if heads is not None and kv is not None and heads % kv:
         raise CheckpointError(f"{what}: n_heads {heads} is not a multiple of n_kv_heads {kv}")

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS, V3_IMAGE_SPECIAL_TOKEN, V3_IMAGE_TOKENS
 from .schema import recorded_candidates
 
 PROJECT_TOKENIZER_PATH = "model/minimind_tokenizer"  # this project's own tokenizer (scripts/train_tokenizer.py)
@@ -25,6 +25,12 @@ DOWNLOAD_COMMAND = "python scripts/download.py --what tokenizer"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where to look for the official tokenizer instead (tests point it at a fixture or at nothing).
 OFFICIAL_TOKENIZER_ENV = "MINIMIND_OFFICIAL_TOKENIZER_PATH"
+# The minimind-3v tokenizer (Qwen-style specials, `<|image_pad|>` = 12), which every 3v checkpoint goes with; an
+# unrecorded 3v file (the published .pth) is paired with it. $MINIMIND_3V_TOKENIZER_PATH overrides the path.
+V3_TOKENIZER_PATH = "model/minimind_3v_tokenizer"
+V3_TOKENIZER_FINGERPRINT = "c175c9610720eaabe9c9f0c96f646aa28e03b308258320d05b9edb6988cf59fb"
+V3_TOKENIZER_ENV = "MINIMIND_3V_TOKENIZER_PATH"
+
 
 
 class TokenizerError(ValueError):
@@ -82,7 +88,8 @@ def official_tokenizer_path() -> str:
 
 def _vocabulary_label(fingerprint: str) -> str:
     """A vocabulary as error messages name it: the fingerprint's first 12 digits, and whether it is the official one."""
-    name = " (the official MiniMind tokenizer)" if fingerprint == OFFICIAL_TOKENIZER_FINGERPRINT else ""
+    name = " (the official MiniMind tokenizer)" if fingerprint == OFFICIAL_TOKENIZER_FINGERPRINT else \
+        " (the minimind-3v tokenizer)" if fingerprint == V3_TOKENIZER_FINGERPRINT else ""
     return f"{fingerprint[:12]}{name}"
 
 
@@ -92,8 +99,13 @@ def missing_official_message(source: str) -> str:
             f"--tokenizer_path DIR")
 
 
+def v3_tokenizer_path() -> str:
+    """The minimind-3v tokenizer's directory: $MINIMIND_3V_TOKENIZER_PATH, else V3_TOKENIZER_PATH in the project."""
+    return os.environ.get(V3_TOKENIZER_ENV) or str(PROJECT_ROOT / V3_TOKENIZER_PATH)
+
+
 def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optional[str],
-                           record: Optional[dict], source: str) -> str:
+                           record: Optional[dict], source: str, generation: str = "v1") -> str:
     """The tokenizer directory for a checkpoint, by the one rule every tool uses:
 
     1. an explicit --tokenizer_path; 2. the tokenizer inside a Hugging Face model directory; 3. the path in the
@@ -102,8 +114,15 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
     v1 file), the official tokenizer at OFFICIAL_TOKENIZER_PATH; 5. otherwise a one-line TokenizerError giving
     the download command.
     A recorded path that no longer exists falls through to the official tokenizer only when the record's
-    fingerprint is the official one; otherwise it is an error naming the record.
+    fingerprint is the official one; otherwise it is an error naming the record. For a 3v checkpoint (generation
+    "3v") the minimind-3v tokenizer at V3_TOKENIZER_PATH takes the official one's place in 4 and 5.
     """
+    if generation == "3v" and not explicit and not model_dir_tokenizer and not record:
+        if _has_tokenizer(v3_tokenizer_path()):
+            return v3_tokenizer_path()
+        raise TokenizerError(f"{source} is a minimind-3v checkpoint that records no tokenizer: it needs the "
+                             f"minimind-3v tokenizer at {V3_TOKENIZER_PATH} (tokenizer.json and tokenizer_config.json "
+                             f"from upstream's model/), which is missing; or pass --tokenizer_path DIR")
     if explicit:
         return explicit
     if model_dir_tokenizer:
@@ -139,12 +158,14 @@ def _fingerprint_or_none(path: str) -> Optional[str]:
         return None
 
 
-def check_tokenizer(path: str, record: Optional[dict], source: str) -> str:
+def check_tokenizer(path: str, record: Optional[dict], source: str, generation: str = "v1") -> str:
     """The fingerprint of the tokenizer at `path`; a TokenizerError when it differs from the checkpoint's record.
 
-    An unrecorded checkpoint (a published v1 file) must be paired with the official tokenizer."""
+    An unrecorded checkpoint must be paired with the official tokenizer (a published v1 file) or with the
+    minimind-3v tokenizer (generation "3v")."""
     fingerprint = tokenizer_fingerprint(path)
-    expected = (record or {}).get("fingerprint") or OFFICIAL_TOKENIZER_FINGERPRINT
+    unrecorded = V3_TOKENIZER_FINGERPRINT if generation == "3v" else OFFICIAL_TOKENIZER_FINGERPRINT
+    expected = (record or {}).get("fingerprint") or unrecorded
     if fingerprint != expected:
         what = "was trained with" if record else "records no tokenizer, so it needs"
         raise TokenizerError(f"tokenizer mismatch: {source} {what} vocabulary {_vocabulary_label(expected)}, but "
@@ -167,8 +188,24 @@ def image_token_ids(tokenizer, placeholder: str = IMAGE_SPECIAL_TOKEN) -> list[i
     return ids
 
 
+def image_pad_id(tokenizer) -> list[int]:
+    """3v's image_ids: the one id of `<|image_pad|>` (a prompt holds a run of 64 of it), or a one-line error for a
+    tokenizer that does not know it as one token (the v1 tokenizer splits it into pieces)."""
+    ids = encode(tokenizer, V3_IMAGE_SPECIAL_TOKEN)
+    if len(ids) != 1:
+        raise TokenizerError(f"this tokenizer splits {V3_IMAGE_SPECIAL_TOKEN} into {len(ids)} tokens: it is not the "
+                             f"minimind-3v tokenizer, and cannot mark a 3v image")
+    return ids
+
+
+def image_placeholder(generation: str = "v1") -> str:
+    """The prompt text standing for one image: v1 25 '<' and 25 '>', 3v 64 x `<|image_pad|>`."""
+    return V3_IMAGE_SPECIAL_TOKEN * V3_IMAGE_TOKENS if generation == "3v" else IMAGE_SPECIAL_TOKEN
+
+
 def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The chat template as text: <s>user\\n{q}</s>\\n<s>assistant\\n{a}</s>\\n ..."""
+    """The chat template as text: v1 <s>user\\n{q}</s>\\n<s>assistant\\n{a}</s>\\n ...; 3v (its tokenizer's own
+    template, Qwen3-style) <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n ..."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

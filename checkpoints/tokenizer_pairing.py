@@ -15,8 +15,9 @@ def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tu
     """(path, fingerprint) of the tokenizer for `ckpt` by the one resolution rule, checked against its record.
 
     Raises checkpoints.tokenizer.TokenizerError (one line) when none is found or the vocabularies differ."""
-    path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path)
-    return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path)
+    generation = ckpt.stored.get("generation", "v1")  # read from the checkpoint, its sidecar or config.json
+    path = resolve_tokenizer_path(explicit, ckpt.tokenizer_dir, ckpt.tokenizer_record, ckpt.path, generation)
+    return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path, generation)
 
 
 def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint]) -> dict[str, str]:

@@ -69,6 +69,25 @@ def _recorded_location(recorded: str, source: PathLike) -> str:
     return next((c for c in recorded_candidates(recorded, str(source)) if os.path.isdir(c)), recorded)
 
 
+def check_encoder_family(generation: str, encoder: VisionEncoder, source: PathLike) -> None:
+    """A v1 checkpoint goes with a CLIP tower (50 features per image), a 3v one with a SigLIP tower (64, after the
+    post-layernorm): any other pairing is a one-line VisionEncoderMismatch, whatever --allow_encoder_mismatch says
+    (the feature counts differ, so nothing could run)."""
+    want = "siglip" if generation == "3v" else "clip"
+    if encoder.kind != want:
+        raise VisionEncoderMismatch(
+            f"vision encoder mismatch: {source} is a {'minimind-3v' if generation == '3v' else 'v1'} checkpoint, "
+            f"which needs a {'SigLIP2' if want == 'siglip' else 'CLIP'} vision tower, but the one loaded from "
+            f"'{encoder.path}' is {'SigLIP' if encoder.kind == 'siglip' else 'CLIP'}: pass --clip_path with the "
+            f"tower it was trained with")
+
+
+def _recorded_location(recorded: str, source: PathLike) -> str:
+    """Where the recorded encoder is from here: a relative record (from the project root, or from the working
+    directory of an older run) named by the first place it exists, so the --clip_path hint works from any folder."""
+    return next((c for c in recorded_candidates(recorded, str(source)) if os.path.isdir(c)), recorded)
+
+
 def is_stand_in(path: str) -> bool:
     """True when `path` holds the untrained stand-in encoder: scripts/build_stand_in_clip.py marks it with
     STAND_IN.md. The one test every entry point uses."""

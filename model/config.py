@@ -6,6 +6,7 @@ exported `config.json` files read back unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 from transformers import PretrainedConfig
@@ -22,6 +23,30 @@ IMAGE_TOKENS = 50
 # The text placeholder for one image: 25 '<' then 25 '>' (v1). Its token ids come from the tokenizer.
 IMAGE_SPECIAL_TOKEN = "<" * (IMAGE_TOKENS // 2) + ">" * (IMAGE_TOKENS // 2)
 CLIP_DIM = 768
+
+GENERATIONS = ("v1", "3v")
+# The second generation (minimind-3v): a SigLIP2 tower gives 8x8 = 64 vectors per image, and the text
+# placeholder is a run of 64 copies of one special token ('<|image_pad|>', id 12 in its tokenizer).
+V3_IMAGE_TOKENS = 64
+V3_IMAGE_SPECIAL_TOKEN = "<|image_pad|>"
+# The 3v values of the fields v1 also has (its upstream config's defaults); LMConfig.for_generation applies them.
+V3_DEFAULTS: dict[str, Any] = {
+    "n_heads": 8, "n_kv_heads": 4, "norm_eps": 1e-6, "rope_theta": 1e6, "max_seq_len": 2048,
+    "image_special_token": V3_IMAGE_SPECIAL_TOKEN, "vision_dim": 768,
+    "num_experts_per_tok": 1, "n_routed_experts": 4, "n_shared_experts": None, "aux_loss_alpha": 5e-4,
+    "seq_aux": False, "norm_topk_prob": True,
+}
+# YaRN as 3v switches it on (inference_rope_scaling): 16x the 2048 positions it was trained on.
+V3_YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32,
+           "beta_slow": 1, "attention_factor": 1.0}
+
+
+def _checked_generation(generation: str) -> str:
+    """"v1": the first release, unchanged. "3v": q/k RMSNorm per head, rotate-half RoPE (theta 1e6), FFN width
+    ceil(dim * pi / 64) * 64, top-1 MoE without shared expert, an MLP projector, 64-token image runs."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+    return generation
 
 
 class LMConfig(PretrainedConfig):
@@ -56,8 +81,12 @@ class LMConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.01,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
+        generation: str = "v1",
+        rope_yarn: Optional[dict] = None,
         **kwargs: Any,
     ):
+        self.generation = _checked_generation(generation)  # "v1" or "3v" (see V3_DEFAULTS)
+        self.rope_yarn = dict(rope_yarn) if rope_yarn else None  # 3v's YaRN (transformers owns `rope_scaling`)
         self.dim = dim
         self.n_layers = n_layers
         self.n_heads = n_heads
@@ -91,12 +120,26 @@ class LMConfig(PretrainedConfig):
         return self.dim // self.n_heads
 
     @property
+    def image_tokens(self) -> int:
+        """Vectors per image: 50 (v1, CLIP CLS + 7x7) or 64 (3v, SigLIP2 8x8 patches)."""
+        return V3_IMAGE_TOKENS if self.generation == "3v" else IMAGE_TOKENS
+
+    @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width: 2/3 of 4*dim, rounded up to `multiple_of` (1408 for 512, 2048 for 768)."""
+        """SwiGLU width: v1 2/3 of 4*dim, rounded up to `multiple_of` (1408 for 512, 2048 for 768);
+        3v ceil(dim * pi / 64) * 64 (2432 for 768, 256 for 64)."""
         if self.hidden_dim is not None:
             return self.hidden_dim
+        if self.generation == "3v":
+            return math.ceil(self.dim * math.pi / 64) * 64
         hidden = int(2 * (4 * self.dim) / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def for_generation(cls, generation: str, **fields: Any) -> "LMConfig":
+        """A config of `generation` with its own defaults ("3v": V3_DEFAULTS) under the given fields."""
+        defaults = V3_DEFAULTS if generation == "3v" else {}
+        return cls(**{**defaults, **fields, "generation": generation})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LMConfig":

@@ -19,13 +19,15 @@ from torch import nn
 
 from .config import LMConfig
 from .feed_forward import FeedForward, MOEFeedForward
+from .rope import apply_rope_half, yarn_frequencies
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, scale_in_fp32: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.scale_in_fp32 = scale_in_fp32  # 3v multiplies by the weight before casting back, v1 after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (bf16/fp16 lose too much in the mean of squares), cast back, then scale.
@@ -34,14 +36,21 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_fp32:
+            return (self.weight.float() * normed).type_as(x)
         return self.weight * normed.type_as(x)
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [length, head_dim/2] for the interleaved-pair rotary embedding."""
+def rope_tables(head_dim: int, length: int, theta: float, device=None,
+                yarn: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [length, head_dim/2]: frequency j is theta^(-2j/head_dim). Both RoPE forms use them
+    (apply_rope pairs adjacent dims, apply_rope_half the two halves). yarn (3v): see yarn_frequencies."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    scale = 1.0
+    if yarn:
+        freqs, scale = yarn_frequencies(freqs, head_dim, theta, yarn), float(yarn.get("attention_factor", 1.0))
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -191,6 +200,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        v3 = config.generation == "3v"
+        # 3v normalises each query and key head over head_dim before the rotation
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps, scale_in_fp32=True) if v3 else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps, scale_in_fp32=True) if v3 else None
+        self.rope = apply_rope_half if v3 else apply_rope
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -201,7 +215,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rope(q, *rope), self.rope(k, *rope), v
 
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[KVCache] = None,
                 layer: int = 0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -247,8 +263,9 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(config)
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        v3 = config.generation == "3v"
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, scale_in_fp32=v3)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, scale_in_fp32=v3)
         self.feed_forward = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, x, rope: tuple, cache: Optional[KVCache] = None,
@@ -273,7 +290,7 @@ class MiniMindLM(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([Block(i, config) for i in range(config.n_layers)])
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps, scale_in_fp32=config.generation == "3v")
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied
         self._rope_len = 0
@@ -293,7 +310,8 @@ class MiniMindLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _extend_rope(self, length: int, device=None) -> None:
-        cos, sin = rope_tables(self.config.head_dim, length, self.config.rope_theta, device)
+        cos, sin = rope_tables(self.config.head_dim, length, self.config.rope_theta, device,
+                               yarn=self.config.rope_yarn if self.config.generation == "3v" else None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._rope_len = length

@@ -35,6 +35,7 @@ class MoEGate(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
+        self.normalise_single = config.generation == "3v"  # 3v divides by the sum for top-1 too (weight 1)
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
@@ -43,7 +44,7 @@ class MoEGate(nn.Module):
         B, T, _ = x.shape
         scores = F.linear(x.reshape(-1, x.shape[-1]), self.weight).softmax(dim=-1)
         weight, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.normalise_single):
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux = scores.new_zeros(())
         if self.training and self.alpha > 0:

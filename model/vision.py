@@ -85,6 +85,9 @@ class ImagePreprocessor:
 class VisionEncoder(nn.Module):
     """A frozen CLIP vision tower returning pre-post-layernorm features [B, 50, hidden]."""
 
+    kind = "clip"  # the tower family: v1 checkpoints go with CLIP, 3v ones with SigLIP (checkpoints.vision_pairing)
+    tokens = 50
+
     def __init__(self, clip_vision: nn.Module, preprocess: ImagePreprocessor, fingerprint: str,
                  path: Optional[str] = None):
         super().__init__()
@@ -127,7 +130,57 @@ class VisionEncoder(nn.Module):
         pixels = [self.preprocess(img) for img in images]
         out = [self.encode_pixels(torch.stack(pixels[i:i + batch_size]))
                for i in range(0, len(pixels), batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, 50, self.hidden_size)
+        return torch.cat(out) if out else torch.zeros(0, self.tokens, self.hidden_size)
+
+
+class SiglipEncoder(VisionEncoder):
+    """3v's frozen SigLIP2 tower (base, patch 32, 256x256): `last_hidden_state`, i.e. after the post-layernorm,
+    [B, 64, hidden]; no CLS token, and the pooling head is not used."""
+
+    kind = "siglip"
+    tokens = 64
+
+    @property
+    def tower(self) -> nn.Module:
+        return self.clip
+
+    @torch.no_grad()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, 256, 256] -> features [B, 64, hidden] (fp32, after post-layernorm)."""
+        return self.clip(pixel_values=pixel_values.to(self.device, torch.float32)).last_hidden_state.float()
+
+
+class SiglipPreprocessor(ImagePreprocessor):
+    """3v preprocessing: RGBA/LA lose their alpha channel (no compositing, as 3v does), then the processor
+    config's resize (bicubic, no crop), rescale and normalise (mean = std = 0.5 for SigLIP)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB") if image.mode in ("RGBA", "LA") else to_rgb(image)
+        return super().__call__(image)
+
+    def fingerprint(self) -> str:
+        return "siglip-" + super().fingerprint()
+
+
+def tower_family(path: str) -> str:
+    """'siglip' or 'clip': the model_type in a tower directory's config.json (never its Python files)."""
+    try:
+        model_type = str(json.loads((Path(path) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        model_type = ""
+    return "siglip" if model_type.startswith("siglip") else "clip"
+
+
+def load_siglip_encoder(path: str, device: Union[str, torch.device] = "cpu") -> SiglipEncoder:
+    """Load a local Hugging Face SigLIP/SigLIP2 vision tower (3v's), frozen, in float32."""
+    from transformers import SiglipVisionModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tower = SiglipVisionModel.from_pretrained(path, dtype=torch.float32)
+    preprocess = SiglipPreprocessor.from_dir(path)
+    return SiglipEncoder(tower, preprocess, encoder_fingerprint(path, preprocess), path).to(device)
 
 
 def missing_encoder_message(path: str) -> str:
@@ -141,6 +194,8 @@ def load_vision_encoder(path: str = DEFAULT_CLIP_PATH, device: Union[str, torch.
     """Load the vision tower of a local Hugging Face CLIP directory (full CLIP or vision-only), frozen."""
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise MissingVisionEncoderError(missing_encoder_message(path))
+    if tower_family(path) == "siglip":
+        return load_siglip_encoder(path, device)
     from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
 

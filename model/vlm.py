@@ -13,11 +13,16 @@ from .decoder import KVCache, MiniMindLM, ModelOutput, mask_padding_labels
 
 
 class VisionProj(nn.Module):
-    """Linear 768 -> dim. Attribute path `vision_proj.vision_proj.0` as in v1."""
+    """v1: Linear 768 -> dim, attribute path `vision_proj.vision_proj.0` as in v1. 3v (mlp): LayerNorm, Linear
+    768 -> dim, GELU (exact), Linear dim -> dim, all with bias, at `vision_proj.vision_proj.{0,1,3}`."""
 
-    def __init__(self, vision_dim: int, dim: int, bias: bool):
+    def __init__(self, vision_dim: int, dim: int, bias: bool, mlp: bool = False):
         super().__init__()
-        self.vision_proj = nn.Sequential(nn.Linear(vision_dim, dim, bias=bias))
+        if mlp:
+            self.vision_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim), nn.GELU(),
+                                             nn.Linear(dim, dim))
+        else:
+            self.vision_proj = nn.Sequential(nn.Linear(vision_dim, dim, bias=bias))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(features)
@@ -49,17 +54,57 @@ def find_image_spans(input_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[
     return rows, starts
 
 
+def find_image_runs(input_ids: torch.Tensor, marker: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3v: (row, start, length) of every maximal run of the placeholder id `marker` in input_ids [B, T], in
+    row-major order. A run may be shorter than an image (a prompt cut inside its placeholder)."""
+    is_marker = input_ids == marker
+    run_start = is_marker.clone()
+    run_start[:, 1:] &= ~is_marker[:, :-1]  # column 0 always starts a run, so no run crosses rows
+    rows, starts = run_start.nonzero(as_tuple=True)
+    run_of = run_start.flatten().cumsum(0) - 1  # the run each position belongs to (row-major)
+    lengths = torch.bincount(run_of[is_marker.flatten()], minlength=rows.numel())
+    return rows, starts, lengths
+
+
+def splice_image_runs(h: torch.Tensor, input_ids: torch.Tensor, marker: int, image_features: torch.Tensor,
+                      project: nn.Module, tokens: int) -> torch.Tensor:
+    """3v: h [B, T, dim] with the k-th placeholder run (row-major) replaced by the first run-length rows of
+    project(image k) [tokens, dim]. image_features [N, tokens, vision_dim]: one per run, or one per row (N == B)
+    when every row holds at most one run. A run longer than one image (two placeholders with nothing between)
+    is an ImageSpliceError, as is a count of images that fits neither rule."""
+    rows, starts, lengths = find_image_runs(input_ids, marker)
+    if rows.numel() == 0:
+        return h
+    if int(lengths.max()) > tokens:
+        k = int(lengths.argmax())
+        raise ImageSpliceError(f"row {int(rows[k])}: a run of {int(lengths[k])} image placeholder tokens, more "
+                               f"than one image's {tokens} (two placeholders with nothing between?)")
+    n_runs, n_images = rows.numel(), image_features.shape[0]
+    if n_images != n_runs:
+        if n_images == input_ids.shape[0] and int(torch.bincount(rows).max()) <= 1:
+            image_features = image_features[rows]
+        else:
+            raise ImageSpliceError(f"{n_runs} image placeholder run(s) but {n_images} image(s) given")
+    proj = project(image_features.to(h.dtype)).to(h.dtype)  # [runs, tokens, dim]
+    pos_rows, pos_cols = (input_ids == marker).nonzero(as_tuple=True)
+    run = torch.searchsorted(rows * input_ids.shape[1] + starts, pos_rows * input_ids.shape[1] + pos_cols,
+                             right=True) - 1
+    return h.index_put((pos_rows, pos_cols), proj[run, pos_cols - starts[run]])
+
+
+
 class MiniMindVLM(MiniMindLM):
     """MiniMindLM plus a projection whose outputs replace each 50-token image placeholder span."""
 
     def __init__(self, config: LMConfig):
         super().__init__(config)
         # Created after the LM init, so it keeps PyTorch's default Linear init (as v1).
-        self.vision_proj = VisionProj(config.vision_dim, config.dim, config.vision_proj_bias)
-        ids = config.image_ids
-        if ids is not None and len(ids) != IMAGE_TOKENS:
-            raise ValueError(f"image_ids must hold {IMAGE_TOKENS} ids, got {len(ids)}")
-        self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * IMAGE_TOKENS),
+        v3 = config.generation == "3v"
+        self.vision_proj = VisionProj(config.vision_dim, config.dim, config.vision_proj_bias, mlp=v3)
+        ids, n_ids = config.image_ids, 1 if v3 else IMAGE_TOKENS  # 3v: one id, repeated 64 times in a prompt
+        if ids is not None and len(ids) != n_ids:
+            raise ValueError(f"image_ids must hold {n_ids} id(s), got {len(ids)}")
+        self.register_buffer("image_ids", torch.tensor(ids if ids is not None else [-1] * n_ids),
                              persistent=False)
 
     def find_image_spans(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +128,11 @@ class MiniMindVLM(MiniMindLM):
             return h
         if image_features.dim() == 2:
             image_features = image_features.unsqueeze(0)
+        if self.config.generation == "3v":
+            if self.config.image_ids is None:
+                raise ImageSpliceError("config.image_ids is not set: fill it from the tokenizer")
+            return splice_image_runs(h, input_ids, int(self.image_ids[0]), image_features, self.vision_proj,
+                                     self.config.image_tokens)
         if image_spans is not None:
             rows, starts = image_spans
             if rows.shape[0] != image_features.shape[0]:
