@@ -12,8 +12,8 @@ import torch
 
 from model.config import GENERATIONS, LMConfig
 from .files import CheckpointError
-from .v3_layout import infer_v3_fields
 from .schema import Rule, brief, check, obj
+from .v3_layout import infer_v3_fields
 
 PROJ_PREFIX = "vision_proj."
 PROJ_BIAS = "vision_proj.vision_proj.0.bias"
@@ -116,7 +116,7 @@ def check_config_fields(fields: dict[str, Any], what: str = "config") -> None:
         if name in fields and fields[name] is not None and not isinstance(fields[name], bool):
             raise CheckpointError(f"{what}: {name} = {brief(fields[name])} is not true/false")
     if fields.get("generation", "v1") not in GENERATIONS:
-        raise CheckpointError(f"{what}: generation = {_brief(fields['generation'])} is not one of {GENERATIONS}")
+        raise CheckpointError(f"{what}: generation = {brief(fields['generation'])} is not one of {GENERATIONS}")
     heads, kv = fields.get("n_heads"), fields.get("n_kv_heads")
     if heads is not None and kv is not None and heads % kv:
         raise CheckpointError(f"{what}: n_heads {heads} is not a multiple of n_kv_heads {kv}")
