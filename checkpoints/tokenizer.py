@@ -32,7 +32,6 @@ V3_TOKENIZER_FINGERPRINT = "c175c9610720eaabe9c9f0c96f646aa28e03b308258320d05b9e
 V3_TOKENIZER_ENV = "MINIMIND_3V_TOKENIZER_PATH"
 
 
-
 class TokenizerError(ValueError):
     """No usable tokenizer for a checkpoint, or one whose vocabulary differs from the checkpoint's; one line."""
 

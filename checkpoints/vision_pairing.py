@@ -63,12 +63,6 @@ def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source
     return False
 
 
-def _recorded_location(recorded: str, source: PathLike) -> str:
-    """Where the recorded encoder is from here: a relative record (from the project root, or from the working
-    directory of an older run) named by the first place it exists, so the --clip_path hint works from any folder."""
-    return next((c for c in recorded_candidates(recorded, str(source)) if os.path.isdir(c)), recorded)
-
-
 def check_encoder_family(generation: str, encoder: VisionEncoder, source: PathLike) -> None:
     """A v1 checkpoint goes with a CLIP tower (50 features per image), a 3v one with a SigLIP tower (64, after the
     post-layernorm): any other pairing is a one-line VisionEncoderMismatch, whatever --allow_encoder_mismatch says

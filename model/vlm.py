@@ -92,7 +92,6 @@ def splice_image_runs(h: torch.Tensor, input_ids: torch.Tensor, marker: int, ima
     return h.index_put((pos_rows, pos_cols), proj[run, pos_cols - starts[run]])
 
 
-
 class MiniMindVLM(MiniMindLM):
     """MiniMindLM plus a projection whose outputs replace each 50-token image placeholder span."""
 
