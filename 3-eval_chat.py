@@ -30,7 +30,7 @@ import torch
 
 from checkpoints.vision_pairing import add_encoder_mismatch_arg
 from evaluation.jobs import BenchmarkOptions, benchmark_job, check_benchmark, default_result_path, held_out_job
-from inference.chat import DEFAULT_QUESTION, GenerationSettings, VLMChat
+from inference.chat import DEFAULT_QUESTION, V3_ANSWER_DEFAULTS, GenerationSettings, VLMChat
 from inference.console import answer_images, choose_checkpoint, load_chat
 from inference.cpu.prepare import add_cpu_inference_args
 from model.vision import DEFAULT_CLIP_PATH
@@ -163,6 +163,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.eval_limit = args.limit_alias
         given["eval_limit"] = given.pop("limit_alias")
     args.job, args.refusal = choose_job(given, job_of)
+    args.given = set(given)  # the flags written out: a 3v model's own defaults fill the others (run_job)
     return args
 
 
@@ -184,6 +185,10 @@ def run_job(chat: VLMChat, args: argparse.Namespace, ckpt: str, bench, weights_s
         return benchmark_job(chat, bench, options, ckpt, args.clip_path, weights_sha256)
     if args.job == HELD_OUT:
         return held_out_job(chat, args.eval_data, args.eval_images_path, args.image_prefix, args.eval_limit)
+    if chat.generation == "3v":  # minimind-3v's own question and sampling, where the command line left them out
+        for name, value in V3_ANSWER_DEFAULTS.items():
+            if name not in getattr(args, "given", ()):
+                setattr(args, name, value)
     settings = GenerationSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.repetition_penalty, args.seed)
     return answer_images(chat, args.image, args.prompt, settings, args.interactive, not args.no_stream)

@@ -213,10 +213,11 @@ _SPAN_HALF = IMAGE_TOKENS // 2
 _BRACKET_RUN = re.compile("<{%d,}|>{%d,}" % (_SPAN_HALF, _SPAN_HALF))
 
 
-def neutralise_placeholder(text: str) -> str:
+def neutralise_placeholder(text: str, generation: str = "v1") -> str:
     """User text that can never create or cut an image span: every run of 25 or more '<' (or '>') is
     broken by a space after each 24 characters. Each '<' token stands for one '<' character, so a run of
-    at most 24 can never tokenise into the 25 opening ids of a span."""
+    at most 24 can never tokenise into the 25 opening ids of a span. For 3v, whose tokenizer reads special
+    tokens such as `<|image_pad|>` or `<|im_end|>` out of plain text, '<|' also gets a space: '< |'."""
     def split(match: re.Match) -> str:
         run = match.group(0)
         step = _SPAN_HALF - 1
@@ -224,7 +225,8 @@ def neutralise_placeholder(text: str) -> str:
 
     # a lone UTF-16 surrogate (from a non-UTF-8 command line, say) cannot be tokenised: shown as U+FFFD instead
     text = text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
-    return _BRACKET_RUN.sub(split, text)
+    text = _BRACKET_RUN.sub(split, text)
+    return text.replace("<|", "< |") if generation == "3v" else text
 
 
 def _has_surrogate(text: str) -> bool:

@@ -2,6 +2,7 @@
 and serve_openai_api.py (prompt building, history trimming, streaming text)."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -11,14 +12,14 @@ import torch
 from PIL import Image
 
 from checkpoints.checkpoint import load_model, read_checkpoint
-from model.config import IMAGE_SPECIAL_TOKEN, IMAGE_TOKENS
+from model.config import IMAGE_TOKENS
 from inference.cpu.prepare import prepare_for_cpu_inference
 from model.decoder import count_parameters
-from checkpoints.tokenizer import (count_span_openings, encode, image_token_ids, load_tokenizer, max_token_chars,
-                             neutralise_placeholder, render_chat)
+from checkpoints.tokenizer import (count_span_openings, encode, image_pad_id, image_placeholder, image_token_ids,
+                                   load_tokenizer, max_token_chars, neutralise_placeholder, render_chat)
 from checkpoints.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder
-from checkpoints.vision_pairing import check_vision_encoder, encoder_record
+from checkpoints.vision_pairing import check_encoder_family, check_vision_encoder, encoder_record
 from model.vlm import MiniMindVLM
 
 from .batcher import DecodeRequest, DynamicBatcher
@@ -27,6 +28,9 @@ from .batcher import DecodeRequest, DynamicBatcher
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"  # v1's default: "What does this picture describe?"
+# minimind-3v's eval_vlm.py: its question ("Describe the main objects and the scene in this picture.") and sampling
+V3_QUESTION = "请描述这张图中的主要物体和场景。"
+V3_ANSWER_DEFAULTS = {"prompt": V3_QUESTION, "temperature": 0.7, "top_k": 50, "top_p": 0.85}
 MAX_IMAGES = 8  # images per question in every front end; each fills a 50-token span of the prompt
 # Context tokens the image spans and the template must leave free, for at least a short question and answer.
 MIN_TEXT_ROOM = 8
@@ -110,9 +114,11 @@ class VLMChat:
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = load_vision_encoder(clip_path, device)
+        generation = source.stored.get("generation", "v1")  # read from the checkpoint, never from its name
+        check_encoder_family(generation, encoder, source.path)  # v1 takes CLIP, 3v SigLIP: always refused
         check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
-        model = load_model(source, image_ids=image_token_ids(tokenizer), device=device, max_seq_len=max_seq_len,
-                           **overrides)
+        image_ids = image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer)
+        model = load_model(source, image_ids=image_ids, device=device, max_seq_len=max_seq_len, **overrides)
         chat = cls(model, tokenizer, encoder, tokenizer_path)
         chat.prepare_cpu(quantize, cpu_kernel)
         return chat
@@ -123,6 +129,11 @@ class VLMChat:
         (not "none"/"default") is not converted again: that is a ValueError."""
         self.kernel_line = prepare_for_cpu_inference(self.model, quantize, cpu_kernel)
         return self.kernel_line
+
+    @property
+    def generation(self) -> str:
+        """"v1" or "3v": which prompt placeholder, tower and sampling defaults the model goes with."""
+        return self.model.config.generation
 
     @property
     def n_params(self) -> int:
@@ -158,7 +169,7 @@ class VLMChat:
         self.check_image_count(int(n_images))
         budget = max(self.model.config.max_seq_len - self.answer_room(reserve, n_images), 1)
         max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
-        question = neutralise_placeholder(question[-max_chars:])
+        question = neutralise_placeholder(question[-max_chars:], self.generation)
         kept: list[list[int]] = []  # plain token ids of the kept turns, newest first
         first_with_image: Optional[list[int]] = None  # the oldest kept turn, with the placeholder
         question_ids = self._turn_ids(question, None, 0)
@@ -166,7 +177,7 @@ class VLMChat:
         for q, a in reversed(list(history)):
             if len(q) + len(a) > max_chars:
                 break
-            q, a = neutralise_placeholder(q), neutralise_placeholder(a)
+            q, a = neutralise_placeholder(q, self.generation), neutralise_placeholder(a, self.generation)
             plain = self._turn_ids(q, a, 0)
             opening = self._turn_ids(q, a, n_images) if n_images else plain
             if used + len(opening) > budget:
@@ -190,7 +201,7 @@ class VLMChat:
     def _turn_ids(self, question: str, answer: Optional[str], n_images: int) -> list[int]:
         """One turn (led by n_images placeholders) rendered by the chat template; each turn starts with a special
         token, so turns tokenised one by one join into exactly the ids of the whole conversation tokenised at once."""
-        content = f"{IMAGE_SPECIAL_TOKEN}\n" * n_images + question
+        content = f"{image_placeholder(self.generation)}\n" * n_images + question
         messages = [{"role": "user", "content": content}]
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
@@ -202,7 +213,7 @@ class VLMChat:
         if len(ids) > budget and question:
             marker = "\x00"  # split the rendered turn around the question to cut only the question's tokens
             text = render_chat(self.tokenizer, [{"role": "user", "content": (
-                f"{IMAGE_SPECIAL_TOKEN}\n" * n_images) + marker}])
+                f"{image_placeholder(self.generation)}\n" * n_images) + marker}])
             head, tail = (encode(self.tokenizer, part) for part in text.split(marker, 1))
             keep = max(budget - len(head) - len(tail), 0)
             body = encode(self.tokenizer, question)
@@ -212,11 +223,15 @@ class VLMChat:
 
     def _check_spans(self, ids: list[int], n_images: int) -> None:
         image_ids = self.model.config.image_ids
-        if image_ids is not None and count_span_openings(ids, image_ids) != n_images:
+        if self.generation == "3v" and image_ids is not None:  # runs of the one placeholder id, each a whole image
+            runs = [len(list(run)) for token, run in itertools.groupby(ids) if token == image_ids[0]]
+            if len(runs) != n_images or any(n != self.model.config.image_tokens for n in runs):
+                raise ValueError("the prompt holds a forged or broken image placeholder run")
+        elif image_ids is not None and count_span_openings(ids, image_ids) != n_images:
             raise ValueError("the prompt holds a forged or broken image placeholder span")
 
     def image_features(self, images: Images) -> Optional[torch.Tensor]:
-        """Features [n, 50, hidden] of one image or a sequence of them (None when there is none)."""
+        """Features [n, 50 (v1) or 64 (3v), hidden] of one image or a sequence of them (None when there is none)."""
         images = as_image_list(images)
         if not images:
             return None
