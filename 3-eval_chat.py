@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from checkpoints.vision_pairing import add_encoder_mismatch_arg
-from evaluation.jobs import BenchmarkOptions, benchmark_job, check_benchmark, default_result_path, held_out_job
+from evaluation.jobs import (BenchmarkInputs, BenchmarkOptions, benchmark_job, check_benchmark, default_result_path,
+                             held_out_job)
 from inference.chat import DEFAULT_QUESTION, V3_ANSWER_DEFAULTS, GenerationSettings, VLMChat
 from inference.console import answer_images, choose_checkpoint, load_chat
 from inference.cpu.prepare import add_cpu_inference_args
@@ -178,7 +179,9 @@ def prepare_cpu(chat: VLMChat, args: argparse.Namespace) -> bool:
     return True
 
 
-def run_job(chat: VLMChat, args: argparse.Namespace, ckpt: str, bench, weights_sha256: Optional[str]) -> int:
+def run_job(chat: VLMChat, args: argparse.Namespace, ckpt: str, bench: Optional[BenchmarkInputs],
+            weights_sha256: Optional[str]) -> int:
+    """The job args.job names, on the loaded model; its exit code."""
     if args.job == BENCHMARK:
         options = BenchmarkOptions(args.bench_out or default_result_path(args.out_dir, bench.spec, ckpt),
                                    args.eval_limit, args.bench_batch_size)
