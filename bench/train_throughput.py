@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +55,7 @@ from model.vision import load_vision_encoder  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 from trainer.config import model_size  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
+from trainer.compile_step import CompileCounts, compiler_problem  # noqa: E402
 from trainer.step import StepContext, apply_freeze, autocast_for, lr_at, new_train_state, train_step  # noqa: E402
 
 
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=0)
     a("--preload", action="store_true", help="collate every batch before timing (model throughput only)")
     # machine
-    a("--compile", action="store_true", help="torch.compile the model (the trainer's --compile)")
+    a("--compile", action="store_true",
+      help="time the trainer's --compile step against eager in this one run: after --warmup steps of each (the "
+           "compiled ones compile, timed apart), the two take turns on the same batches")
     a("--fused_adamw", action="store_true",
       help="AdamW(fused=True) on CPU too (the trainer fuses on CUDA only): measures that suggested change")
     a("--find_max_batch", action="store_true",
@@ -110,7 +114,10 @@ class Bench:
         self.model = MiniMindVLM(self.config)
         apply_freeze(self.model, 0)
         self.model.to(self.device).train()
-        self.train_model = torch.compile(self.model) if args.compile else self.model
+        if args.compile and self.device.type == "cpu" and compiler_problem():
+            sys.exit(f"--compile: {compiler_problem()}")
+        self.train_model = self.model
+        self.compiled_model = torch.compile(self.model) if args.compile else None
         autocast, _ = autocast_for(self.device, args.dtype, cpu_bf16=self.dtype == torch.bfloat16)
         self.ctx = StepContext(self.encoder, self.device, autocast, accumulation_steps=1, grad_clip=1.0)
         self.datasets: dict[str, VLMDataset] = {}
@@ -190,6 +197,61 @@ class Bench:
                 "mean_len": acc["tokens"] / max(acc["samples"], 1),
                 "supervised_per_sample": acc["supervised"] / max(acc["samples"], 1),
                 "data_wait_pct": 100 * acc["wait"] / elapsed, "loss": m.loss, "peak_mem_mb": peak_memory_mb(dev)}
+
+
+    def run_turns(self, stage: str, setting: str, batch: int, steps: int, warmup: int) -> list[dict[str, Any]]:
+        """Eager and compiled steps on the same preloaded batches, taking turns (who goes first alternates):
+        --warmup steps of each first (the compiled ones compile: that time is reported apart), then `steps` each."""
+        cached, pad_max = setting.startswith("cached"), setting.endswith("_max")
+        data = list(self.loader(stage, batch, steps + 2 * warmup, cached, pad_max, setting.endswith("_grouped")))
+        state = new_train_state(self.model, self.device, torch.float32, lr=4e-4, fused=self.args.fused_adamw)
+        runs = {"eager": (self.model, self.ctx), "compiled": (self.compiled_model, replace(self.ctx, compiled=True))}
+        took = {name: 0.0 for name in runs}
+        start = CompileCounts.now()
+        for name, (model, ctx) in runs.items():  # eager's warm-up on other batches: the same shapes' count
+            for b in data[:warmup] if name == "eager" else data[warmup:2 * warmup]:
+                t0 = time.perf_counter()
+                train_step(model, [b], state, 4e-4, ctx)
+                took[name] += time.perf_counter() - t0
+        warm = CompileCounts.now().since(start)
+        timed = {name: 0.0 for name in runs}
+        for i, b in enumerate(data[2 * warmup:]):
+            for name in (("eager", "compiled") if i % 2 == 0 else ("compiled", "eager")):
+                model, ctx = runs[name]
+                sync(self.device)
+                t0 = time.perf_counter()
+                m = train_step(model, [b], state, 4e-4, ctx)
+                sync(self.device)
+                timed[name] += time.perf_counter() - t0
+                if m.non_finite:
+                    raise FloatingPointError(f"non-finite loss {m.loss} ({name})")
+        after = CompileCounts.now().since(start)
+        tokens = sum(b.n_tokens for b in data[2 * warmup:])
+        padded = sum(b.input_ids.numel() for b in data[2 * warmup:])
+        return [{"stage": stage, "setting": setting, "mode": name, "batch_size": batch, "steps": len(data) - 2 * warmup,
+                 "step_ms": 1000 * timed[name] / (len(data) - 2 * warmup),
+                 "warmup_s": took[name], "compile_s": took[name] - warmup * timed[name] / (len(data) - 2 * warmup)
+                 if name == "compiled" else 0.0, "graphs": warm.graphs, "graph_breaks": warm.graph_breaks,
+                 "recompiles_while_timed": after.graphs - warm.graphs,
+                 "useful_tokens_per_s": tokens / timed[name], "pad_fraction": 1 - tokens / max(padded, 1)}
+                for name in runs]
+
+
+def time_turns(bench: Bench, args: argparse.Namespace, batch: int) -> list[dict[str, Any]]:
+    """--compile: eager against compiled per stage and setting, in turns; prints each pair and the speed-up."""
+    runs = []
+    for stage in [s for s in args.stages.split(",") if s]:
+        for setting in [s for s in args.settings.split(",") if s]:
+            torch._dynamo.reset()  # each stage compiles anew, as each training run does
+            eager, compiled = bench.run_turns(stage, setting, batch, args.steps, args.warmup)
+            compiled["speedup"] = eager["step_ms"] / compiled["step_ms"]
+            runs += [eager, compiled]
+            c = compiled
+            print(f"{stage:8s} {setting:10s} batch {batch}: eager {eager['step_ms']:.1f} ms/step, compiled "
+                  f"{c['step_ms']:.1f} ms/step ({c['speedup']:.2f}x) | compile {c['compile_s']:.1f} s | "
+                  f"{c['graphs']} graph(s), {c['graph_breaks']} break(s), {c['recompiles_while_timed']} recompile(s) "
+                  f"while timed | pad {100 * eager['pad_fraction']:.0f}%", flush=True)
+    return runs
 
 
 def is_oom(e: BaseException) -> bool:
@@ -291,6 +353,23 @@ def table(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> tup
     return header, rows, notes
 
 
+def report_turns(args: argparse.Namespace, bench: Bench, info: dict[str, Any], runs: list[dict[str, Any]]) -> dict:
+    """--compile's table: eager and compiled step times of one run, the compile time apart."""
+    header = ["stage", "features", "batch", "eager ms/step", "compiled ms/step", "compiled / eager speed",
+              "compile s", "graphs", "graph breaks", "recompiles while timed", "padding share"]
+    pairs = list(zip(runs[::2], runs[1::2]))
+    rows = [[e["stage"], "online" if e["setting"].startswith("online") else "cached", e["batch_size"], e["step_ms"],
+             c["step_ms"], f"{c['speedup']:.2f}x", c["compile_s"], c["graphs"], c["graph_breaks"],
+             c["recompiles_while_timed"], f"{100 * e['pad_fraction']:.0f}%"] for e, c in pairs]
+    notes = (f"{args.dtype}, model {args.dim}/{args.n_layers}; eager and compiled took turns on the same batches "
+             f"({args.steps} each, after {args.warmup} warm-up steps each; compile s = the compiled warm-up less "
+             f"that many steady steps); batch-longest padding, sizes marked dynamic (no padding added).")
+    result = {"name": args.name or f"train --compile {args.dim}/{args.n_layers} {args.dtype}",
+              "speedups": {f"{e['stage']}/{e['setting']}": c["speedup"] for e, c in pairs}, "dtype": args.dtype,
+              "model": f"{args.dim}/{args.n_layers}", **info, "command": command_line(), "runs": runs}
+    return report(args.results, info, bench_title(bench.device), header, rows, notes, result)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = start(build_parser(), argv)
     bench = Bench(args)
@@ -301,6 +380,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           f"| {args.dtype} | measured matmul peak {measured_peak / 1e9:,.0f} GFLOP/s | clip {args.clip_path} "
           f"({bench.encoder_layers} layers)", flush=True)
     batch = largest_batch(bench, args.batch_size, args.max_batch) if args.find_max_batch else args.batch_size
+    if args.compile:
+        return report_turns(args, bench, info, time_turns(bench, args, batch))
     runs, batch = time_settings(bench, args, batch)
     # the peak again at the end, best-of both: load from other processes only ever lowers it
     measured_peak = max(measured_peak, matmul_peak_flops(dev, bench.dtype, args.peak_n))
