@@ -98,6 +98,9 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
     kernel = kernel_name(kernel)
     if kernel not in ACCEPTED:
         raise ValueError(f"unknown CPU kernel {kernel!r}; choose from {', '.join(CHOICES)}")
+    if kernel == "int8":  # its own checks: on the CPU, fp32, not converted already
+        quantize_int8(model)
+        return KernelChoice("int8", "decoder linears quantised to int8; answers may differ slightly from fp32")
     not_applicable = _not_applicable(model)
     if not_applicable is not None:
         if kernel in ("auto", "default"):
@@ -109,9 +112,6 @@ def choose_cpu_kernel(model: nn.Module, kernel: str = "auto") -> KernelChoice:
         return auto_choice(model)
     if kernel == "compiled":
         return compiled_choice(model)
-    if kernel == "int8":
-        quantize_int8(model)
-        return KernelChoice("int8", "decoder linears quantised to int8; answers may differ slightly from fp32")
     eager = "onednn_bf16" if kernel == "bf16" else kernel
     missing = unavailable_reason(eager)
     if missing is not None:
