@@ -4,6 +4,7 @@ models (tests/fixtures/v3_parity, see its README) against this network, loaded t
 files, which raise if imported)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from safetensors.torch import load_file
 
 from checkpoints.checkpoint import load_model, read_checkpoint
 from checkpoints.tokenizer import image_pad_id, load_tokenizer, render_chat
-from model.config import V3_YARN
-from model.decoder import rope_tables
+from model.config import V3_YARN, LMConfig
+from model.decoder import count_parameters, rope_tables
 from model.vision import load_vision_encoder
+from model.vlm import MiniMindVLM
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
 SOURCES = {"dense": ("dense/sft_vlm_64.pth", "hf/minimind-3v"), "moe": ("moe/sft_vlm_64_moe.pth", "hf/minimind-3v-moe")}
@@ -164,9 +166,22 @@ def test_config_read_from_the_checkpoint(variant):
     pth, hf = (read_checkpoint(str(FIXTURES / p)) for p in SOURCES[variant])
     for ckpt in (pth, hf):
         assert ckpt.stored["generation"] == "3v"
-    config, _ = load_model(str(FIXTURES / SOURCES[variant][0])).config, None
+    config = load_model(str(FIXTURES / SOURCES[variant][0])).config
     assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads) == (64, 2, 4, 2)
     assert (config.ffn_hidden_dim, config.norm_eps, config.rope_theta, config.use_moe) == \
         (256, 1e-6, 1e6, variant == "moe")
     if variant == "moe":
         assert (config.n_routed_experts, config.num_experts_per_tok, config.n_shared_experts) == (4, 1, None)
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    model = load_model(str(FIXTURES / SOURCES[variant][0]))
+    assert count_parameters(model) == manifest["variants"][variant]["params_excluding_vision"]
+
+
+@pytest.mark.parametrize("moe, expected", [(False, 65_094_912), (True, 199_599_360)])
+def test_published_sizes(moe, expected):
+    """minimind-3v (65M) and minimind-3v-moe (200M-A65M) at 768 hidden, 8 layers, as upstream counts them (the tied
+    embedding once, no vision tower)."""
+    with torch.device("meta"):
+        model = MiniMindVLM(LMConfig.for_generation("3v", dim=768, n_layers=8, use_moe=moe))
+    assert model.config.ffn_hidden_dim == 2432
+    assert count_parameters(model) == expected
