@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import Dataset
 
-from checkpoints.tokenizer import count_span_openings, image_token_ids
+from checkpoints.tokenizer import count_span_openings, image_pad_id, image_token_ids
 from model.vision import ImagePreprocessor
 from model.vlm import find_image_spans
 from data_pipeline.image_decode import ImageError
@@ -25,6 +25,7 @@ from .parquet import read_parquet_records
 from .records import (MAX_RECORD_CHARS, DataError, SkipCounter, check_record_size, count_image_tags,
                       read_records, record_id, record_image_names, record_to_messages)
 from .tokens import IGNORE_INDEX, Sample, fit_to_length, tokenize_conversation, with_placeholders
+from .v3_tokens import fit_v3, image_runs, keeps_empty_think, tokenize_v3, v3_messages
 
 
 class VLMDataset(Dataset):
@@ -33,14 +34,17 @@ class VLMDataset(Dataset):
 
     def __init__(self, data_path: str, images_path: str, tokenizer, max_seq_len: int, *, image_prefix: str = "",
                  multi_turn: bool = False, strict: bool = False, preprocess: Optional[ImagePreprocessor] = None,
-                 feature_store=None, skip_text_only: bool = False, pack_same_image: int = 1):
+                 feature_store=None, skip_text_only: bool = False, pack_same_image: int = 1,
+                 generation: str = "v1"):
         self.skips = SkipCounter(strict=strict, source=data_path)
         self.preprocess = preprocess or ImagePreprocessor()
         self.feature_store = feature_store
         self.samples: list[Sample] = []
         self.max_seq_len = max_seq_len
         self.multi_turn, self.skip_text_only = multi_turn, skip_text_only
-        self.image_ids = torch.tensor(image_token_ids(tokenizer))
+        # 3v (v3_tokens.py): upstream's template, labels and 64-token runs of one id; every turn is kept
+        self.generation = generation
+        self.image_ids = torch.tensor(image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer))
         images_root = os.path.realpath(images_path)
         for rid, record, images in _records_with_images(data_path, images_path, images_root, image_prefix):
             try:
@@ -54,6 +58,8 @@ class VLMDataset(Dataset):
 
     def _sample(self, tokenizer, rid: str, record: Any, images: list[ImageRef]) -> Sample:
         """The record as a sample; ValueError with the reason it cannot be one."""
+        if self.generation == "3v":
+            return self._sample_v3(tokenizer, rid, record, images)
         messages = record_to_messages(record, self.multi_turn)
         check_record_size(messages)  # before the placeholders are written in and tokenised
         n_tags = count_image_tags(messages)
@@ -69,6 +75,20 @@ class VLMDataset(Dataset):
                              "an image span")
         ids, labels = fit_to_length(ids, labels, self.image_ids, self.max_seq_len)
         return Sample(rid, images, ids, labels)
+
+    def _sample_v3(self, tokenizer, rid: str, record: Any, images: list[ImageRef]) -> Sample:
+        """A 3v record as upstream tokenises it. Images beyond the `<image>` tags are not used (upstream's text-only
+        rows carry an 8x8 black image), as are those whose runs max_seq_len cuts away."""
+        messages = v3_messages(record)
+        check_record_size(messages)
+        n_tags = count_image_tags(messages)
+        if n_tags > len(images):
+            raise ValueError(f"image count mismatch: {n_tags} <image> tag(s) but {len(images)} image(s)")
+        if n_tags == 0 and self.skip_text_only:
+            raise ValueError("text-only record (skipped under --skip_text_only)")
+        ids, labels = tokenize_v3(tokenizer, messages, keeps_empty_think(rid))
+        ids, labels, used = fit_v3(ids, labels, int(self.image_ids[0]), n_tags, self.max_seq_len)
+        return Sample(rid, images[:used], ids, labels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,6 +120,8 @@ class VLMDataset(Dataset):
         """Where each of the sample's image spans starts: the splice takes them from the batch (no search, no
         host sync in a compiled step). A span cut short, or a span count unlike the image count, is an error
         naming the record (fit_to_length and the placeholder check already refuse both when reading)."""
+        if self.generation == "3v":  # runs of one id; one cut short by max_seq_len is the row's last
+            return [start for start, _ in image_runs(s.input_ids, int(self.image_ids[0]))]
         try:
             _, starts = find_image_spans(torch.tensor([s.input_ids]), self.image_ids)
         except ValueError as e:

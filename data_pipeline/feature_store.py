@@ -1,7 +1,8 @@
 """Frozen-CLIP feature cache: each image is encoded once into memory-mapped fp16 shards.
 
-Layout: DIR/<encoder fingerprint>/shard_XXXXX.npy ([rows, 50, hidden] float16) + index.json
-{"version": 2, "hidden": hidden, "shards": [rows of each shard],
+Layout: DIR/<encoder fingerprint>/shard_XXXXX.npy ([rows, tokens, hidden] float16) + index.json
+{"version": 2, "hidden": hidden, "tokens": features per image (50 for CLIP, 64 for 3v's SigLIP2; an index without
+it holds 50), "shards": [rows of each shard],
  "entries": {image realpath: [shard, row, size, mtime_ns]} for image files, {"blake2b:<content hash>": [shard, row,
  0, 0]} for images stored in parquet data, "failed": {image: why it did not decode}}.
 The fingerprint covers the encoder weights and the preprocessing, so a change of either starts a fresh store instead
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("minimind")
 
 INDEX_VERSION = 2
-TOKENS = 50  # features per image: CLIP ViT-B/32 at 224 px gives 49 patches and the class token
+TOKENS = 50  # features per image of an index that does not say: CLIP ViT-B/32 at 224 px, 49 patches and CLS
 LOCK_NAME = ".lock"
 PARTIAL_SUFFIX = ".partial.npy"  # a shard being written; only a killed writer leaves one behind
 
@@ -139,6 +140,9 @@ class FeatureStore:
             except CheckpointError as e:
                 raise FeatureCacheError(str(e)) from None
         self.entries, self.failed, self.shard_rows, self.hidden = self._checked_index(data)
+        self.tokens = data.get("tokens", TOKENS)
+        if not (_is_count(self.tokens) and self.tokens > 0):
+            raise self._damaged(self.index_file, "not a feature cache index ('tokens' is not a count of features)")
         self._shards = {shard_id: self._open_shard(shard_id) for shard_id in range(len(self.shard_rows))}
         for key, (shard_id, row, _, _) in self.entries.items():
             if row >= self.shard_rows[shard_id]:
@@ -177,7 +181,7 @@ class FeatureStore:
         return entries, failed, list(shard_rows), hidden
 
     def _open_shard(self, shard_id: int) -> np.ndarray:
-        """A shard memory-mapped read-only, after checking it is the float16 [rows, 50, hidden] array the index
+        """A shard memory-mapped read-only, after checking it is the float16 [rows, tokens, hidden] array the index
         names, whole; the first shard of an index that does not record them gives the rows and the width."""
         path = self._shard_path(shard_id)
         try:
@@ -189,9 +193,9 @@ class FeatureStore:
             raise self._damaged(path, f"not a .npy array of features ({first_line(e)})") from None
         rows = self.shard_rows[shard_id] if self.shard_rows[shard_id] is not None else (shape or [0])[0]
         hidden = self.hidden if self.hidden is not None else (shape[2] if len(shape) == 3 else 0)
-        expected = (rows, TOKENS, hidden)
+        expected = (rows, self.tokens, hidden)
         if dtype != np.float16 or fortran or shape != expected or rows == 0:
-            wanted = expected if hidden else "(rows, 50, hidden)"
+            wanted = expected if hidden else f"(rows, {self.tokens}, hidden)"
             raise self._damaged(path, f"holds dtype {dtype}, shape {shape}; the index expects dtype float16, shape "
                                       f"{wanted}")
         needed = offset + math.prod(shape) * dtype.itemsize
@@ -236,6 +240,9 @@ class FeatureStore:
             if self.hidden is not None and self.hidden != encoder.hidden_size:
                 raise self._damaged(self.index_file, f"holds features of width {self.hidden}, but the encoder of "
                                                      f"this fingerprint gives {encoder.hidden_size}")
+            if self.shard_rows and self.tokens != encoder.tokens:
+                raise self._damaged(self.index_file, f"holds {self.tokens} features per image, but the encoder of "
+                                                     f"this fingerprint gives {encoder.tokens}")
             todo = self.missing(paths)
             if not todo:
                 return 0
@@ -247,7 +254,8 @@ class FeatureStore:
                 real, size, mtime = _stat_key(p)
                 if real not in failed:
                     entries[real] = [shard_id, row, size, mtime]
-            self._write_index(entries, {**self.failed, **failed}, self.shard_rows + [len(todo)], encoder.hidden_size)
+            self._write_index(entries, {**self.failed, **failed}, self.shard_rows + [len(todo)], encoder.hidden_size,
+                              encoder.tokens)
             self.reload()
         return len(todo)
 
@@ -270,7 +278,7 @@ class FeatureStore:
         os.close(fd)
         try:
             out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16,
-                                            shape=(len(todo), TOKENS, encoder.hidden_size))
+                                            shape=(len(todo), encoder.tokens, encoder.hidden_size))
             failed = _encode_into(out, todo, encoder, batch_size, num_workers)
             out.flush()
             del out
@@ -284,14 +292,14 @@ class FeatureStore:
         return failed
 
     def _write_index(self, entries: dict[str, list], failed: dict[str, str], shard_rows: list[int],
-                     hidden: int) -> None:
-        data = {"version": INDEX_VERSION, "hidden": hidden, "shards": shard_rows, "entries": entries,
+                     hidden: int, tokens: int) -> None:
+        data = {"version": INDEX_VERSION, "hidden": hidden, "tokens": tokens, "shards": shard_rows, "entries": entries,
                 "failed": failed}
         encoded = json.dumps(data).encode()
         atomic_write(self.index_file, lambda f: f.write(encoded))
 
     def get(self, path: ImageRef) -> torch.Tensor:
-        """Features [50, hidden] (fp16) of an image; ImageError if it failed to decode when encoded."""
+        """Features [tokens, hidden] (fp16) of an image; ImageError if it failed to decode when encoded."""
         real = _key(path)
         if real in self.failed:
             raise ImageError(self.failed[real])
