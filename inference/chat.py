@@ -41,20 +41,22 @@ Images = Union[None, Image.Image, Sequence[Image.Image]]
 class TooManyImagesError(ValueError):
     """More images than one question can take: over MAX_IMAGES, or more spans than the model's context holds."""
 
-    def __init__(self, n_images: int, limit: int, context: Optional[int] = None):
+    def __init__(self, n_images: int, limit: int, context: Optional[int] = None, image_tokens: int = IMAGE_TOKENS):
         if context is None or limit >= MAX_IMAGES:
             reason = f"at most {MAX_IMAGES} images per question"
         else:
             reason = (f"this model's context ({context} tokens) holds at most {limit} image(s) per question, each "
-                      f"taking {IMAGE_TOKENS + 1} tokens of the prompt (and never more than {MAX_IMAGES})")
+                      f"taking {image_tokens + 1} tokens of the prompt (and never more than {MAX_IMAGES})")
         super().__init__(f"{n_images} image{' is' if n_images == 1 else 's are'} too many: {reason}")
         self.n_images, self.limit = n_images, limit
 
 
-def check_image_count(n_images: int, limit: int = MAX_IMAGES, context: Optional[int] = None) -> None:
-    """Raise TooManyImagesError when n_images is over limit (context: the model's, named in the message)."""
+def check_image_count(n_images: int, limit: int = MAX_IMAGES, context: Optional[int] = None,
+                      image_tokens: int = IMAGE_TOKENS) -> None:
+    """Raise TooManyImagesError when n_images is over limit (context: the model's, named in the message, as is
+    image_tokens: each image's placeholder, 50 for v1 and 64 for 3v, plus its newline)."""
     if n_images > limit:
-        raise TooManyImagesError(n_images, limit, context)
+        raise TooManyImagesError(n_images, limit, context, image_tokens)
 
 
 def as_image_list(images: Images) -> list[Image.Image]:
@@ -152,7 +154,7 @@ class VLMChat:
 
     def check_image_count(self, n_images: int) -> None:
         """Raise TooManyImagesError when one question cannot hold n_images (see max_images)."""
-        check_image_count(n_images, self.max_images(), self.model.config.max_seq_len)
+        check_image_count(n_images, self.max_images(), self.model.config.max_seq_len, self.model.config.image_tokens)
 
     def build_prompt(self, question: str, history: Sequence[Turn] = (), n_images: int = 1,
                      reserve: int = 0) -> list[int]:

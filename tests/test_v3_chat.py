@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from checkpoints.tokenizer import V3_TOKENIZER_ENV
 from checkpoints.vision_pairing import VisionEncoderMismatch
-from inference.chat import V3_ANSWER_DEFAULTS, V3_QUESTION, GenerationSettings, StreamStats, VLMChat
+from inference.chat import (V3_ANSWER_DEFAULTS, V3_QUESTION, GenerationSettings, StreamStats, TooManyImagesError,
+                            VLMChat)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
 VISION = str(FIXTURES / "vision")
@@ -80,3 +81,10 @@ def test_eval_chat_answers_with_a_3v_checkpoint(capsys):
     assert code == 0, out
     assert f"[Q]: {V3_QUESTION}" in out and "[A]: " in out
     assert torch.cuda.is_available() or "on cpu" in out
+
+
+def test_too_many_images_counts_a_3v_image_as_65_tokens():
+    chat = VLMChat.load(str(FIXTURES / "dense" / "sft_vlm_64.pth"), VISION, max_seq_len=150)
+    assert chat.max_images() == 1  # one run of 64 and the template fit in 150 tokens, two do not
+    with pytest.raises(TooManyImagesError, match=r"holds at most 1 image\(s\) per question, each taking 65 tokens"):
+        chat.check_image_count(2)
