@@ -17,7 +17,7 @@ ALLOWED = {
     "model": set(),
     "runtime": set(),
     "checkpoints": {"model"},
-    "hf_export": {"model"},
+    "hf_export": {"model", "checkpoints"},  # only hf_model.py and processing_minimind_v.py ship: model/ only
     "data_pipeline": {"model", "checkpoints"},
     "inference": {"model", "checkpoints", "data_pipeline", "runtime"},
     "evaluation": {"model", "checkpoints", "data_pipeline", "inference", "runtime"},
