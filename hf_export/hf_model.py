@@ -4,9 +4,15 @@ The wrapper holds the very modules `MiniMindVLM` builds (`tok_embeddings`, `laye
 `vision_proj`) directly under itself, so its state-dict keys are the v1 keys and the numerics are the native
 ones: the forward pass borrows `MiniMindVLM`'s own methods instead of re-implementing them.
 
-This file is copied verbatim into an exported model directory (see export_model.py's CODE_FILES) next to the
-model code it uses (config.py, decoder.py, feed_forward.py, vlm.py, vision.py); it therefore imports only through
-relative imports, which work both inside the `model` package and as a transformers remote-code module.
+This file is copied into an exported model directory (hf_export/files.py: `from model.X` becomes `from .X`) next
+to the network files it imports, and to nothing else of the project.
+
+Decode speed on CPU: one decode step multiplies one activation row by every weight matrix, so it is as fast as the
+product streams the weights. `from_pretrained` lays the decoder's weights out for that (stream_weights): each
+weight column-major (the [in, out] matrix contiguous, which the matrix-vector product reads faster than the
+[out, in] rows as stored on the CPUs measured; docs/export.md), and the projections that read the same input
+(wq, wk, wv; w1, w3) as column blocks of one matrix, multiplied once at inference. The parameters, their names
+and shapes, and the numerics (up to summation order) stay those of the native model.
 
 Images: pass `image_features` [N, 50, vision_dim] (CLIP encoder output before the post-layernorm, as
 model.vision computes it), or `pixel_values` [N, 3, 224, 224] when the export bundled the CLIP vision
@@ -18,6 +24,7 @@ import os
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -161,6 +168,42 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["image_features"] = self.vision_encoder().encode_pixels(pixel_values)
         return super().generate(inputs, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained, then the weights laid out for decoding (stream_weights)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).stream_weights()
+        return loaded
+
+    def stream_weights(self) -> None:
+        """Lay the decoder's weights out for fast matrix-vector products, in place (see the module docstring).
+
+        The same Parameter objects keep their names and shapes; only their memory layout changes. Call it again
+        after moving or casting the model (which gives each weight its own storage back: still correct, but no
+        longer stacked)."""
+        with torch.no_grad():
+            for module in self.layers.modules():
+                for names in (("wq", "wk", "wv"), ("w1", "w3")):
+                    linears = [getattr(module, name, None) for name in names]
+                    if all(type(lin) in (nn.Linear, StackedLinear) and lin.bias is None for lin in linears):
+                        _ColumnBlock(linears)
+            for module in list(self.layers.modules()) + [self.output]:
+                if type(module) is nn.Linear:
+                    module.weight.data = module.weight.t().contiguous().t()  # the tied embedding follows
+
+    def save_pretrained(self, *args: Any, **kwargs: Any):
+        """transformers' save_pretrained, from the weights in their plain row-major layout (safetensors stores
+        contiguous tensors; the file is the one a plain model writes), then laid out for decoding again."""
+        streamed = any(isinstance(m, StackedLinear) for m in self.layers.modules())
+        with torch.no_grad():
+            for param in self.parameters():  # each once (the tied embedding and head are one parameter)
+                param.data = param.data.contiguous()
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            if streamed:
+                self.stream_weights()
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -201,6 +244,14 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
                                       cache=cache if isinstance(cache, Cache) else None)
 
 
+# Any other method of the native classes (a helper the borrowed ones call) is borrowed as well, unless transformers
+# or this class already has the name: the forward pass stays the native one as model/ changes.
+for _native in (MiniMindVLM, MiniMindLM):
+    for _name, _member in vars(_native).items():
+        if callable(_member) and not _name.startswith("__") and not hasattr(MiniMindVLMForCausalLM, _name):
+            setattr(MiniMindVLMForCausalLM, _name, _member)
+
+
 class _TransformersCacheView:
     """A transformers Cache through the interface the native attention uses (`length`, `store`).
 
@@ -216,3 +267,54 @@ class _TransformersCacheView:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(k, v, layer)
+
+
+class _ColumnBlock:
+    """The weights of linears that read the same input as column blocks of one contiguous matrix [in, sum(out)]:
+    each linear's weight becomes a view of its columns (a StackedLinear), and at inference the first of them to see
+    an input multiplies it by the whole block once; the others take their columns of that product."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.block = torch.cat([lin.weight.t() for lin in linears], dim=1).contiguous()
+        self.widths = [lin.out_features for lin in linears]
+        self._input: Optional[tuple[torch.Tensor, int]] = None  # (input, its version), held while its outputs wait
+        self._outputs: list[Optional[torch.Tensor]] = []
+        start = 0
+        for index, lin in enumerate(linears):
+            lin.weight.data = self.block[:, start:start + lin.out_features].t()  # the same Parameter, a view now
+            lin.__class__ = StackedLinear
+            lin.__dict__["_column_block"], lin.__dict__["_block_index"] = self, index  # not a submodule
+            start += lin.out_features
+
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` is still a view of this block (moving or casting the model replaces its storage)."""
+        return weight.untyped_storage().data_ptr() == self.block.untyped_storage().data_ptr() and \
+            weight.dtype == self.block.dtype and weight.device == self.block.device
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Linear `index`'s output for x: its columns of x @ block, computed once per input (an input changed in
+        place since counts as new)."""
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if self._input is None or self._input[0] is not x or self._input[1] != version:
+            self._input = (x, version)
+            self._outputs = list(torch.matmul(x, self.block).split(self.widths, dim=-1))
+        out, self._outputs[index] = self._outputs[index], None
+        if out is None:  # asked twice for the same input: compute it again
+            self._input = None
+            return self.output(index, x)
+        if all(o is None for o in self._outputs):
+            self._input = None  # every output taken: hold nothing between steps
+        return out
+
+
+class StackedLinear(nn.Linear):
+    """An nn.Linear whose weight is a column block of a _ColumnBlock: same parameters, names and shapes. Without
+    gradients (inference) its output comes from the block's one product; with them, or once the weight no longer
+    lives in the block, it is the plain F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.__dict__.get("_column_block")
+        if block is None or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
+                or not block.holds(self.weight):
+            return F.linear(x, self.weight, self.bias)
+        return block.output(self.__dict__["_block_index"], x)

@@ -1,10 +1,12 @@
-"""The export's generate(): a transformers DynamicCache fed one token at a time, padded batches, the image at prefill."""
+"""The export's generate(): a transformers DynamicCache fed one token at a time, padded batches, the image at prefill;
+and the weights' decode layout from_pretrained gives them (hf_model.stream_weights)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import PROJECT_TOKENIZER, TOKENIZER_PATH, tiny_config
 from PIL import Image
+from safetensors import safe_open
 
 import export_model
 from checkpoints.checkpoint import save_checkpoint
@@ -221,3 +223,79 @@ def test_batched_message_lists_get_their_placeholders_as_single_conversations_do
     assert row0.tolist() == both["input_ids"][0].tolist() and nested["pixel_values"].shape[0] == 2
     with pytest.raises(ValueError, match="text row 1 holds 0 image marker"):
         processor(images=[[images[0]], [images[1]]], text=[chats[0], "a prompt without a marker"])
+
+
+# ---------------------------------------------------------------------------------------------- decode layout
+def _load(out):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+
+
+def test_loading_lays_the_weights_out_for_decoding_under_the_native_names(exported):
+    native, model, _ = exported
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert {type(m).__name__ for m in (attention.wq, attention.wk, attention.wv, ffn.w1, ffn.w3)} == {"StackedLinear"}
+    block = attention.wq.weight.untyped_storage().data_ptr()
+    assert attention.wk.weight.untyped_storage().data_ptr() == block  # wq, wk, wv: columns of one matrix
+    assert ffn.w3.weight.untyped_storage().data_ptr() == ffn.w1.weight.untyped_storage().data_ptr()
+    assert attention.wo.weight.stride() == (1, attention.wo.out_features)  # column-major
+    assert model.output.weight is model.tok_embeddings.weight and model.output.weight.stride()[0] == 1
+    ours, theirs = model.state_dict(), native.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_stacked_projection_is_the_plain_product_and_sees_an_input_changed_in_place(exported):
+    _, model, _ = exported
+    attention = model.layers[1].attention
+    x = torch.randn(2, 3, model.config.dim)
+    with torch.no_grad():
+        for lin in (attention.wq, attention.wk, attention.wv):
+            assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight), atol=1e-6)
+        attention.wq(x)
+        x.mul_(2)  # the block must not hand out products of the old values
+        assert torch.allclose(attention.wk(x), torch.nn.functional.linear(x, attention.wk.weight), atol=1e-6)
+
+
+def test_training_through_the_loaded_export_reaches_every_projection(exported):
+    native, model, _ = exported
+    ids = torch.randint(100, 6400, (2, 10), generator=torch.Generator().manual_seed(3))
+    for m in (native, model):
+        m.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()
+    try:
+        for name in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight"):
+            ours, theirs = model.get_parameter(name).grad, native.get_parameter(name).grad
+            assert ours is not None and torch.allclose(ours, theirs, atol=1e-6), name
+    finally:
+        model.zero_grad(set_to_none=True)
+        native.zero_grad(set_to_none=True)
+
+
+def test_a_cast_model_falls_back_to_plain_products_and_can_be_laid_out_again(exported):
+    native, _, out = exported
+    model = _load(out).double()
+    ids = torch.randint(100, 6400, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = native.double()(ids).logits
+        native.float()
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-9)
+        wq = model.layers[0].attention.wq
+        assert not wq.__dict__["_column_block"].holds(wq.weight)
+        model.stream_weights()
+        assert wq.__dict__["_column_block"].holds(wq.weight)
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-9)
+
+
+def test_save_pretrained_of_a_loaded_export_round_trips(exported, tmp_path):
+    native, model, out = exported
+    model.save_pretrained(tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as saved, \
+            safe_open(str(out / "model.safetensors"), "pt") as original:
+        assert sorted(saved.keys()) == sorted(original.keys())
+    assert type(model.layers[0].attention.wq).__name__ == "StackedLinear"  # laid out again after saving
+    assert model.layers[0].attention.wq.__dict__["_column_block"].holds(model.layers[0].attention.wq.weight)
+    ids = torch.randint(100, 6400, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(_load(tmp_path / "again")(input_ids=ids).logits, native(ids).logits, atol=1e-5)
