@@ -202,14 +202,17 @@ def v1_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: nn.Module, path: PathLike, tokenizer: Optional[dict[str, str]] = None,
-                    vision_encoder: Optional[dict[str, str]] = None) -> None:
-    """Write the v1-layout weights and the config sidecar, both atomically.
+                    vision_encoder: Optional[dict[str, str]] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Write the v1-layout weights and the config sidecar, both atomically; `dtype` casts the floating-point
+    weights (3v's trainer writes float16, as upstream's), None keeps theirs.
 
     `tokenizer` is the record of the tokenizer the weights go with (checkpoints.tokenizer.tokenizer_record), and
     `vision_encoder` that of the encoder their projection was fitted to (checkpoints.vision_pairing.encoder_record)."""
     config = unwrap(model).config
     v3 = getattr(config, "generation", "v1") == "3v"  # 3v: upstream key names, every 3v default spelled out
     sd = to_upstream(v1_state_dict(model)) if v3 else v1_state_dict(model)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     atomic_write(path, lambda f: torch.save(sd, f))
     fields = config.to_diff_dict() | {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
                                       "dim": config.dim, "n_layers": config.n_layers}

@@ -159,7 +159,9 @@ def infer_v3_fields(sd: dict[str, torch.Tensor], stored: dict[str, Any]) -> dict
     w1 = "layers.0.feed_forward.experts.0.w1.weight" if experts else "layers.0.feed_forward.w1.weight"
     fields = {**V3_DEFAULTS, **stored, "generation": "3v", "dim": dim, "vocab_size": vocab_size,
               "n_layers": len(layers), "n_heads": n_heads, "n_kv_heads": n_kv_heads, "use_moe": bool(experts),
-              "hidden_dim": shape(w1)[0], "vision_dim": shape("vision_proj.vision_proj.1.weight")[1]}
+              "hidden_dim": shape(w1)[0]}
+    if "vision_proj.vision_proj.1.weight" in sd:  # a text-only LLM (upstream's llm_768.pth) has no projection yet
+        fields["vision_dim"] = shape("vision_proj.vision_proj.1.weight")[1]
     if experts:
         fields["n_routed_experts"] = len(experts)
     fields.setdefault("image_ids", None)

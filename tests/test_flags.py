@@ -53,7 +53,7 @@ def test_per_stage_defaults_and_v1_spellings():
     assert (args.ddp, args.local_rank, args.epochs, args.use_wandb) == (True, 1, 2, True)
     assert build_parser(SFT).parse_args(["--local-rank=3"]).local_rank == 3
     with pytest.raises(SystemExit):
-        build_parser(SFT).parse_args(["--freeze_llm", "3"])  # choices come from the declaration
+        build_parser(SFT).parse_args(["--freeze_llm", "4"])  # choices come from the declaration
 
 
 def test_minimums_are_declared_on_the_fields():

@@ -14,14 +14,14 @@ from data_pipeline.dataset import Batch, VLMDataset, collate
 from data_pipeline.feature_store import FeatureStore
 from data_pipeline.records import DataError
 from data_pipeline.samplers import LengthGroupedSampler, ResumableSampler
-from checkpoints.checkpoint import Checkpoint, load_weights, read_checkpoint
+from checkpoints.checkpoint import Checkpoint, config_from_checkpoint, load_weights, read_checkpoint
 from model.config import LMConfig
 from checkpoints.config_inference import has_projection_bias
-from checkpoints.tokenizer import image_token_ids
+from checkpoints.tokenizer import image_pad_id, image_token_ids
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
 
-from .config import RunConfig, Stage, checkpoint_stem, model_size
+from .config import ConfigError, RunConfig, Stage, checkpoint_stem, model_size
 from .distributed import Distributed
 from .step import apply_freeze
 from .validation import Validator
@@ -33,11 +33,32 @@ def start_checkpoint(args: RunConfig, stage: Stage) -> Optional[Checkpoint]:
     """The checkpoint this stage starts from (file or model directory), or None with --from_scratch."""
     if args.from_scratch:
         return None
-    init_path = args.init or os.path.join(args.out_dir, f"{checkpoint_stem(args)}{stage.init_suffix}.pth")
+    name = f"{stage.v3_init}_{checkpoint_stem(args)}.pth" if args.generation == "3v" else \
+        f"{checkpoint_stem(args)}{stage.init_suffix}.pth"  # 3v: upstream's names (llm_768.pth, pretrain_vlm_768.pth)
+    init_path = args.init or os.path.join(args.out_dir, name)
     if not os.path.exists(init_path):
         raise FileNotFoundError(f"start checkpoint not found: {init_path}. {stage.init_hint}, pass --init PATH, "
                                 f"or --from_scratch to start from random weights")
     return read_checkpoint(init_path)
+
+
+def resolve_generation(args: RunConfig, stage: Stage) -> tuple[RunConfig, Optional[Checkpoint]]:
+    """(the run's flags as its generation runs them, its start checkpoint). The generation is --generation, else
+    the start checkpoint's, else v1; a start checkpoint of the other generation is refused in one line. A 3v run
+    takes its size, where no size flag says, from the start checkpoint (RunConfig.for_generation)."""
+    told = args.generation
+    init = start_checkpoint(args.for_generation(stage, "3v") if told == "3v" else args, stage)
+    found = init.stored.get("generation", "v1") if init is not None else None
+    if told and found and told != found:
+        raise ConfigError(f"--generation {told}, but the start checkpoint {init.path} is a "
+                          f"{'minimind-3v' if found == '3v' else 'v1'} checkpoint")
+    generation = told or found or "v1"
+    size = None
+    if generation == "3v" and init is not None:
+        config, _ = config_from_checkpoint(init)
+        size = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+                "n_kv_heads": config.n_kv_heads, "use_moe": config.use_moe}
+    return args.for_generation(stage, generation, size), init
 
 
 def build_model(args: RunConfig, stage: Stage, tokenizer, encoder: VisionEncoder,
@@ -45,8 +66,13 @@ def build_model(args: RunConfig, stage: Stage, tokenizer, encoder: VisionEncoder
     """The model at its starting weights (`init`, the stage's start checkpoint, unless --from_scratch), frozen per
     policy."""
     init_sd = init.state_dict if init is not None else None
-    config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=encoder.hidden_size,
-                      vision_proj_bias=bool(init_sd is not None and has_projection_bias(init_sd)))
+    if args.generation == "3v":  # the RoPE tables keep 3v's length (a checkpoint's sidecar records it for chat)
+        size = model_size(args) | {"max_seq_len": max(args.max_seq_len, 2048)}
+        config = LMConfig.for_generation("3v", **size, image_ids=image_pad_id(tokenizer),
+                                         vision_dim=encoder.hidden_size)
+    else:
+        config = LMConfig(**model_size(args), image_ids=image_token_ids(tokenizer), vision_dim=encoder.hidden_size,
+                          vision_proj_bias=bool(init_sd is not None and has_projection_bias(init_sd)))
     model = MiniMindVLM(config)
     if init is not None:
         report = load_weights(model, init_sd, source=init.path, allow_new_projection=stage.allow_new_projection)
@@ -79,7 +105,7 @@ def build_data(args: RunConfig, tokenizer, encoder: VisionEncoder, dist: Distrib
     dataset = VLMDataset(args.data_path, args.images_path, tokenizer, args.max_seq_len,
                          image_prefix=args.image_prefix, multi_turn=args.multi_turn, strict=args.strict_data,
                          preprocess=encoder.preprocess, feature_store=store, skip_text_only=args.skip_text_only,
-                         pack_same_image=args.pack_same_image)
+                         pack_same_image=args.pack_same_image, generation=args.generation)
     packed = sum(s.segment_ids is not None for s in dataset.samples)
     log.info("%s: %d samples%s; %s", args.data_path, len(dataset),
              f" ({packed} of them packed rows of up to {args.pack_same_image} questions on one image)"
@@ -116,7 +142,8 @@ def build_validator(args: RunConfig, tokenizer, encoder: VisionEncoder, dist: Di
         return None
     dataset = VLMDataset(args.val_data, args.val_images_path or args.images_path, tokenizer, args.max_seq_len,
                          image_prefix=args.image_prefix, multi_turn=args.multi_turn, strict=False,
-                         preprocess=encoder.preprocess, feature_store=store, skip_text_only=args.skip_text_only)
+                         preprocess=encoder.preprocess, feature_store=store, skip_text_only=args.skip_text_only,
+                         generation=args.generation)
     log.info("validation %s: %d samples (%d scored for accuracy); %s", args.val_data, len(dataset),
              min(args.val_samples, len(dataset)), dataset.skips.summary())
     if len(dataset) == 0:

@@ -33,16 +33,67 @@ class Stage:
     init_suffix: str  # the checkpoint this stage starts from: out/{dim}{_moe}{init_suffix}.pth
     allow_new_projection: bool  # the LLM-only checkpoint has no projection yet
     init_hint: str  # how to get the start checkpoint when it is missing
+    v3_name: str = ""  # 3v: upstream's file names, out/{v3_name}_{dim}{_moe}.pth, started from out/{v3_init}_...
+    v3_init: str = ""
 
 
 PRETRAIN = Stage(name="pretrain", data_path="./dataset/LLaVA-Pretrain/chat-translated.json",
                  images_path="./dataset/pretrain_images", image_prefix="", learning_rate=4e-4, log_interval=10,
                  init_suffix="_llm", allow_new_projection=True,
-                 init_hint="download the MiniMind LLM weights with `python scripts/download.py --what llm`")
+                 init_hint="download the MiniMind LLM weights with `python scripts/download.py --what llm`",
+                 v3_name="pretrain_vlm", v3_init="llm")
 SFT = Stage(name="sft", data_path="./dataset/LLaVA-Instruct/llava_instruct_230k.json",
             images_path="./dataset/sft_images", image_prefix="COCO_train2014_", learning_rate=1e-6,
             log_interval=100, init_suffix="_vlm_pretrain", allow_new_projection=False,
-            init_hint="run 1-pretrain_vlm.py first")
+            init_hint="run 1-pretrain_vlm.py first", v3_name="sft_vlm", v3_init="pretrain_vlm")
+
+V3_TOWER_PATH = "model/siglip2-base-p32-256-ve"  # upstream's SigLIP2 tower directory
+# 3v's defaults (upstream's trainer/train_{pretrain,sft}_vlm.py), used where a flag is left at its default. The
+# freezing policies map to upstream's --freeze_llm 2 (pretrain: the projection only) and 1 (SFT: the projection
+# and the first and last LLM blocks); AdamW's weight decay is torch's default, 0.01.
+V3_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"learning_rate": 4e-4, "batch_size": 16, "max_seq_len": 450, "freeze_llm": 1,
+                 "data_path": "./dataset/pretrain_i2t.parquet"},
+    "sft": {"learning_rate": 5e-6, "batch_size": 4, "max_seq_len": 768, "freeze_llm": 3,
+            "data_path": "./dataset/sft_i2t.parquet"},
+}
+V3_COMMON_DEFAULTS: dict[str, Any] = {"epochs": 2, "log_interval": 100, "weight_decay": 0.01,
+                                      "clip_path": V3_TOWER_PATH}
+V3_SIZE_DEFAULTS: dict[str, Any] = {"dim": 768, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4}
+V3_DEFAULTED = {*V3_STAGE_DEFAULTS["pretrain"], *V3_COMMON_DEFAULTS, *V3_SIZE_DEFAULTS, "preset"}
+
+
+class _Defaulted:
+    """A flag value that is the flag's declared default (not given on the command line): 3v's defaults replace it."""
+
+
+class _DefaultInt(int, _Defaulted):
+    pass
+
+
+class _DefaultFloat(float, _Defaulted):
+    pass
+
+
+class _DefaultStr(str, _Defaulted):
+    pass
+
+
+_DEFAULT_TYPES = {int: _DefaultInt, float: _DefaultFloat, str: _DefaultStr}
+
+
+def defaulted(value: Any) -> Any:
+    """`value` marked as a default (None and other types are left as they are)."""
+    return _DEFAULT_TYPES[type(value)](value) if type(value) in _DEFAULT_TYPES else value
+
+
+def is_default(value: Any) -> bool:
+    return isinstance(value, _Defaulted)
+
+
+def plain(value: Any) -> Any:
+    """`value` without the default mark."""
+    return next(t for t in _DEFAULT_TYPES if isinstance(value, t))(value) if is_default(value) else value
 
 
 class ConfigError(ValueError):
@@ -141,16 +192,22 @@ class RunConfig:
     # training
     optimizer: str = flag("adamw", choices=["adamw", "adam"], doc="the optimizer")
     weight_decay: float = flag(0.0, doc="the optimizer's weight decay")
-    freeze_llm: int = flag(0, "0: train projection + LLM (v1); 1: projection only; 2: projection + last LLM block",
-                           choices=[0, 1, 2])
+    freeze_llm: int = flag(0, "0: train projection + LLM (v1); 1: projection only (3v pretrain); 2: projection + "
+                              "last LLM block; 3: projection + first and last LLM blocks (3v SFT)",
+                           choices=[0, 1, 2, 3])
     max_steps: Optional[int] = flag(
         None, "stop after this many optimizer steps in total (each is --accumulation_steps micro-batches)",
         minimum=1)
     seed: int = flag(1337, doc="the random seed (new weights, data order)")
     nan_policy: str = flag("stop", "a non-finite loss stops the run after saving (stop) or skips that step (skip)",
                            choices=["stop", "skip"])
-    compile: bool = flag(False, "torch.compile the model")
+    compile: bool = flag(False, "torch.compile the training step: one graph per stage, no graph break (dense); on "
+                                "CPU it needs a working C++ compiler, else the run trains eager and says so")
     cpu_bf16: bool = flag(False, "bf16 autocast on CPU")
+    generation: Optional[str] = flag(
+        None, "v1 (CLIP, 50-token placeholder) or 3v (minimind-3v: SigLIP2 tower, 64 x <|image_pad|>, upstream's data "
+              "format, labels, file names and stage defaults); default: the start checkpoint's, else v1",
+        choices=["v1", "3v"])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -160,7 +217,22 @@ class RunConfig:
             raise TypeError(f"RunConfig and the flags disagree on {sorted(set(vars(args)) ^ names)}")
         check_minimums(cls, args, ConfigError)
         size = model_size(args)
-        return cls(**{**vars(args), "dim": size["dim"], "n_layers": size["n_layers"]})
+        preset = is_default(args.preset)  # a size no flag gives: 3v takes it from the start checkpoint
+        dim, n_layers = size["dim"], size["n_layers"]
+        return cls(**{**vars(args), "dim": defaulted(dim) if preset and args.dim is None else dim,
+                      "n_layers": defaulted(n_layers) if preset and args.n_layers is None else n_layers})
+
+    def for_generation(self, stage: Stage, generation: str, start_size: Optional[dict[str, Any]] = None) -> "RunConfig":
+        """This run as `generation` runs it: for 3v, each flag left at its default takes 3v's (V3_*_DEFAULTS; the
+        size from the start checkpoint, `start_size`, when there is one); every value plain."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if generation == "3v":
+            wanted = {**V3_SIZE_DEFAULTS, **(start_size or {}), **V3_COMMON_DEFAULTS, **V3_STAGE_DEFAULTS[stage.name]}
+            values |= {k: v for k, v in wanted.items() if k in values and is_default(values[k])}
+            values["use_moe"] = self.use_moe or bool((start_size or {}).get("use_moe"))
+            if self.pack_same_image > 1:
+                raise ConfigError("--pack_same_image is not supported for minimind-3v (its rows are upstream's)")
+        return RunConfig(**{k: plain(v) for k, v in values.items()} | {"generation": generation})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +263,7 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     """Every training flag (RunConfig's fields) with the stage's defaults, in the order `--help` prints them."""
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage.name} (run with torchrun for several GPUs)")
     add_flags(p, RunConfig, stage)
+    p.set_defaults(**{name: defaulted(p.get_default(name)) for name in V3_DEFAULTED})  # see RunConfig.for_generation
     return p
 
 
@@ -206,7 +279,9 @@ class RunPaths:
 
     @classmethod
     def of(cls, args: RunConfig, stage: Stage) -> "RunPaths":
-        base = os.path.join(args.out_dir, f"{checkpoint_stem(args)}_vlm_{stage.name}")
+        name = f"{stage.v3_name}_{checkpoint_stem(args)}" if args.generation == "3v" else \
+            f"{checkpoint_stem(args)}_vlm_{stage.name}"  # 3v: upstream's names (sft_vlm_768.pth)
+        base = os.path.join(args.out_dir, name)
         return cls(weights=base + ".pth", resume=base + "_resume.pth", metrics=base + "_log.jsonl",
                    run=base + "_run.json", best=base + "_best.pth")
 

@@ -27,13 +27,13 @@ from checkpoints.checkpoint import config_path_for, save_checkpoint
 from model.decoder import count_parameters
 from checkpoints.files import CheckpointError, atomic_write, remove_stale_temp_files
 from trainer.seed import seed_everything
-from checkpoints.tokenizer import TokenizerError, load_tokenizer
+from checkpoints.tokenizer import TokenizerError, load_tokenizer, v3_tokenizer_path
 from checkpoints.tokenizer_pairing import training_tokenizer
 from model.vision import load_vision_encoder
 from checkpoints.vision_pairing import stand_in_warning
-from checkpoints.vision_pairing import check_vision_encoder, encoder_record
+from checkpoints.vision_pairing import check_encoder_family, check_vision_encoder, encoder_record
 
-from .build import build_data, build_model, build_validator, open_wandb, start_checkpoint
+from .build import build_data, build_model, build_validator, open_wandb, resolve_generation
 from .compile_step import CompileCounts, compile_for_training
 from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, run_record
 from .distributed import Distributed
@@ -95,21 +95,13 @@ class Run:
     """One stage's run: the pieces built once, then `train` loops over optimizer steps."""
 
     def __init__(self, config: RunConfig, stage: Stage, dist: Distributed):
+        config, init = resolve_generation(config, stage)  # v1 or 3v, and that generation's defaults
         self.config, self.stage, self.dist = config, stage, dist
         os.makedirs(config.out_dir, exist_ok=True)
         self.paths = RunPaths.of(config, stage)
         if dist.is_main:
             self._clean_out_dir()
-        init = start_checkpoint(config, stage)
-        tokenizer_used = training_tokenizer(config.tokenizer_path, init)  # checked against the start checkpoint
-        tokenizer = load_tokenizer(tokenizer_used["path"])
-        log.info("tokenizer: %s (vocabulary %s)", tokenizer_used["path"], tokenizer_used["fingerprint"][:12])
-        self.encoder = load_vision_encoder(config.clip_path, dist.device)
-        if stand_in_warning(config.clip_path):
-            log.warning(stand_in_warning(config.clip_path))
-        encoder_used = encoder_record(self.encoder)
-        if init is not None:  # the start checkpoint's projection must have been fitted to this encoder
-            check_vision_encoder(init.vision_record, encoder_used, init.path, config.allow_encoder_mismatch)
+        tokenizer_used, tokenizer, encoder_used = self._tokenizer_and_encoder(init)
         self.model = build_model(config, stage, tokenizer, self.encoder, init).to(dist.device)
         self.data = build_data(config, tokenizer, self.encoder, dist)
         if dist.is_main:
@@ -121,6 +113,7 @@ class Run:
         self.state = new_train_state(self.model, dist.device, self.amp_dtype, config.optimizer,
                                      config.learning_rate, config.weight_decay)
         self.state.tokenizer = tokenizer_used  # recorded in every checkpoint; a resume file must match it
+        self.state.weights_dtype = torch.float16 if config.generation == "3v" else None  # 3v's .pth is fp16
         self.state.vision_encoder = encoder_used  # ... and so is the vision encoder
         self.state.order = order_record(config, dist.world, self.data.row_lengths())  # ... and this order
         if config.resume:
@@ -138,6 +131,25 @@ class Run:
         self.saved_at = -1  # the step of the last save
         self.stop = StopRequest()
         self.window = ProgressWindow()
+
+    def _tokenizer_and_encoder(self, init) -> tuple[dict[str, str], Any, dict[str, str]]:
+        """(the tokenizer's record, the tokenizer, the encoder's record), each checked against the start checkpoint
+        and the generation; the encoder is loaded into self.encoder."""
+        config = self.config
+        explicit = config.tokenizer_path or (v3_tokenizer_path() if config.generation == "3v" and init is None
+                                             else None)  # 3v from scratch: the minimind-3v tokenizer
+        tokenizer_used = training_tokenizer(explicit, init)  # checked against the start checkpoint
+        tokenizer = load_tokenizer(tokenizer_used["path"])
+        log.info("tokenizer: %s (vocabulary %s)", tokenizer_used["path"], tokenizer_used["fingerprint"][:12])
+        self.encoder = load_vision_encoder(config.clip_path, self.dist.device)
+        if stand_in_warning(config.clip_path):
+            log.warning(stand_in_warning(config.clip_path))
+        check_encoder_family(config.generation, self.encoder, init.path if init is not None else
+                             f"this run (--generation {config.generation})")
+        encoder_used = encoder_record(self.encoder)
+        if init is not None:  # the start checkpoint's projection must have been fitted to this encoder
+            check_vision_encoder(init.vision_record, encoder_used, init.path, config.allow_encoder_mismatch)
+        return tokenizer_used, tokenizer, encoder_used
 
     def _clean_out_dir(self) -> None:
         """A fresh run starts a fresh log; temp files of saves that a kill interrupted (never resumed from, only
@@ -309,7 +321,7 @@ class Run:
                 wandb_run.log(result.metrics(), step=state.step)
             if config.save_best and improved:
                 save_checkpoint(self.model, self.paths.best, tokenizer=self.state.tokenizer,
-                                vision_encoder=self.state.vision_encoder)
+                                vision_encoder=self.state.vision_encoder, dtype=self.state.weights_dtype)
                 log.info("saved %s (best so far: %s)", self.paths.best, result.line())
         self.dist.barrier()
 

@@ -147,12 +147,14 @@ class TrainState:
     vision_encoder: Optional[dict[str, str]] = None  # ... and of the vision encoder (checkpoints.vision_pairing)
     best: Optional[float] = None  # the best validation score so far (--save_best)
     order: Optional[dict[str, Any]] = None  # order_record of this run; a resume file must match it
+    weights_dtype: Optional[torch.dtype] = None  # the weight file's dtype (3v: float16, as upstream); None: kept
 
     def save(self, model: torch.nn.Module, weights_path: str, resume_path: str, dist: Distributed) -> None:
         """Write the v1-layout weights and the resume state (rank 0), with every rank's RNG states."""
         rngs = dist.gather_objects(rng_state())
         if dist.is_main:
-            save_checkpoint(model, weights_path, tokenizer=self.tokenizer, vision_encoder=self.vision_encoder)
+            save_checkpoint(model, weights_path, tokenizer=self.tokenizer, vision_encoder=self.vision_encoder,
+                            dtype=self.weights_dtype)
             save_object({"model": unwrap(model).state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                          "batches_in_epoch": self.batches_in_epoch, "nan_skips": self.nan_skips, "best": self.best,

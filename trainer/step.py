@@ -40,12 +40,15 @@ def lr_at(it: int, total: int, lr: float, warmup: int) -> float:
 
 
 def apply_freeze(model: MiniMindVLM, policy: int) -> None:
-    """0: train everything but CLIP (v1); 1: the projection only; 2: the projection and the last block."""
+    """0: train everything but CLIP (v1); 1: the projection only; 2: the projection and the last block; 3: the
+    projection and the first and last blocks (3v's SFT; embeddings, output head and final norm stay frozen)."""
     for p in model.parameters():
         p.requires_grad_(policy == 0)
     model.vision_proj.requires_grad_(True)
-    if policy == 2:
+    if policy in (2, 3):
         model.layers[-1].requires_grad_(True)
+    if policy == 3:
+        model.layers[0].requires_grad_(True)
 
 
 def autocast_for(device: torch.device, dtype: str, cpu_bf16: bool) -> tuple[Callable[[], ContextManager], torch.dtype]:

@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 
 from data_pipeline.dataset import VLMDataset, collate
 from data_pipeline.tokens import IGNORE_INDEX, Sample
+from data_pipeline.v3_tokens import EMPTY_THINK
 from data_pipeline.feature_store import batch_features
 from evaluation.exact_match import exact_match, greedy_answers
 from model.vision import VisionEncoder
@@ -88,6 +89,9 @@ class Validator:
         self.batch_size, self.autocast, self.max_scored = batch_size, autocast, max_scored
         self.loss_indices = list(range(dist.rank, len(dataset), dist.world))
         self.scored_indices = list(range(dist.rank, min(max_scored, len(dataset)), dist.world))
+        # 3v: an answer's empty think block belongs to the prompt (as in 3v's own eval prompt), not to the answer
+        generation = getattr(dataset, "generation", "v1")
+        self.think_ids = tokenizer(EMPTY_THINK, add_special_tokens=False)["input_ids"] if generation == "3v" else []
 
     @torch.no_grad()
     def run(self, model) -> ValidationResult:
@@ -136,6 +140,8 @@ class Validator:
             prompts, answers = [], []
             for j, it in good:
                 start, end = answer_span(self.dataset.samples[j])
+                if self.think_ids and it["input_ids"][start:start + len(self.think_ids)] == self.think_ids:
+                    start += len(self.think_ids)
                 prompts.append(it["input_ids"][:start])
                 answers.append(self.tokenizer.decode(it["input_ids"][start:end], skip_special_tokens=True))
                 it["input_ids"], it["labels"] = prompts[-1], it["labels"][:start]
