@@ -15,7 +15,7 @@ from typing import Optional
 
 from .files import CheckpointError, PathLike
 from .schema import recorded_candidates
-from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, VisionEncoder
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, VisionEncoder, tower_family
 
 log = logging.getLogger("minimind")
 
@@ -99,7 +99,11 @@ def clip_or_stand_in(path: str, root: str = ".") -> str:
 
 
 def stand_in_warning(path: str) -> Optional[str]:
-    """A loud line when `path` holds the untrained stand-in encoder (scripts/build_stand_in_clip.py)."""
+    """A loud line when `path` holds an untrained stand-in encoder (scripts/build_stand_in_clip.py, or
+    scripts/build_stand_in_siglip.py for 3v's SigLIP2 shape)."""
+    if is_stand_in(path) and tower_family(path) == "siglip":
+        return (f"[stand-in] {path} is a randomly initialised, untrained SigLIP2-shaped vision tower, "
+                f"not minimind-3v's SigLIP2 tower (no pretrained weights can be downloaded here)")
     if is_stand_in(path):
         return (f"[stand-in] {path} is a randomly initialised, untrained CLIP-shaped vision tower, "
                 f"not OpenAI's CLIP (no pretrained weights can be downloaded here)")

@@ -15,6 +15,13 @@ For users with internet access. Pieces (``--what``):
                   (evaluation/benchmark_specs.py) -> dataset/bench/pope/, dataset/bench/mmstar/, each with a
                   bench_source.json naming the repo and revision (``3-eval_chat.py --benchmark`` records it)
 
+With ``--generation 3v`` the pieces are minimind-3v's published files instead (V3_SOURCES: ``model`` the
+transformers directory jingyaogong/minimind-3v -> ./minimind-3v without its Python files, ``clip`` the SigLIP2
+tower jingyaogong/siglip2-base-p32-256-ve -> model/siglip2-base-p32-256-ve, ``llm`` llm_768.pth of
+jingyaogong/minimind-3v-pytorch -> out/llm_768.pth, ``tokenizer`` -> model/minimind_3v_tokenizer, ``dataset`` the
+two parquet files -> dataset/, ``eval_images`` the dataset repo's eval_images/ at its main branch); ``bench`` is
+the same. The repo names are upstream's README's; which files each repo holds is not settled by upstream's code.
+
 ``all`` is everything except ``model`` and ``bench``. The dataset repo is pinned to the v1 snapshot (``--revision`` to
 change it): its main branch later dropped the v1 files. Downloads show progress bars, and an interrupted one
 resumes where it stopped when the command is run again: a single file is fetched into ``<file>.<etag>.part``
@@ -32,7 +39,7 @@ environment variable when set (e.g. ``HF_ENDPOINT=https://hf-mirror.com``).
 Usage::
 
     python scripts/download.py [--what model clip eval_images dataset llm tokenizer bench | all] [--dim 512|768]
-                               [--revision SHA] [--root .] [--deadline SECONDS]
+                               [--revision SHA] [--root .] [--deadline SECONDS] [--generation v1|3v]
 """
 
 from __future__ import annotations
@@ -88,6 +95,34 @@ DEFAULT_DEADLINE_S = 3600.0
 
 PIECES = ("model", "clip", "eval_images", "dataset", "llm", "tokenizer", "bench")
 ALL_PIECES = ("clip", "dataset", "llm", "tokenizer")  # `--what all`: what training needs
+
+
+# minimind-3v: piece -> (repo, repo type, files or folder patterns, destination under --root; "" keeps hub paths)
+V3_SOURCES = {
+    "model": ("jingyaogong/minimind-3v", "model", None, "minimind-3v"),
+    "clip": ("jingyaogong/siglip2-base-p32-256-ve", "model", ["*.json", "*.safetensors"],
+             "model/siglip2-base-p32-256-ve"),
+    "eval_images": (DATASET_REPO, "dataset", [f"{EVAL_IMAGES_FOLDER}/*"], DATASET_DIR),
+    "llm": ("jingyaogong/minimind-3v-pytorch", "model", ("llm_768.pth",), "out"),
+    "tokenizer": ("jingyaogong/minimind-3v", "model", TOKENIZER_FILES, "model/minimind_3v_tokenizer"),
+    "dataset": (DATASET_REPO, "dataset", ("pretrain_i2t.parquet", "sft_i2t.parquet"), DATASET_DIR),
+}
+
+
+def download_v3(piece: str, root: Path, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
+    """One minimind-3v piece (V3_SOURCES) with the same progress, deadline and resume as v1's: a tuple of files
+    one by one (hf_hub_download, resumable), a folder (snapshot_download, one deadline) without Python files."""
+    repo, repo_type, files, dest = V3_SOURCES[piece]
+    target = root / dest
+    if isinstance(files, tuple):
+        for filename in files:
+            _call_hub(f"{repo}/{filename} ({repo_type})", hf_hub_download, deadline_s=deadline_s, repo_id=repo,
+                      repo_type=repo_type, filename=filename, local_dir=str(target))
+        return target
+    _call_hub(f"{repo} ({repo_type})", snapshot_download, deadline_s=deadline_s, repo_id=repo,
+              repo_type=repo_type, local_dir=str(target), allow_patterns=files,
+              ignore_patterns=["*.py", ".gitattributes"])
+    return target / EVAL_IMAGES_FOLDER if piece == "eval_images" else target
 
 
 class DownloadError(RuntimeError):
@@ -370,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the longest one hub download may take: a file, or a whole folder for clip, eval_images "
                              "and model (default %(default)g s); past it the command stops, keeping what arrived "
                              "for the next run to resume")
+    parser.add_argument("--generation", default="v1", choices=["v1", "3v"],
+                        help="v1's files (default) or minimind-3v's published files (see V3_SOURCES)")
     args = parser.parse_args(argv)
     if not 0 < args.deadline < float("inf"):
         parser.error(f"--deadline must be a positive, finite number of seconds, got {args.deadline:g}")
@@ -383,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for piece in pieces:
             print(f"[{piece}] downloading ...")
-            if piece == "model":
+            if args.generation == "3v" and piece in V3_SOURCES:
+                result = download_v3(piece, root, deadline)
+            elif piece == "model":
                 result = download_model(root, args.dim, deadline)
             elif piece == "clip":
                 result = download_clip(root, deadline)

@@ -223,3 +223,21 @@ def test_a_failed_bench_download_is_one_line_and_writes_no_manifest(
     message = str(excinfo.value.code)
     assert "\n" not in message and "lmms-lab/POPE/data/test-00000-of-00003.parquet" in message
     assert not (tmp_path / "dataset/bench/pope/bench_source.json").exists()
+
+
+def test_generation_3v_fetches_minimind_3v_files(hub: FakeHub, tmp_path: Path) -> None:
+    dl.main(["--what", "model", "clip", "eval_images", "llm", "tokenizer", "--generation", "3v",
+             "--root", str(tmp_path)])
+    got = [(fn, kw["repo_id"], kw.get("filename"), Path(kw["local_dir"])) for fn, kw in hub.calls]
+    assert got == [
+        ("snapshot_download", "jingyaogong/minimind-3v", None, tmp_path / "minimind-3v"),
+        ("snapshot_download", "jingyaogong/siglip2-base-p32-256-ve", None, tmp_path / "model/siglip2-base-p32-256-ve"),
+        ("snapshot_download", dl.DATASET_REPO, None, tmp_path / "dataset"),
+        ("hf_hub_download", "jingyaogong/minimind-3v-pytorch", "llm_768.pth", tmp_path / "out"),
+        ("hf_hub_download", "jingyaogong/minimind-3v", "tokenizer.json", tmp_path / "model/minimind_3v_tokenizer"),
+        ("hf_hub_download", "jingyaogong/minimind-3v", "tokenizer_config.json",
+         tmp_path / "model/minimind_3v_tokenizer"),
+    ]
+    assert all("*.py" in kw["ignore_patterns"] for fn, kw in hub.calls if fn == "snapshot_download")
+    assert "revision" not in hub.calls[2][1]  # 3v's eval images: the dataset repo's main branch, not v1's snapshot
+    assert (tmp_path / "out" / "llm_768.pth").exists()
