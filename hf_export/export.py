@@ -26,12 +26,11 @@ from typing import Any, Optional
 import torch
 
 from checkpoints.checkpoint import load_model, read_checkpoint, read_model_dir, save_checkpoint
-from checkpoints.tokenizer import image_token_ids, load_tokenizer
+from checkpoints.tokenizer import image_pad_id, image_token_ids, load_tokenizer
 from checkpoints.tokenizer_pairing import checkpoint_tokenizer
-from checkpoints.vision_pairing import check_vision_encoder, encoder_record
-from model.config import IMAGE_TOKENS
+from checkpoints.vision_pairing import check_encoder_family, check_vision_encoder, encoder_record
 from model.decoder import count_parameters
-from model.vision import ImagePreprocessor, VisionEncoder, load_vision_encoder
+from model.vision import ImagePreprocessor, SiglipPreprocessor, VisionEncoder, load_vision_encoder
 
 from .files import VISION_SUBFOLDER, ExportError, check_out_dir, copy_model_code, move_into, staging_dir
 from .model_card import model_card, training_facts
@@ -42,14 +41,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def preprocessor_config(preprocess: ImagePreprocessor) -> dict[str, Any]:
-    """A CLIPImageProcessor config reproducing model.vision.ImagePreprocessor.
+    """A CLIPImageProcessor config reproducing model.vision.ImagePreprocessor (a SiglipImageProcessor one for
+    3v's SiglipPreprocessor).
 
     v1 squashes the image to size x size (no aspect-preserving resize, no centre crop), bicubic, then
-    scales to [0, 1] and normalises with the CLIP mean/std.
+    scales to [0, 1] and normalises with the CLIP mean/std; 3v the same with its tower's size, mean and std.
     """
     size = {"height": preprocess.size, "width": preprocess.size}
+    siglip = isinstance(preprocess, SiglipPreprocessor)
     return {
-        "image_processor_type": "CLIPImageProcessor",
+        "image_processor_type": "SiglipImageProcessor" if siglip else "CLIPImageProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
         "size": size,
@@ -67,7 +68,7 @@ def preprocessor_config(preprocess: ImagePreprocessor) -> dict[str, Any]:
 
 
 def bundle_vision_tower(encoder: VisionEncoder, out: Path, preprocess_cfg: dict[str, Any]) -> None:
-    """Save only the CLIP vision tower (not the text tower) under out/vision_encoder/."""
+    """Save only the vision tower (CLIP's, not its text tower; or 3v's SigLIP2) under out/vision_encoder/."""
     target = out / VISION_SUBFOLDER
     encoder.clip.save_pretrained(target)
     (target / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
@@ -92,9 +93,11 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
     source = read_checkpoint(ckpt)
     tokenizer = load_tokenizer(checkpoint_tokenizer(source, tokenizer_path)[0])
     encoder = load_vision_encoder(clip_path) if clip_path else None  # raises a message that says how to get CLIP
+    generation = source.stored.get("generation", "v1")  # read from the checkpoint, never from its name
     if encoder is not None:  # bundling another encoder than the one trained with would make pixel_values noise
+        check_encoder_family(generation, encoder, source.path)  # v1 takes CLIP, 3v SigLIP: always refused
         check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
-    native = load_model(source, image_ids=image_token_ids(tokenizer))
+    native = load_model(source, image_ids=image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer))
     config = copy.deepcopy(native.config)
     config.tie_word_embeddings = True
     config.auto_map = dict(AUTO_MAP)
@@ -126,9 +129,13 @@ def write_files(folder: Path, model: torch.nn.Module, tokenizer, clip_path: Opti
                 encoder: Optional[VisionEncoder]) -> None:
     """The export's files, but for the model card, into the empty `folder`."""
     model.save_pretrained(folder)
-    preprocess = ImagePreprocessor.from_dir(clip_path) if clip_path else ImagePreprocessor()
+    generation = model.config.generation
+    preprocess_class = SiglipPreprocessor if generation == "3v" else ImagePreprocessor
+    preprocess = preprocess_class.from_dir(clip_path) if clip_path else None
+    processor = MiniMindVProcessor(tokenizer, preprocess, generation=generation)
     # the tokenizer, plus processor_config.json registering MiniMindVProcessor for AutoProcessor
-    MiniMindVProcessor(tokenizer, preprocess).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    preprocess = processor.image_preprocessor
     preprocess_cfg = preprocessor_config(preprocess)
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocess_cfg, indent=2) + "\n")
     copy_model_code(folder)
@@ -148,9 +155,13 @@ def verify_export(out_dir: Path, native: torch.nn.Module, atol: float = 1e-5) ->
     config = native.config
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(0, config.vocab_size, (1, 16), generator=gen)
-    span = torch.tensor([config.image_ids])
+    if config.generation == "3v":  # a run of image_tokens (64) x the one <|image_pad|> id
+        text = text.masked_fill(text == config.image_ids[0], 0)
+        span = torch.tensor([config.image_ids * config.image_tokens])
+    else:
+        span = torch.tensor([config.image_ids])
     with_image = torch.cat([text[:, :4], span, text[:, 4:]], dim=1)
-    features = torch.randn(1, IMAGE_TOKENS, config.vision_dim, generator=gen).to(native.output.weight.dtype)
+    features = torch.randn(1, config.image_tokens, config.vision_dim, generator=gen).to(native.output.weight.dtype)
     worst = 0.0
     with torch.no_grad():
         for ids, feats in ((text, None), (with_image, features)):

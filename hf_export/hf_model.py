@@ -14,9 +14,10 @@ weight column-major (the [in, out] matrix contiguous, which the matrix-vector pr
 (wq, wk, wv; w1, w3) as column blocks of one matrix, multiplied once at inference. The parameters, their names
 and shapes, and the numerics (up to summation order) stay those of the native model.
 
-Images: pass `image_features` [N, 50, vision_dim] (CLIP encoder output before the post-layernorm, as
-model.vision computes it), or `pixel_values` [N, 3, 224, 224] when the export bundled the CLIP vision
-tower in the `vision_encoder/` subfolder (export_model.py --clip_path).
+Images: pass `image_features` [N, 50, vision_dim] (v1: CLIP encoder output before the post-layernorm, as
+model.vision computes it; minimind-3v: [N, 64, vision_dim], the SigLIP2 tower's last_hidden_state), or
+`pixel_values` ([N, 3, 224, 224] v1, [N, 3, 256, 256] 3v) when the export bundled the vision tower in the
+`vision_encoder/` subfolder (export_model.py --clip_path). The config's `generation` says which network it is.
 """
 from __future__ import annotations
 
@@ -91,11 +92,12 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
         so the RoPE tables and placeholder ids come back as uninitialised memory otherwise.
         """
         if module is self:
+            v3 = self.config.generation == "3v"  # 3v: YaRN when configured, and one placeholder id
             cos, sin = rope_tables(self.config.head_dim, self._rope_len, self.config.rope_theta,
-                                   device=self.rope_cos.device)
+                                   device=self.rope_cos.device, yarn=self.config.rope_yarn if v3 else None)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
-            ids = self.config.image_ids if self.config.image_ids is not None else [-1] * IMAGE_TOKENS
+            ids = self.config.image_ids if self.config.image_ids is not None else [-1] * (1 if v3 else IMAGE_TOKENS)
             self.image_ids.copy_(torch.tensor(ids, dtype=self.image_ids.dtype))
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             MiniMindLM._init_weights(module)  # the native model's init
@@ -123,9 +125,9 @@ class MiniMindVLMForCausalLM(PreTrainedModel, GenerationMixin):
         if encoder is None:
             subfolder = getattr(self.config, VISION_SUBFOLDER_FIELD, None)
             if not subfolder:
-                raise ValueError("pixel_values needs a CLIP vision tower, and this export bundles none: pass "
-                                 "image_features [N, 50, vision_dim] computed with model.vision instead, or "
-                                 "re-export with `python export_model.py --clip_path DIR`")
+                raise ValueError(f"pixel_values needs a vision tower, and this export bundles none: pass "
+                                 f"image_features [N, {self.config.image_tokens}, vision_dim] computed with "
+                                 f"model.vision instead, or re-export with `python export_model.py --clip_path DIR`")
             from model.vision import load_vision_encoder
 
             encoder = load_vision_encoder(self._resolve_subfolder(subfolder), device=self.device)

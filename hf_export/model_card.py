@@ -11,6 +11,13 @@ from model.config import LMConfig
 from .files import ExportError
 
 
+V1_DESCRIPTION = ("A MiniMind-V vision-language model: the MiniMind decoder with a projection of frozen CLIP "
+                  "ViT-B/32 features spliced over a 50-token image placeholder.")
+V3_DESCRIPTION = ("A minimind-3v vision-language model: the Qwen3-style MiniMind decoder with an MLP projection of "
+                  "frozen SigLIP2 (base, patch 32, 256x256) features spliced over a run of 64 `<|image_pad|>` "
+                  "tokens per image.")
+
+
 def training_facts(ckpt: str) -> dict[str, Any]:
     """What the files beside a checkpoint say about its training: `<name>_run.json` (data, batch, epochs,
     written by the trainer), `<name>_log.jsonl` (steps, last loss) and the demo's `demo_summary.json`
@@ -41,13 +48,13 @@ def training_facts(ckpt: str) -> dict[str, Any]:
 def model_card(config: LMConfig, n_params: int, facts: dict[str, Any], license: str, repo_id: str) -> str:
     """README.md of the export: YAML metadata, then the config, size, training and evaluation facts."""
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "use_moe", "vision_dim",
-              "vision_proj_bias")
+              "vision_proj_bias") + (("generation",) if config.generation == "3v" else ())
+    tower = "SigLIP2" if config.generation == "3v" else "CLIP"
     lines = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: image-text-to-text",
              "tags:", "  - minimind-v", "  - vision-language", "  - image-text-to-text", "  - custom_code", "---",
              "", f"# {repo_id.split('/')[-1]}", "",
-             "A MiniMind-V vision-language model: the MiniMind decoder with a projection of frozen CLIP ViT-B/32 "
-             "features spliced over a 50-token image placeholder.", "",
-             f"Parameters: **{n_params:,}** (tied embedding counted once; the CLIP tower not included).", "",
+             V3_DESCRIPTION if config.generation == "3v" else V1_DESCRIPTION, "",
+             f"Parameters: **{n_params:,}** (tied embedding counted once; the {tower} tower not included).", "",
              "| config | value |", "|---|---|"]
     lines += [f"| {f} | {getattr(config, f)} |" for f in fields]
     lines += ["", "## Training", ""]
@@ -71,7 +78,7 @@ def model_card(config: LMConfig, n_params: int, facts: dict[str, Any], license: 
               '"What is in the picture?"}], return_tensors="pt")',
               'new = model.generate(**inputs, max_new_tokens=64)[:, inputs["input_ids"].shape[1]:]',
               "print(processor.batch_decode(new, skip_special_tokens=True))", "```", "",
-              "`pixel_values` need the CLIP vision tower in `vision_encoder/` (exported with `--clip_path`); "
+              f"`pixel_values` need the {tower} vision tower in `vision_encoder/` (exported with `--clip_path`); "
               "otherwise pass `image_features`.", ""]
     return "\n".join(lines)
 

@@ -8,7 +8,9 @@
 This file is copied into an exported model directory (export_model.py) and registered there for AutoProcessor
 (processor_config.json); like hf_model.py it imports only relatively. Images go through exactly the native
 pipeline: model.vision.to_rgb (EXIF rotation, transparency over white) and ImagePreprocessor (224x224
-bicubic, CLIP mean/std), with the size, mean and std of the directory's preprocessor_config.json.
+bicubic, CLIP mean/std), with the size, mean and std of the directory's preprocessor_config.json. A minimind-3v
+export (processor_config.json `generation: "3v"`) uses its tokenizer's own chat template, 64 x `<|image_pad|>` per
+image and SiglipPreprocessor (alpha dropped, not composited, as upstream; 256x256, mean = std = 0.5).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.config import IMAGE_SPECIAL_TOKEN
-from model.vision import ImagePreprocessor, to_rgb
+from model.config import IMAGE_SPECIAL_TOKEN, V3_IMAGE_SPECIAL_TOKEN, V3_IMAGE_TOKENS
+from model.vision import ImagePreprocessor, SiglipPreprocessor, to_rgb
 from model.vlm import pad_rows
 
 # What marks an image in a prompt or message: v1's data tag, or the placeholder itself.
@@ -38,9 +40,15 @@ class MiniMindVProcessor:
     """Turns images and a prompt (or chat messages) into input_ids, attention_mask and pixel_values."""
 
     def __init__(self, tokenizer, image_preprocessor: Optional[ImagePreprocessor] = None,
-                 padding_side: str = "left"):
+                 padding_side: str = "left", generation: str = "v1"):
+        if generation not in ("v1", "3v"):
+            raise ValueError(f"generation must be 'v1' or '3v', got {generation!r}")
         self.tokenizer = tokenizer
-        self.image_preprocessor = image_preprocessor or ImagePreprocessor()
+        self.generation = generation
+        # the prompt text of one image: v1's 50-character span, minimind-3v's run of 64 <|image_pad|>
+        self.placeholder = V3_IMAGE_SPECIAL_TOKEN * V3_IMAGE_TOKENS if generation == "3v" else IMAGE_SPECIAL_TOKEN
+        default = SiglipPreprocessor(256, (0.5,) * 3, (0.5,) * 3) if generation == "3v" else ImagePreprocessor()
+        self.image_preprocessor = image_preprocessor or default
         self.padding_side = padding_side  # left: generation appends at the end of every row
 
     # ------------------------------------------------------------------ loading and saving
@@ -62,11 +70,13 @@ class MiniMindVProcessor:
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"{path}: no tokenizer.json; export the model with export_model.py")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        padding_side = "left"
+        saved: dict[str, Any] = {}
         config_file = os.path.join(path, PROCESSOR_CONFIG)
         if os.path.exists(config_file):
-            padding_side = json.loads(open(config_file, encoding="utf-8").read()).get("padding_side", "left")
-        return cls(tokenizer, ImagePreprocessor.from_dir(path), padding_side)
+            saved = json.loads(open(config_file, encoding="utf-8").read())
+        generation = saved.get("generation", "v1")
+        preprocessor = (SiglipPreprocessor if generation == "3v" else ImagePreprocessor).from_dir(path)
+        return cls(tokenizer, preprocessor, saved.get("padding_side", "left"), generation)
 
     def save_pretrained(self, path: Union[str, os.PathLike], **kwargs: Any) -> None:
         """The tokenizer and processor_config.json (registering this class for AutoProcessor); the image
@@ -75,6 +85,8 @@ class MiniMindVProcessor:
         self.tokenizer.save_pretrained(path)
         config = {"processor_class": type(self).__name__, "padding_side": self.padding_side,
                   "auto_map": {"AutoProcessor": f"processing_minimind_v.{type(self).__name__}"}}
+        if self.generation != "v1":  # v1's file stays as it was
+            config["generation"] = self.generation
         with open(os.path.join(path, PROCESSOR_CONFIG), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2) + "\n")
 
@@ -95,11 +107,11 @@ class MiniMindVProcessor:
                 raise ValueError(f"message {i}: role {message['role']!r} is not supported (use {', '.join(ROLES)})")
             rendered.append({"role": message["role"], "content": _content_text(message.get("content"), i)})
         n_images = int(has_image) if n_images is None else n_images
-        if n_images and not any(_count_images(m["content"]) for m in rendered):
+        if n_images and not any(_count_images(m["content"], self.placeholder) for m in rendered):
             first_user = next((m for m in rendered if m["role"] == "user"), None)
             if first_user is None:
                 raise ValueError("an image was given but no message has role 'user' to hold it")
-            first_user["content"] = f"{IMAGE_SPECIAL_TOKEN}\n" * n_images + first_user["content"]
+            first_user["content"] = f"{self.placeholder}\n" * n_images + first_user["content"]
         return self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
 
     def _row_texts(self, rows: list[Union[str, Messages]], n_images: int,
@@ -108,7 +120,7 @@ class MiniMindVProcessor:
         (per_row[i] of them): all images when it is the only row, one each when every row is a message list
         and there are as many images as rows, or as the nested images list says. Prompts are used as written."""
         texts = [row if isinstance(row, str) else self.apply_chat_template(row) for row in rows]
-        markers = [_count_images(t) for t in texts]
+        markers = [_count_images(t, self.placeholder) for t in texts]
         if per_row is None and n_images and not any(markers):
             if len(rows) == 1:
                 per_row = [n_images]
@@ -117,8 +129,8 @@ class MiniMindVProcessor:
         if per_row is not None:
             texts = [self.apply_chat_template(row, n_images=k) if k and not m and not isinstance(row, str) else t
                      for row, k, m, t in zip(rows, per_row, markers, texts)]
-        texts = [t.replace(IMAGE_TAG, IMAGE_SPECIAL_TOKEN) for t in texts]
-        counts = [t.count(IMAGE_SPECIAL_TOKEN) for t in texts]
+        texts = [t.replace(IMAGE_TAG, self.placeholder) for t in texts]
+        counts = [t.count(self.placeholder) for t in texts]
         if per_row is not None:
             for i, (found, given) in enumerate(zip(counts, per_row)):
                 if found != given:
@@ -159,9 +171,14 @@ class MiniMindVProcessor:
         input_ids, attention_mask = pad_rows(ids, self._pad_id(), padding_side or self.padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat:
-            data["pixel_values"] = torch.stack([self.image_preprocessor(to_rgb(as_pil_image(im, f"images[{i}]")))
+            data["pixel_values"] = torch.stack([self._pixels(as_pil_image(im, f"images[{i}]"))
                                                 for i, im in enumerate(flat)])
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """v1 composites transparency over white (to_rgb); 3v's SiglipPreprocessor drops the alpha channel
+        itself, as upstream's processor does."""
+        return self.image_preprocessor(image if self.generation == "3v" else to_rgb(image))
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -253,6 +270,6 @@ def _content_text(content: Any, i: int) -> str:
     raise ValueError(f"message {i}: content must be a string or a list of parts")
 
 
-def _count_images(text: str) -> int:
-    return text.count(IMAGE_TAG) + text.count(IMAGE_SPECIAL_TOKEN)
+def _count_images(text: str, placeholder: str = IMAGE_SPECIAL_TOKEN) -> int:
+    return text.count(IMAGE_TAG) + text.count(placeholder)
 
