@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-DEFAULT_OUT = "model/stand_in_siglip2_base_p32_256"
+DEFAULT_OUT = "model/clip_model/stand_in_siglip2_base_p32_256"
 IMAGE_SIZE = 256
 BICUBIC = 3  # PIL.Image.BICUBIC
 
