@@ -5,6 +5,7 @@
   image_decode.py   decoding image files and bytes to RGB: the one boundary for untrusted images, Pillow's limits
   images.py         where a record's images are (files under --images_path, or parquet cells)
   tokens.py         a record's messages -> token ids with image placeholders and answer-only labels
+  v3_tokens.py      minimind-3v records -> ids and labels as upstream's dataset makes them (64 x <|image_pad|>)
   packing.py        --pack_same_image: several questions about the same images in one row
   dataset.py        VLMDataset, the typed Batch and batch-longest collate
   feature_store.py  the frozen-CLIP feature cache and batch_features (a batch's images -> features)
