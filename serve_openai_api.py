@@ -12,7 +12,9 @@ their 50-token spans: inference.chat.VLMChat.max_images; more are refused with a
 over user messages; their placeholders lead the earliest user turn kept in the prompt, in the order they were
 sent. Earlier user/assistant messages become the history; system messages are ignored (the model was not trained
 with them). Sampling: temperature, top_p, max_tokens (or max_completion_tokens),
-seed, and the extensions top_k and repetition_penalty; unset fields use inference.chat.GenerationSettings.
+seed, and the extensions top_k and repetition_penalty; unset fields use inference.chat.GenerationSettings (for a
+minimind-3v checkpoint, 3v's own sampling: temperature 0.7, top_k 50, top_p 0.85; its images take 64-token runs of
+<|image_pad|>, and a transparent image loses its alpha channel as upstream's does, where v1 puts it over white).
 
 Concurrent requests are decoded together: a dynamic batcher (inference/batcher.py) takes up to --max_batch
 waiting requests, waiting at most --batch_wait_ms for a batch to fill, and runs one forward per step for all of
@@ -33,12 +35,13 @@ inference/openai_request.py.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from inference.chat import VLMChat
+from inference.chat import V3_ANSWER_DEFAULTS, GenerationSettings, VLMChat
 from inference.openai_app import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, Runner,
                                   create_app)
 from inference.cpu.prepare import add_cpu_inference_args
@@ -94,7 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 1
     runner = Runner(chat, args.max_queue, args.max_batch, args.batch_wait_ms)
-    app = create_app(runner, model_id, args.image_dir, int(args.max_body_mb * (1 << 20)),
+    defaults = GenerationSettings()
+    if chat.generation == "3v":  # 3v's own sampling (its eval's), as 3-eval_chat.py uses
+        defaults = replace(defaults, **{k: v for k, v in V3_ANSWER_DEFAULTS.items() if k != "prompt"})
+    app = create_app(runner, model_id, args.image_dir, int(args.max_body_mb * (1 << 20)), defaults=defaults,
                      max_tokens_limit=args.max_tokens_limit, body_timeout_s=args.body_timeout)
     print(f"serving {model_id} ({chat.n_params / 1e6:.2f}M parameters) at http://{args.host}:{args.port}/v1\n"
           f"{chat.kernel_line}", flush=True)

@@ -8,6 +8,7 @@
   openai_app.py, openai_request.py   the OpenAI-compatible API server
   web_support.py, web_inspect.py     the web demo's logic and its "inside the model" panel
   attention_map.py, attention_plot.py  where an answer looked: attention maps and their pictures
+  app_images.py       images as the apps decode them: v1 puts transparency over white, 3v drops the alpha channel
   cpu/                fast CPU inference: kernels chosen by measurement, the compiled decode step, int8
 
 Imports the network (model/) and reads data files through data_pipeline/, never the trainer.

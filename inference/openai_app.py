@@ -48,6 +48,7 @@ class Runner:
         # no more images than the model's context holds (VLMChat.max_images)
         self.image_size: Optional[int] = getattr(getattr(chat.encoder, "preprocess", None), "size", None)
         self.max_images, self.context = chat.max_images(), chat.model.config.max_seq_len
+        self.image_tokens, self.generation = chat.model.config.image_tokens, chat.generation  # 3v: 64, alpha dropped
 
     def generate(self, job: ChatJob, emit: Callable[[str], None], cancel: threading.Event) -> Outcome:
         """Answer job, calling emit(text piece) as text becomes final; stops early when cancel is set."""
@@ -170,7 +171,7 @@ async def chat_completion(request: Request, runner: Runner, model_id: str, optio
     async with decode_slots:
         job = await asyncio.to_thread(parse_request, body, options.image_dir, options.defaults,
                                       options.max_tokens_limit, runner.image_size, runner.max_images,
-                                      runner.context)
+                                      runner.context, runner.image_tokens, runner.generation)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     now = int(time.time())
     if job.stream:

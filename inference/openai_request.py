@@ -15,9 +15,13 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from checkpoints.files import first_line
-from data_pipeline.image_decode import ImageError, open_image
+from data_pipeline.image_decode import ImageError
 
-from .chat import DEFAULT_QUESTION, MAX_IMAGES, GenerationSettings, TooManyImagesError, Turn, check_image_count
+from model.config import IMAGE_TOKENS
+
+from .app_images import open_app_image
+from .chat import (DEFAULT_QUESTION, MAX_IMAGES, V3_QUESTION, GenerationSettings, TooManyImagesError, Turn,
+                   check_image_count)
 
 MIN_REPETITION_PENALTY = 0.01
 RETRY_AFTER_S = 2
@@ -183,14 +187,16 @@ def resolve_image_path(path: str, image_dir: Optional[str], param: str) -> str:
     return real
 
 
-def load_image(url: str, param: str, image_dir: Optional[str], size: Optional[int] = None) -> Image.Image:
+def load_image(url: str, param: str, image_dir: Optional[str], size: Optional[int] = None,
+               generation: str = "v1") -> Image.Image:
     """Decode an image_url (a base64 data URI or a local path under image_dir), resized to size x size with the
-    encoder's own bicubic resize when given: a queued request then holds 150 KB, not the full decoded image."""
-    image = _decode_image(url, param, image_dir)
+    encoder's own bicubic resize when given: a queued request then holds 150 KB, not the full decoded image.
+    Transparency as the model's generation takes it (inference.app_images: v1 over white, 3v alpha dropped)."""
+    image = _decode_image(url, param, image_dir, generation)
     return image if size is None else image.resize((size, size), Image.BICUBIC)
 
 
-def _decode_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image:
+def _decode_image(url: str, param: str, image_dir: Optional[str], generation: str = "v1") -> Image.Image:
     try:
         if url.startswith("data:"):
             header, comma, data = url.partition(",")
@@ -204,28 +210,30 @@ def _decode_image(url: str, param: str, image_dir: Optional[str]) -> Image.Image
                 raw = base64.b64decode(re.sub(r"\s+", "", data), validate=True)
             except (binascii.Error, ValueError) as e:
                 raise APIError(400, f"{param}: invalid base64 data ({e})", param, "invalid_image_url") from None
-            return open_image(raw, name=f"{param} (data URI)")
+            return open_app_image(raw, f"{param} (data URI)", generation)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url) and not url.startswith("file://"):
             raise APIError(400, f"{param}: remote image URLs are not fetched; send a data: URI or a path under "
                                 f"--image_dir", param, "invalid_image_url")
         path = url[len("file://"):] if url.startswith("file://") else url
-        return open_image(resolve_image_path(path, image_dir, param), name=path)
+        return open_app_image(resolve_image_path(path, image_dir, param), path, generation)
     except ImageError as e:  # one line naming the image and what failed
         raise APIError(400, f"could not decode the image: {e}", param, "invalid_image") from None
 
 
 def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSettings,
                   max_tokens_limit: int, image_size: Optional[int] = None, max_images: int = MAX_IMAGES,
-                  context: Optional[int] = None) -> ChatJob:
+                  context: Optional[int] = None, image_tokens: int = IMAGE_TOKENS,
+                  generation: str = "v1") -> ChatJob:
     """Validate an OpenAI chat.completions body into a ChatJob (images decoded), or raise APIError.
 
     max_images is the model's own cap (VLMChat.max_images: 8, or fewer when its `context` cannot hold their
-    spans); it is checked before any image is decoded."""
+    spans of `image_tokens` each: 50 for v1, 64 for 3v); it is checked before any image is decoded. `generation`
+    decides how transparency is taken and the question asked of an image sent alone."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_body")
     question, history, images = parse_messages(body.get("messages"))
     try:
-        check_image_count(len(images), min(max_images, MAX_IMAGES), context)
+        check_image_count(len(images), min(max_images, MAX_IMAGES), context, image_tokens)
     except TooManyImagesError as e:
         code = "too_many_images" if len(images) > MAX_IMAGES else "context_length_exceeded"
         raise APIError(400, f"{e} (this server counts the images of the whole conversation)", "messages",
@@ -241,9 +249,9 @@ def parse_request(body: Any, image_dir: Optional[str], defaults: GenerationSetti
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options", "invalid_type")
     settings = parse_settings(body, defaults, max_tokens_limit)
-    decoded = [load_image(url, param, image_dir, image_size) for url, param in images]
-    if not question.strip() and decoded:
-        question = DEFAULT_QUESTION  # an image alone asks what it shows, as in v1
+    decoded = [load_image(url, param, image_dir, image_size, generation) for url, param in images]
+    if not question.strip() and decoded:  # an image alone asks what it shows: v1's question, or 3v's eval question
+        question = V3_QUESTION if generation == "3v" else DEFAULT_QUESTION
     return ChatJob(question, decoded, history, settings, stream, bool(options.get("include_usage")))
 
 
