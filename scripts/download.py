@@ -48,20 +48,20 @@ import argparse
 import json
 import os
 import sys
-import threading
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import huggingface_hub
-from huggingface_hub import get_hf_file_metadata, hf_hub_url, snapshot_download
-from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub import snapshot_download
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from evaluation.benchmark_specs import BENCHMARKS, BENCH_DIR, MANIFEST_NAME  # noqa: E402  (no torch import)
+# the deadline and the resumable single-file download (hf_hub_download is looked up here, so tests can replace it)
+from scripts.hub_transfer import (DownloadDeadlineError, DownloadError, hf_hub_download,  # noqa: E402,F401
+                                  within_deadline)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIRROR_HINT = "HF_ENDPOINT=https://hf-mirror.com"
@@ -125,14 +125,6 @@ def download_v3(piece: str, root: Path, deadline_s: float = DEFAULT_DEADLINE_S) 
     return target / EVAL_IMAGES_FOLDER if piece == "eval_images" else target
 
 
-class DownloadError(RuntimeError):
-    """A hub call failed; the message is a single line meant for the user."""
-
-
-class DownloadDeadlineError(DownloadError):
-    """A hub call ran past its deadline; its thread may still be blocked on the network (see main)."""
-
-
 def hub_endpoint() -> str:
     """The endpoint huggingface_hub talks to (``HF_ENDPOINT`` if set)."""
     # huggingface_hub reads HF_ENDPOINT once at import; the environment is
@@ -144,34 +136,11 @@ def hub_endpoint() -> str:
     return str(getattr(huggingface_hub.constants, "ENDPOINT", DEFAULT_ENDPOINT)).rstrip("/")
 
 
-def _within_deadline(description: str, seconds: float, call: Callable[[], str]) -> str:
-    """call() in a daemon thread, waited for at most `seconds`; a DownloadDeadlineError past that. The thread cannot
-    be stopped while a read blocks, so it is left behind (main then exits the process)."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
-            outcome["error"] = err
-
-    worker = threading.Thread(target=run, name=f"download {description}", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise DownloadDeadlineError(
-            f"download stopped: {description} took longer than the deadline of {seconds:g} s (--deadline); what "
-            "arrived is kept, and running the same command again resumes from it")
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
-
-
 def _call_hub(description: str, fn: Callable, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs) -> str:
     """Run one hub call within its deadline, turning any failure into a one-line DownloadError."""
     endpoint = hub_endpoint()
     try:
-        return _within_deadline(description, deadline_s, lambda: fn(endpoint=endpoint, **kwargs))
+        return within_deadline(description, deadline_s, lambda: fn(endpoint=endpoint, **kwargs))
     except DownloadError:
         raise
     except Exception as err:  # noqa: BLE001 - network/auth/HTTP errors come in many types
@@ -182,32 +151,6 @@ def _call_hub(description: str, fn: Callable, deadline_s: float = DEFAULT_DEADLI
         raise DownloadError(
             f"download failed: {description} from {endpoint}: {type(err).__name__}: {first_line} -- {hint}"
         ) from err
-
-
-def hf_hub_download(*, repo_id: str, filename: str, local_dir: str, repo_type: str = "model",
-                    revision: str | None = None, endpoint: str | None = None) -> str:
-    """Download one file of a hub repo to ``local_dir/filename`` and return that path, resuming a partial
-    ``.part`` file left by an earlier run (the file's etag is in its name, so a changed file starts afresh).
-    A destination already of the hub's size is kept as it is."""
-    target = Path(local_dir) / filename
-    url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
-    meta = get_hf_file_metadata(url, endpoint=endpoint)
-    if target.is_file() and meta.size is not None and target.stat().st_size == meta.size:
-        return str(target)
-    etag = "".join(c for c in (meta.etag or "unknown") if c.isalnum())[:16]
-    part = target.with_name(f"{target.name}.{etag}.part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    # unbuffered: every chunk huggingface_hub hands over is on disk even if the process is ended at the deadline
-    with open(part, "r+b" if part.exists() else "wb", buffering=0) as f:
-        resume = f.seek(0, os.SEEK_END)
-        if meta.size is not None and resume > meta.size:  # not a prefix of this file: start again
-            f.truncate(0)
-            resume = f.seek(0)
-        if meta.size is None or resume < meta.size:
-            http_get(meta.location, f, resume_size=resume, headers=build_hf_headers(), expected_size=meta.size,
-                     displayed_filename=filename)
-    os.replace(part, target)
-    return str(target)
 
 
 def download_clip(root: Path, deadline_s: float = DEFAULT_DEADLINE_S) -> Path:
