@@ -38,16 +38,19 @@ from checkpoints.vision_pairing import is_stand_in  # noqa: E402
 # which trained better than one random transformer layer on top. cpu_dtype "auto": bf16 autocast where it is
 # measured faster on this CPU (trainer/cpu_dtype.py), else float32. During SFT,
 # val_samples held-out questions are validated val_points times: the accuracy curve of the loss plot (a
-# monitoring curve only: nothing is picked by it).
+# monitoring curve only: nothing is picked by it). compile: the stages trained with --compile (the whole step
+# compiled by inductor, worth it at this size: docs/training.md; eager, said in one line, without a C++ compiler).
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=0, max_seq_len=128,
                  max_train_images=None, max_test_questions=None, pretrain_epochs=5, pretrain_lr=1e-3,
                  sft_epochs=3, sft_lr=1e-3, sft_pack=3, sft_max_seq_len=160, batch_size=16, group_by_length=False,
-                 sft_max_steps=None, eval_limit=None, cpu_dtype="auto", val_samples=200, val_points=4),
+                 sft_max_steps=None, eval_limit=None, cpu_dtype="auto", val_samples=200, val_points=4,
+                 compile=("pretrain", "sft")),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_seq_len=128,
                max_train_images=600, max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3,
                sft_epochs=1, sft_lr=2e-3, sft_pack=1, sft_max_seq_len=128, batch_size=32, group_by_length=False,
-               sft_max_steps=None, eval_limit=None, cpu_dtype="float32", val_samples=40, val_points=2),
+               sft_max_steps=None, eval_limit=None, cpu_dtype="float32", val_samples=40, val_points=2,
+               compile=()),
 }
 PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)
 
@@ -154,7 +157,8 @@ def stage_flags(cfg: dict, clip: str, out_dir: str, images_path: str, device: st
 def pretrain_command(cfg: dict, flags: list[str], data_path: str) -> list[str]:
     """1-pretrain_vlm.py from scratch (no pretrained MiniMind LLM offline) on the captions."""
     return [sys.executable, "1-pretrain_vlm.py", *flags, "--from_scratch", "--data_path", data_path,
-            "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]), "--log_interval", "10"]
+            "--epochs", str(cfg["pretrain_epochs"]), "--learning_rate", str(cfg["pretrain_lr"]), "--log_interval", "10",
+            *(["--compile"] if "pretrain" in cfg["compile"] else [])]
 
 
 def sft_command(cfg: dict, flags: list[str], data_path: str, val_path: str, val_images_path: str) -> list[str]:
@@ -175,6 +179,8 @@ def sft_command(cfg: dict, flags: list[str], data_path: str, val_path: str, val_
            "--val_samples", str(n_val), "--eval_interval", str(max(1, -(-sft_steps // cfg["val_points"])))]
     if cfg["sft_pack"] > 1:
         cmd += ["--pack_same_image", str(cfg["sft_pack"])]
+    if "sft" in cfg["compile"]:
+        cmd.append("--compile")
     cmd += ["--max_seq_len", str(cfg["sft_max_seq_len"])]  # after the shared flags: argparse keeps the last
     if cfg["sft_max_steps"]:
         cmd += ["--max_steps", str(cfg["sft_max_steps"])]

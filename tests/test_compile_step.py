@@ -162,3 +162,27 @@ def test_pretrain_with_compile_logs_no_graph_break_and_few_compiles(tmp_path, ti
     assert summary["graph_breaks"] == 0
     assert 1 <= summary["compiled_graphs"] <= 4
     assert any("graph(s) compiled, 0 graph break(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_packed_rows_compile_whole_and_unpacked_batches_share_their_graph(tokenizer):
+    """--pack_same_image under --compile: segment ids on every batch (unpacked rows all 0), so a batch without
+    a packed row runs the packed batches' graph, and the packed attention layout has no graph break."""
+    torch._dynamo.reset()
+    model = _model(tokenizer)
+    compiled = torch.compile(model, backend="aot_eager")
+    packed = _row(tokenizer, 30, image=True, seed=1)
+    prefix = 3 + IMAGE_TOKENS + 5
+    packed["segment_ids"] = [0] * prefix + [1] * 10 + [2] * (len(packed["input_ids"]) - prefix - 10)
+    batches = [collate([packed, _row(tokenizer, 12, image=True, seed=2)], segments=True),
+               collate([_row(tokenizer, n, image=True, seed=n) for n in (9, 21, 15)], segments=True)]
+    assert batches[1].segment_ids is not None and int(batches[1].segment_ids.max()) == 0
+    explained = torch._dynamo.explain(model)(**_model_inputs(batches[0], batches[0].features, torch.device("cpu")))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    start = CompileCounts.now()
+    for batch in batches:
+        _loss(compiled, batch, compiled=True).backward()
+    done = CompileCounts.now().since(start)
+    assert done.graph_breaks == 0 and done.graphs == 1, done
+    # an unpacked row given segment ids trains exactly as without them (same loss, eager)
+    plain = collate([_row(tokenizer, n, image=True, seed=n) for n in (9, 21, 15)])
+    torch.testing.assert_close(_loss(model, batches[1], compiled=False), _loss(model, plain, compiled=False))
