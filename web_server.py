@@ -41,7 +41,10 @@ The variables are how tests configure the app: `streamlit.testing.v1.AppTest` ru
 pytest's own sys.argv and has no way to pass script arguments.
 
 If the default CLIP directory is missing but the untrained stand-in (scripts/build_stand_in_clip.py) exists, the
-stand-in is used and the page says so in a warning. A missing checkpoint, CLIP or tokenizer is shown as an error
+stand-in is used and the page says so in a warning. The tower family follows the chosen checkpoint: a minimind-3v
+checkpoint, with --clip_path left at the CLIP default, gets the SigLIP2 tower at model/siglip2-base-p32-256-ve, else
+its untrained stand-in (scripts/build_stand_in_siglip.py, with a warning); its uploads lose their alpha channel as
+upstream's do (v1 puts transparency over white). A missing checkpoint, CLIP or tokenizer is shown as an error
 that says how to get it; the server keeps running. The model is loaded once per (checkpoint file and its
 modification time, CLIP path, tokenizer path, device, quantisation and CPU kernel) and shared by all sessions.
 """
@@ -64,9 +67,10 @@ from PIL import Image  # noqa: E402
 from inference.chat import (MAX_IMAGES, GenerationSettings, StreamStats, TooManyImagesError, Turn,  # noqa: E402
                             VLMChat, check_image_count)
 from inference.web_support import (IMAGE_TYPES, MAX_UPLOAD_MB, NO_CHECKPOINT_HELP, UPLOAD_ACCEPT,  # noqa: E402,F401
-                                   ServerArgs, check_launch_flags, checkpoint_stamp, display_copy, error_text,
-                                   format_params, image_id, kernel_to_load, list_checkpoints, parse_args,
-                                   resolve_clip_path, split_flags, validate_upload)
+                                   ServerArgs, check_launch_flags, checkpoint_generation, checkpoint_stamp,
+                                   display_copy, error_text, format_params, image_id, kernel_to_load,
+                                   list_checkpoints, parse_args, resolve_clip_path, resolve_tower_path, split_flags,
+                                   validate_upload)
 from data_pipeline.image_decode import ImageError  # noqa: E402
 
 SINGLE_IMAGE_WIDTH, IMAGE_WIDTH = 320, 200  # pixels: one image, or each of several
@@ -185,7 +189,8 @@ def handle_upload(uploads: Sequence[Any], chat: Optional[VLMChat]) -> None:
         return
     try:
         check_upload_count(len(uploads), chat)  # before decoding: 300 uploads cost nothing
-        images = [validate_upload(upload.name, d) for upload, d in zip(uploads, data)]
+        generation = chat.generation if chat is not None else "v1"  # 3v drops alpha as upstream, v1 composites
+        images = [validate_upload(upload.name, d, generation=generation) for upload, d in zip(uploads, data)]
     except (ImageError, TooManyImagesError) as e:
         st.error(f"{e}. {keep_note()}")
         return
@@ -287,10 +292,11 @@ def main() -> None:
                  f"[--clip_path DIR] [--tokenizer_path DIR] [--device cpu|cuda] [--quantize none|int8] "
                  f"[--cpu_kernel auto|default|...] [--allow_encoder_mismatch]")
         st.stop()
-    clip_path, clip_warning = resolve_clip_path(args.clip_path, ROOT)
-
     st.sidebar.header("Model")
     ckpt, ckpt_error = sidebar_checkpoint(args.out_dir)
+    # the tower family follows the checkpoint: CLIP for v1, minimind-3v's SigLIP2 (or its stand-in) for 3v
+    generation = checkpoint_generation(ckpt) if ckpt else "v1"
+    clip_path, clip_warning = resolve_tower_path(args.clip_path, generation, ROOT)
     quantize = sidebar_quantize(args)
     caption = st.sidebar.empty()  # filled once the model (and so its tokenizer) is known
     st.sidebar.header("Generation")
@@ -300,7 +306,8 @@ def main() -> None:
     chat, load_error = try_load(ckpt, clip_path, args, quantize)
     tokenizer = chat.tokenizer_path if chat else (args.tokenizer_path or "the checkpoint's own")
     kernel = f"  \n`{chat.kernel_line}`" if chat else ""
-    caption.caption(f"CLIP: `{clip_path}`  \nTokenizer: `{tokenizer}`  \nDevice: `{args.device}`{kernel}")
+    tower = "SigLIP2" if generation == "3v" else "CLIP"
+    caption.caption(f"{tower}: `{clip_path}`  \nTokenizer: `{tokenizer}`  \nDevice: `{args.device}`{kernel}")
     st.title(f"MiniMind-V ({format_params(chat.n_params)})" if chat else "MiniMind-V (no model loaded)")
     if clip_warning:
         st.warning(clip_warning)

@@ -3,6 +3,7 @@ upload checks and the image copies the page displays. Nothing here imports strea
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from inference.cpu.prepare import ACCEPTED as CPU_KERNEL_CHOICES
 from inference.cpu.prepare import QUANTIZE_CHOICES, add_cpu_inference_args, kernel_name
 from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH
 from data_pipeline.image_decode import ImageError, open_image
+from checkpoints.checkpoint import read_checkpoint
 from checkpoints.vision_pairing import clip_or_stand_in, is_stand_in
 from checkpoints.vision_pairing import add_encoder_mismatch_arg
 
+from .app_images import open_app_image
 from .model_files import find_model_dirs, weights_file
 
 MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
@@ -30,6 +33,11 @@ ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
             "quantize": "MINIMIND_QUANTIZE", "cpu_kernel": "MINIMIND_CPU_KERNEL"}
 STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
                    "demo), so answers about real photos are not meaningful.")
+# minimind-3v's SigLIP2 tower (scripts/download.py --generation 3v --what clip) and its untrained stand-in
+# (scripts/build_stand_in_siglip.py), used for a 3v checkpoint when --clip_path is left at v1's CLIP default.
+V3_TOWER_PATH = "model/siglip2-base-p32-256-ve"
+V3_STAND_IN_PATH = "model/clip_model/stand_in_siglip2_base_p32_256"
+V3_STAND_IN_EFFECT = "its random features carry nothing of the image, so the answers are not about it."
 NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
                       "(`make demo` on the CPU, or 1-pretrain_vlm.py then 2-sft_vlm.py, which write "
                       "out/*_vlm_sft.pth) or copy a MiniMind-V v1 `*_vlm_sft.pth` there, then reload this page")
@@ -126,6 +134,42 @@ def resolve_clip_path(clip_path: str, root: Path) -> tuple[str, Optional[str]]:
     return path, None
 
 
+def checkpoint_generation(path: str) -> str:
+    """"v1" or "3v", as the checkpoint itself says (its key names, sidecar or config.json), read once per version
+    of its weights. A checkpoint that cannot be read counts as v1 here: loading it then reports what is wrong."""
+    try:
+        return _generation(path, checkpoint_stamp(path))
+    except (OSError, ValueError):
+        return "v1"
+
+
+@functools.lru_cache(maxsize=8)
+def _generation(path: str, stamp: tuple[int, int]) -> str:
+    return str(read_checkpoint(path).stored.get("generation", "v1"))
+
+
+def resolve_tower_path(clip_path: str, generation: str, root: Path) -> tuple[str, Optional[str]]:
+    """The vision tower to load for a checkpoint of `generation`, and a warning for the page.
+
+    v1: resolve_clip_path. 3v, with --clip_path left at v1's CLIP default: the SigLIP2 tower at V3_TOWER_PATH, else
+    its untrained stand-in (said loudly), else a warning saying how to get it. A --clip_path given explicitly is
+    used as it is (a CLIP tower for a 3v checkpoint is then refused at load, in one line)."""
+    if generation != "3v":
+        return resolve_clip_path(clip_path, root)
+    if os.path.abspath(clip_path) != os.path.abspath(root / DEFAULT_CLIP_PATH):
+        stand_in_note = f"{clip_path} is an UNTRAINED stand-in tower: {V3_STAND_IN_EFFECT}"
+        return clip_path, stand_in_note if is_stand_in(clip_path) else None
+    real, stand_in = root / V3_TOWER_PATH, root / V3_STAND_IN_PATH
+    if real.is_dir():
+        return str(real), None
+    get_it = f"`python scripts/download.py --generation 3v --what clip` puts it at {V3_TOWER_PATH}"
+    if stand_in.is_dir():
+        return str(stand_in), (f"This minimind-3v checkpoint's SigLIP2 tower is missing ({V3_TOWER_PATH}), so the "
+                               f"UNTRAINED stand-in at {V3_STAND_IN_PATH} is used: {V3_STAND_IN_EFFECT} {get_it}.")
+    return str(real), (f"This minimind-3v checkpoint needs the SigLIP2 vision tower, missing at {V3_TOWER_PATH}: "
+                       f"{get_it} (or pass --clip_path DIR).")
+
+
 def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list[CheckpointInfo]:
     """The .pth files directly in out_dir and the model directories in out_dir and `model_dir_roots`, with sizes;
     model directories first, then *_vlm_sft.pth, then by name."""
@@ -148,14 +192,15 @@ def checkpoint_stamp(path: str) -> tuple[int, int]:
     return stat.st_mtime_ns, stat.st_size
 
 
-def validate_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> Image.Image:
-    """Decode an uploaded image as RGB, or raise ImageError with a one-line reason naming the file."""
+def validate_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB, generation: str = "v1") -> Image.Image:
+    """Decode an uploaded image as RGB, or raise ImageError with a one-line reason naming the file. Transparency
+    as the model's generation takes it (inference.app_images: v1 over white, 3v alpha dropped as upstream)."""
     if len(data) > max_mb * 2**20:
         raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB upload limit")
     ext = Path(name).suffix.lower().lstrip(".")
     if ext not in IMAGE_TYPES:
         raise ImageError(f"{name}: not an accepted image type (use {', '.join(IMAGE_TYPES)})")
-    return open_image(data, name=name)
+    return open_app_image(data, name, generation) if generation == "3v" else open_image(data, name=name)
 
 
 def display_copy(image: Image.Image, width: int) -> Image.Image:
