@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# `make demo GENERATION=3v`: the demo on minimind-3v's network (scripts/demo.py --generation)
+GENERATION ?= v1
 
 .PHONY: install test demo web clean
 
@@ -18,7 +20,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py --generation $(GENERATION)
 
 web: install
 	$(PY) -m streamlit run web_server.py --server.address 127.0.0.1

@@ -14,6 +14,14 @@ Steps (each one a real entry point a user would run):
   6. scripts/plot_loss.py         the loss curves -> images/demo_loss.png
 
     python scripts/demo.py [--profile full|ci] [--preset minimind-v-small|minimind-v] [--out_dir out]
+                           [--generation v1|3v]
+
+--generation 3v (`make demo GENERATION=3v`) trains minimind-3v's network on the same data instead: the SigLIP2
+tower at model/siglip2-base-p32-256-ve when present, otherwise an untrained SigLIP2-shaped stand-in
+(scripts/build_stand_in_siglip.py), the minimind-3v tokenizer (model/minimind_3v_tokenizer), 64 x <|image_pad|>
+per image, one question per row (3v has no --pack_same_image), the whole LLM trained in both stages (from scratch,
+unlike 3v's own stage defaults); its files are out/pretrain_vlm_{dim}.pth, out/sft_vlm_{dim}.pth and
+out/demo_summary_3v.json. The v1 demo is unchanged.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ sys.path.insert(0, ROOT)
 
 from model.config import PRESETS  # noqa: E402
 from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH  # noqa: E402
+from checkpoints.tokenizer import V3_TOKENIZER_PATH  # noqa: E402
+from trainer.config import V3_TOWER_PATH  # noqa: E402
 from checkpoints.vision_pairing import is_stand_in  # noqa: E402
 
 # Model and schedule per profile; `full` is what `make demo` runs and the README reports (the recipe search
@@ -52,6 +62,10 @@ PROFILES = {
                sft_max_steps=None, eval_limit=None, cpu_dtype="float32", val_samples=40, val_points=2,
                compile=()),
 }
+# 3v's changes to a profile: one question per row (no --pack_same_image), rows long enough for a 64-token image,
+# eager training (3v's run splice is not compile-clean yet).
+V3_PROFILE_CHANGES = dict(sft_pack=1, max_seq_len=160, sft_max_seq_len=160, compile=())
+V3_STAND_IN_PATH = "model/clip_model/stand_in_siglip2_base_p32_256"
 PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)
 
 
@@ -99,6 +113,8 @@ def parse_args() -> argparse.Namespace:
                    help="training dtype on the CPU (default: the profile's; auto = bf16 autocast where measured faster)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="train a published size instead of the profile's small model (heads 16/8)")
+    p.add_argument("--generation", default="v1", choices=["v1", "3v"],
+                   help="v1 (default) or minimind-3v's network, tower shape and tokenizer")
     return p.parse_args()
 
 
@@ -112,31 +128,36 @@ def build_data(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> 
     _, times["data"] = run(data_cmd, "data", args.out_dir)
 
 
-def stand_in_path(layers: int, clip_dir: str | None = None) -> str:
-    """Where the stand-in encoder with `layers` transformer layers lives: STAND_IN_CLIP_PATH for the full profile's
-    0 layers, a sibling folder named by its layer count otherwise; under clip_dir when given."""
-    path = STAND_IN_CLIP_PATH if layers == 0 else f"{STAND_IN_CLIP_PATH}_{layers}layer"
+def stand_in_path(layers: int, clip_dir: str | None = None, generation: str = "v1") -> str:
+    """Where the stand-in encoder with `layers` transformer layers lives: STAND_IN_CLIP_PATH (3v: V3_STAND_IN_PATH)
+    for the full profile's 0 layers, a sibling folder named by its layer count otherwise; under clip_dir when given."""
+    base = V3_STAND_IN_PATH if generation == "3v" else STAND_IN_CLIP_PATH
+    path = base if layers == 0 else f"{base}_{layers}layer"
     return os.path.join(clip_dir, os.path.basename(path)) if clip_dir else path
 
 
 def vision_encoder(args: argparse.Namespace, cfg: dict, times: dict[str, float]) -> str:
-    """2. the real CLIP when the user has it, else the stand-in (said loudly, built when missing)"""
-    if os.path.exists(os.path.join(ROOT, DEFAULT_CLIP_PATH, "config.json")):
-        print(f"\nusing the real CLIP ViT-B/32 at {DEFAULT_CLIP_PATH}")
+    """2. the real CLIP (3v: SigLIP2) when the user has it, else the stand-in (said loudly, built when missing)"""
+    v3 = args.generation == "3v"
+    real = V3_TOWER_PATH if v3 else DEFAULT_CLIP_PATH
+    if os.path.exists(os.path.join(ROOT, real, "config.json")):
+        print(f"\nusing the real {'SigLIP2 tower' if v3 else 'CLIP ViT-B/32'} at {real}")
         times["encoder"] = 0.0
-        return DEFAULT_CLIP_PATH
+        return real
     # One folder per layer count: a run of another profile must never replace the encoder a trained demo model
     # was trained on (its features would change under it, silently). The full profile's stays at the path the
     # README, the web demo and the tests name.
-    clip = stand_in_path(cfg["clip_layers"], args.clip_dir)
-    print("\n[stand-in] no pretrained CLIP is available offline: the demo uses a randomly initialised, "
-          f"UNTRAINED CLIP ViT-B/32-shaped vision tower with {cfg['clip_layers']} transformer layer(s) after its "
-          f"patch embedding ({clip}).")
+    clip = stand_in_path(cfg["clip_layers"], args.clip_dir, args.generation)
+    shape = "SigLIP2-base-p32-256" if v3 else "CLIP ViT-B/32"
+    print(f"\n[stand-in] no pretrained {'SigLIP2' if v3 else 'CLIP'} is available offline: the demo uses a randomly "
+          f"initialised, UNTRAINED {shape}-shaped vision tower with {cfg['clip_layers']} transformer layer(s) after "
+          f"its patch embedding ({clip}).")
     marker = os.path.join(ROOT, clip, "config.json")
     layers_ok = os.path.exists(marker) and json.load(open(marker)).get("num_hidden_layers") == cfg["clip_layers"]
     if not layers_ok:
-        _, times["encoder"] = run([sys.executable, "scripts/build_stand_in_clip.py", "--out", clip, "--layers",
-                                   str(cfg["clip_layers"])], "encoder", args.out_dir)
+        script = "scripts/build_stand_in_siglip.py" if v3 else "scripts/build_stand_in_clip.py"
+        _, times["encoder"] = run([sys.executable, script, "--out", clip, "--layers", str(cfg["clip_layers"])],
+                                  "encoder", args.out_dir)
     return clip
 
 
@@ -210,6 +231,8 @@ def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str
     demo = os.path.join(args.data_root, "demo")
     flags = stage_flags(cfg, clip, args.out_dir, os.path.join(demo, "images", "train"), "cpu", args.num_workers,
                         args.preset)
+    if args.generation == "3v":  # from scratch, so both stages train the whole LLM (3v's defaults freeze most)
+        flags += ["--generation", "3v", "--tokenizer_path", V3_TOKENIZER_PATH, "--freeze_llm", "0"]
     _, times["pretrain"] = run(pretrain_command(cfg, flags, os.path.join(demo, "pretrain.json")), "pretrain",
                                args.out_dir)
     # SFT validates now and then on a few held-out questions: the accuracy curve of the loss plot
@@ -217,7 +240,15 @@ def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str
     write_val_monitor(os.path.join(demo, "test.json"), val_path, cfg["val_samples"])
     _, times["sft"] = run(sft_command(cfg, flags, os.path.join(demo, "sft.json"), val_path,
                                       os.path.join(demo, "images", "test")), "sft", args.out_dir)
-    return os.path.join(args.out_dir, f"{cfg['dim']}_vlm_sft.pth")
+    return stage_files(args, cfg)[1] + ".pth"
+
+
+def stage_files(args: argparse.Namespace, cfg: dict) -> tuple[str, str]:
+    """The pretrain and SFT checkpoints' paths without ".pth" (3v: upstream's names)."""
+    if args.generation == "3v":
+        return tuple(os.path.join(args.out_dir, f"{name}_{cfg['dim']}") for name in ("pretrain_vlm", "sft_vlm"))
+    stem = os.path.join(args.out_dir, str(cfg["dim"]))
+    return f"{stem}_vlm_pretrain", f"{stem}_vlm_sft"
 
 
 def evaluate(args: argparse.Namespace, cfg: dict, clip: str, ckpt: str, times: dict[str, float]) -> dict:
@@ -249,6 +280,10 @@ def main() -> None:
         cfg.update(PRESETS[args.preset], n_heads=16, n_kv_heads=8)
     if args.cpu_dtype:
         cfg["cpu_dtype"] = args.cpu_dtype
+    if args.generation == "3v":
+        cfg.update(V3_PROFILE_CHANGES)
+        if args.loss_plot == "images/demo_loss.png":
+            args.loss_plot = "images/demo_loss_3v.png"
     times: dict[str, float] = {}
     started = time.perf_counter()
     build_data(args, cfg, times)
@@ -257,20 +292,22 @@ def main() -> None:
     ckpt = train_stages(args, cfg, clip, times)
     scores = evaluate(args, cfg, clip, ckpt, times)
     # 6. loss curves
-    stem = os.path.join(args.out_dir, str(cfg["dim"]))
-    run([sys.executable, "scripts/plot_loss.py", f"{stem}_vlm_pretrain_log.jsonl", f"{stem}_vlm_sft_log.jsonl",
-         "--out", args.loss_plot, "--title", f"demo ({args.profile}): training loss (log scale), validation accuracy"],
-        "plot", args.out_dir)
+    pretrain_stem, sft_stem = stage_files(args, cfg)
+    title = f"demo ({args.profile}{', 3v' if args.generation == '3v' else ''}): training loss (log scale), " \
+            "validation accuracy"
+    run([sys.executable, "scripts/plot_loss.py", f"{pretrain_stem}_log.jsonl", f"{sft_stem}_log.jsonl",
+         "--out", args.loss_plot, "--title", title], "plot", args.out_dir)
 
     total = time.perf_counter() - started
-    summary = {"profile": args.profile, **scores, "vision_encoder": clip,
+    summary = {"profile": args.profile, "generation": args.generation, **scores, "vision_encoder": clip,
                "stand_in_encoder": is_stand_in(os.path.join(ROOT, clip)),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(total, 1),
                "checkpoint": ckpt, "model": {k: cfg[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")},
                "schedule": {k: cfg[k] for k in ("pretrain_epochs", "pretrain_lr", "sft_epochs", "sft_lr", "sft_pack",
                                                 "sft_max_seq_len", "batch_size", "group_by_length", "cpu_dtype",
                                                 "cpu_bf16")}}
-    with open(os.path.join(args.out_dir, "demo_summary.json"), "w") as f:
+    name = "demo_summary_3v.json" if args.generation == "3v" else "demo_summary.json"
+    with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n================ MiniMind-V demo summary ================")
     print(f"vision encoder : {clip}{'  (UNTRAINED STAND-IN, random weights)' if summary['stand_in_encoder'] else ''}")

@@ -123,3 +123,17 @@ def test_a_resumed_3v_moe_run_equals_an_uninterrupted_one(data, tmp_path):
     a, b = (torch.load(p / "pretrain_vlm_64_moe.pth", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".mlp.experts." in k for k in a) and any(k.endswith("mlp.gate.weight") for k in a)
+
+
+def test_the_demo_on_3v_names_its_own_stand_in_and_files_and_leaves_v1s_alone():
+    import argparse
+
+    from helpers import load_script
+
+    demo = load_script("scripts/demo.py", "demo_script_v3")
+    assert demo.stand_in_path(0, None, "3v") == demo.V3_STAND_IN_PATH != demo.stand_in_path(0)
+    assert demo.stand_in_path(1, "/tmp/x", "3v") == "/tmp/x/stand_in_siglip2_base_p32_256_1layer"
+    v3, v1 = (argparse.Namespace(generation=g, out_dir="out") for g in ("3v", "v1"))
+    assert demo.stage_files(v3, {"dim": 128}) == ("out/pretrain_vlm_128", "out/sft_vlm_128")
+    assert demo.stage_files(v1, {"dim": 128}) == ("out/128_vlm_pretrain", "out/128_vlm_sft")
+    assert demo.V3_PROFILE_CHANGES["sft_pack"] == 1  # 3v has no --pack_same_image
