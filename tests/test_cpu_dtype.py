@@ -41,7 +41,7 @@ def test_bf16_must_win_most_rounds_not_one(monkeypatch, tokenizer):
     bf16_runs = iter([0.10, 0.05, 0.20, 0.20])  # warm-up, then three rounds
     monkeypatch.setattr(cpu_dtype, "_step_seconds", lambda _m, _ids, bf16, reps: next(bf16_runs) if bf16 else 0.10)
     choice = cpu_dtype.choose_cpu_train_dtype(_tiny_model(tokenizer), batch_size=2, seq_len=8, rounds=3)
-    assert not choice.bf16 and "bf16 50 ms" in choice.line and "in 1/3 rounds" in choice.line
+    assert not choice.bf16 and "bf16 50 ms" in choice.line and "1.10x faster in 1/3 rounds" in choice.line
 
 
 def test_measuring_leaves_the_random_state_and_the_weights_alone(tokenizer):
