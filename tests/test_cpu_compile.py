@@ -185,3 +185,13 @@ def test_filling_the_cache_to_its_last_slot_does_not_compile_again(base, compile
     assert counters["stats"]["unique_graphs"] == graphs
     for got, want in zip(logits["compiled"], logits["plain"]):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_3v_model_compiles_to_its_plain_tokens():
+    """minimind-3v's attention (per-head q/k norms, rotate-half RoPE) in the compiled step."""
+    torch.manual_seed(0)
+    plain = MiniMindVLM(tiny_config(generation="3v")).eval()
+    model = copy.deepcopy(plain)
+    assert choose_cpu_kernel(model, "compiled").kernel == "compiled"
+    with Counting(model) as counting:
+        assert torch.equal(greedy(model, PROMPT), greedy(plain, PROMPT)) and counting.calls == 15

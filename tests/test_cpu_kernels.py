@@ -240,3 +240,17 @@ def test_faster_in_turns_needs_a_majority_of_rounds(plain, candidate, kept, wins
     assert (turns.keep_candidate, turns.wins) == (kept, wins)
     assert order == ["plain", "candidate", "plain", "candidate", "candidate", "plain", "plain", "candidate"]
     assert turns.best_plain_s == 1.0 and "3 rounds in turns" in turns.describe("a", "b")
+
+
+def test_stacked_and_converted_3v_model_gives_the_plain_logits():
+    """minimind-3v's attention (per-head q/k norms, rotate-half RoPE) keeps them in its stacked form."""
+    torch.manual_seed(0)
+    plain = MiniMindVLM(tiny_config(generation="3v")).eval()
+    ids = torch.tensor(PROMPT)
+    for kernel in ("default", "transposed"):
+        model = copy.deepcopy(plain)
+        stack_projections(model)
+        cpu_kernels.use_kernel(model, kernel)
+        with torch.inference_mode():
+            assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-4), kernel
+    assert torch.equal(greedy(model, ROWS), greedy(plain, ROWS))
