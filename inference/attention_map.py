@@ -12,6 +12,8 @@ answer token).
 
 The 50 image positions hold CLIP's CLS token then the 7x7 patches in row-major order; the image was resized to
 224x224 without cropping, so patch (r, c) covers the r-th seventh of the image's height and c-th of its width.
+minimind-3v: the 64 image positions (a run of <|image_pad|>) hold SigLIP2's 8x8 patches of the 256x256 image, in
+row-major order, with no CLS (its cls_weight is 0).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 from model.config import IMAGE_TOKENS
 from model.decoder import Attention, rope_tables
-from model.vlm import MiniMindVLM
+from model.vlm import MiniMindVLM, find_image_runs
 
 PATCH_GRID = 7  # ViT-B/32 on 224x224: 7x7 patches after the CLS token
 
@@ -34,39 +36,49 @@ class AttentionMaps:
 
     weights[layer, head, q, key] is the weight query_positions[q] gives key position `key` (float32; each row
     sums to 1 over keys 0..query_positions[q] and is 0 on later keys). image_start is the first of the 50
-    image positions, or None when the sequence holds no image. logits are those of every position.
+    image positions, or None when the sequence holds no image. logits are those of every position. image_tokens
+    and cls_tokens: v1's 50 positions begin with CLS (1), 3v's 64 are all patches (0).
     """
 
     weights: torch.Tensor
     query_positions: list[int]
     image_start: Optional[int]
     logits: torch.Tensor
+    image_tokens: int = IMAGE_TOKENS
+    cls_tokens: int = 1
+
+    @property
+    def grid_side(self) -> int:
+        """Patches per row and column: 7 (v1, CLIP ViT-B/32 on 224), 8 (3v, SigLIP2 patch 32 on 256)."""
+        return math.isqrt(self.image_tokens - self.cls_tokens)
 
     @property
     def n_layers(self) -> int:
         return self.weights.shape[0]
 
     def image_weights(self) -> torch.Tensor:
-        """[layers, heads, queries, 50]: the weights on CLS then the 49 patches."""
+        """[layers, heads, queries, image_tokens]: v1 the weights on CLS then the 49 patches, 3v on the 64 patches."""
         if self.image_start is None:
             raise ValueError("the inspected sequence holds no image placeholder")
-        return self.weights[..., self.image_start:self.image_start + IMAGE_TOKENS]
+        return self.weights[..., self.image_start:self.image_start + self.image_tokens]
 
     def image_share(self) -> torch.Tensor:
-        """[layers]: the share of attention that goes to the 50 image positions (the rest goes to text), averaged
+        """[layers]: the share of attention that goes to the image positions (the rest goes to text), averaged
         over heads and the query positions."""
         return self.image_weights().sum(-1).mean(dim=(1, 2))
 
     def patch_grid(self, layer: Optional[int] = None, query: Optional[int] = None) -> torch.Tensor:
-        """[7, 7]: the attention weight on each patch, averaged over heads, and over all layers unless `layer`
-        is given and all query positions unless `query` (an index into query_positions) is given."""
-        w = self.image_weights()[..., 1:]  # drop CLS
+        """[7, 7] (3v: [8, 8]): the attention weight on each patch, averaged over heads, and over all layers unless
+        `layer` is given and all query positions unless `query` (an index into query_positions) is given."""
+        w = self.image_weights()[..., self.cls_tokens:]  # drop CLS (v1)
         w = w[layer:layer + 1] if layer is not None else w
         w = w[:, :, query:query + 1] if query is not None else w
-        return w.mean(dim=(0, 1, 2)).reshape(PATCH_GRID, PATCH_GRID)
+        return w.mean(dim=(0, 1, 2)).reshape(self.grid_side, self.grid_side)
 
     def cls_weight(self, layer: Optional[int] = None, query: Optional[int] = None) -> float:
-        """The weight on the CLS position, averaged like patch_grid."""
+        """The weight on the CLS position, averaged like patch_grid (0.0 for 3v, which has none)."""
+        if not self.cls_tokens:
+            return 0.0
         w = self.image_weights()[..., 0]
         w = w[layer:layer + 1] if layer is not None else w
         w = w[:, :, query:query + 1] if query is not None else w
@@ -102,11 +114,14 @@ def inspect_attention(model: MiniMindVLM, input_ids: torch.Tensor, image_feature
     bad = [p for p in queries if not 0 <= p < T]
     if bad:
         raise ValueError(f"query positions {bad} are outside the sequence of {T} tokens")
-    _, starts = model.find_image_spans(ids)
+    v3 = model.config.generation == "3v"
+    # the first image: v1's 50-id span, or 3v's first run of <|image_pad|>
+    _, starts = find_image_runs(ids, int(model.image_ids[0]))[:2] if v3 else model.find_image_spans(ids)
     image_start = int(starts[0]) if image_features is not None and starts.numel() else None
 
     h = model.splice_images(model.embed(ids), ids, image_features)
-    cos, sin = rope_tables(model.config.head_dim, T, model.config.rope_theta, ids.device)
+    cos, sin = rope_tables(model.config.head_dim, T, model.config.rope_theta, ids.device,
+                           yarn=model.config.rope_yarn if v3 else None)  # the tables the model's forward uses
     kept = []
     index = torch.tensor(queries, device=ids.device)
     for block in model.layers:  # Block.forward, with the attention written out
@@ -115,7 +130,8 @@ def inspect_attention(model: MiniMindVLM, input_ids: torch.Tensor, image_feature
         h = h + out
         h = h + block.feed_forward(block.ffn_norm(h))
     logits = model.output(model.norm(h))[0]
-    return AttentionMaps(torch.stack(kept), queries, image_start, logits)
+    return AttentionMaps(torch.stack(kept), queries, image_start, logits, model.config.image_tokens,
+                         0 if v3 else 1)
 
 
 def answer_query_positions(prompt_len: int, n_answer: int) -> list[int]:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .attention_map import PATCH_GRID, AttentionMaps  # noqa: E402
+from .attention_map import AttentionMaps  # noqa: E402
 
 # CJK answers (the v1 models answer in Chinese) draw with WenQuanYi where it is installed; DejaVu otherwise.
 FONTS = ["DejaVu Sans", "WenQuanYi Micro Hei"]
@@ -33,8 +33,8 @@ def quoted(token: str) -> str:
 
 
 def overlay(ax, image: Image.Image, grid, title: str, vmax: Optional[float] = None) -> None:
-    """The image with the 7x7 grid drawn over it: the image was resized to 224x224 without cropping, so the
-    grid covers the whole image."""
+    """The image with the patch grid (7x7 v1, 8x8 3v) drawn over it: the image was resized to the tower's square
+    without cropping, so the grid covers the whole image."""
     w, h = image.size
     ax.imshow(image)
     ax.imshow(grid.float().numpy(), cmap=HEAT_CMAP, alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
@@ -45,7 +45,7 @@ def overlay(ax, image: Image.Image, grid, title: str, vmax: Optional[float] = No
 
 
 def layer_rows(maps: AttentionMaps) -> list[dict[str, float]]:
-    """Per layer, then all layers averaged: the shares of attention on CLS, the 49 patches, all image positions
+    """Per layer, then all layers averaged: the shares of attention on CLS, the patches, all image positions
     and text (averaged over heads and answer tokens)."""
     rows = []
     for layer in [*range(maps.n_layers), None]:
@@ -54,7 +54,7 @@ def layer_rows(maps: AttentionMaps) -> list[dict[str, float]]:
         top = int(grid.flatten().argmax())
         rows.append({"layer": "all" if layer is None else str(layer), "image": cls + patches, "cls": cls,
                      "patches": patches, "text": 1.0 - cls - patches,
-                     "top_patch": f"({top // PATCH_GRID},{top % PATCH_GRID})"})
+                     "top_patch": f"({top // maps.grid_side},{top % maps.grid_side})"})
     return rows
 
 
@@ -65,7 +65,7 @@ def token_rows(maps: AttentionMaps, tokens: Sequence[str]) -> list[dict[str, flo
         grid, cls = maps.patch_grid(query=q), maps.cls_weight(query=q)
         top = int(grid.flatten().argmax())
         rows.append({"token": token, "image": cls + float(grid.sum()), "cls": cls, "patches": float(grid.sum()),
-                     "top_patch": f"({top // PATCH_GRID},{top % PATCH_GRID})"})
+                     "top_patch": f"({top // maps.grid_side},{top % maps.grid_side})"})
     return rows
 
 
@@ -92,7 +92,8 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Sequence[s
     top_cols = 2 + len(shown)
     fig = plt.figure(figsize=(max(top_cols, maps.n_layers, 4) * 1.9, 7.2), layout="constrained")
     answer = "".join(tokens)
-    fig.suptitle(f"Q: {question}   A: {answer}\n7x7 heat map = attention from the answer to the image patches "
+    side = maps.grid_side
+    fig.suptitle(f"Q: {question}   A: {answer}\n{side}x{side} heat map = attention from the answer to the image patches "
                  f"(mean over heads; colour scaled per panel)", fontsize=9)
     top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.1, 1.0, 0.9])
 
@@ -118,7 +119,7 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Sequence[s
     layers = [r["layer"] for r in rows]
     ax.bar(layers, [100 * r["cls"] for r in rows], label="image: CLS", color="#8c564b")
     ax.bar(layers, [100 * r["patches"] for r in rows], bottom=[100 * r["cls"] for r in rows],
-           label="image: 49 patches", color="#ff7f0e")
+           label=f"image: {side * side} patches", color="#ff7f0e")
     ax.bar(layers, [100 * r["text"] for r in rows], bottom=[100 * r["image"] for r in rows], label="text tokens",
            color="#1f77b4")
     ax.set_xlabel("layer")

@@ -33,13 +33,16 @@ def inspection(chat: VLMChat, image: Image.Image, key: str, prompt_ids: Sequence
     return cache[key]
 
 
-def prompt_html(tokens: Sequence[str], image_start: int) -> str:
-    """The prompt's tokens as chips; the 50 image positions in orange, each titled with what it holds."""
+def prompt_html(tokens: Sequence[str], image_start: int, image_tokens: int = IMAGE_TOKENS, cls_tokens: int = 1,
+                grid_side: int = 7) -> str:
+    """The prompt's tokens as chips; the image positions (v1: 50, CLS then 7x7 patches; 3v: 64, 8x8 patches) in
+    orange, each titled with what it holds."""
     chips = []
     for pos, token in enumerate(tokens):
         offset = pos - image_start
-        if 0 <= offset < IMAGE_TOKENS:
-            what = "CLS" if offset == 0 else f"patch ({(offset - 1) // 7},{(offset - 1) % 7})"
+        if 0 <= offset < image_tokens:
+            patch = offset - cls_tokens
+            what = "CLS" if patch < 0 else f"patch ({patch // grid_side},{patch % grid_side})"
             chips.append(f'<span class="image-pos" title="position {pos}: {what}" '
                          f'style="{TOKEN_STYLE}{IMAGE_COLOUR}">{html.escape(token)}</span>')
         else:
@@ -71,7 +74,8 @@ def show_inspection(chat: VLMChat, image: Image.Image, key: str, prompt_ids: Seq
         st.image(heatmap_png(image, grid, f"{token_choice}, {layer_choice}"), width="stretch")
     with right:
         st.markdown(f"**Attention to the image:** {100 * (cls + patches):.1f}%  \n"
-                    f"(CLS {100 * cls:.1f}%, 49 patches {100 * patches:.1f}%)  \n"
+                    f"({f'CLS {100 * cls:.1f}%, ' if maps.cls_tokens else ''}"
+                    f"{maps.grid_side ** 2} patches {100 * patches:.1f}%)  \n"
                     f"**to text:** {100 * (1 - cls - patches):.1f}%")
         st.caption("Mean over heads. Brighter = more attention; the colour scale runs from 0 to this map's "
                    "largest patch weight. Row i of the answer is the position that produced token i.")
@@ -80,6 +84,8 @@ def show_inspection(chat: VLMChat, image: Image.Image, key: str, prompt_ids: Seq
               "image %": [f"{100 * r['image']:.1f}" for r in rows],
               "patches %": [f"{100 * r['patches']:.1f}" for r in rows],
               "text %": [f"{100 * r['text']:.1f}" for r in rows]})
-    st.markdown("**The prompt as the model reads it** (orange: the 50 image positions, CLS then 7x7 patches, "
-                "whose placeholder embeddings are replaced by the projected image features)")
-    st.markdown(prompt_html(token_texts(chat.tokenizer, prompt_ids), maps.image_start), unsafe_allow_html=True)
+    side, cls_note = maps.grid_side, "CLS then " if maps.cls_tokens else ""
+    st.markdown(f"**The prompt as the model reads it** (orange: the {maps.image_tokens} image positions, {cls_note}"
+                f"{side}x{side} patches, whose placeholder embeddings are replaced by the projected image features)")
+    st.markdown(prompt_html(token_texts(chat.tokenizer, prompt_ids), maps.image_start, maps.image_tokens,
+                            maps.cls_tokens, side), unsafe_allow_html=True)

@@ -1,5 +1,6 @@
 """Where does the answer look in the image? Answer a question about an image, then draw the attention from each
-answer token to the 50 image positions (CLS + 7x7 patches), per layer, and print the same numbers.
+answer token to the 50 image positions (CLS + 7x7 patches; a minimind-3v checkpoint: its 64 positions, 8x8 patches),
+per layer, and print the same numbers.
 
     python scripts/inspect_attention.py --ckpt out/128_vlm_sft.pth --clip_path model/clip_model/stand_in_clip_vit_b32 \\
         --image dataset/demo/images/test/test_00003.png --prompt "what shape is in the image?" --out attention.png
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from inference.attention_map import inspect_answer  # noqa: E402
 from inference.attention_plot import (MAX_TOKENS_DRAWN, attention_figure, attention_table, figure_png,  # noqa: E402
                                       token_texts)
+from inference.app_images import open_app_image  # noqa: E402
 from inference.chat import GenerationSettings, StreamStats, VLMChat  # noqa: E402
 from checkpoints.files import CheckpointError  # noqa: E402
 from model.vision import DEFAULT_CLIP_PATH  # noqa: E402
@@ -80,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         image = open_image(args.image)
         chat = VLMChat.load(args.ckpt, args.clip_path, args.tokenizer_path, args.device,
                             allow_encoder_mismatch=args.allow_encoder_mismatch)
+        if chat.generation == "3v":  # 3v drops the alpha channel, as upstream does (v1: over white)
+            image = open_app_image(args.image, generation="3v")
     except (FileNotFoundError, CheckpointError, ValueError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -100,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 1
     tokens = token_texts(chat.tokenizer, stats.completion_ids)
-    print(f"\nattention to the image (positions {maps.image_start}..{maps.image_start + 49} of "
+    print(f"\nattention to the image (positions {maps.image_start}..{maps.image_start + maps.image_tokens - 1} of "
           f"{len(stats.prompt_ids)} prompt tokens), mean over heads and answer tokens:")
     print(attention_table(maps, tokens))
     if min(args.max_tokens_drawn, len(tokens)) > MAX_TOKENS_DRAWN:
