@@ -186,3 +186,30 @@ def test_packed_rows_compile_whole_and_unpacked_batches_share_their_graph(tokeni
     # an unpacked row given segment ids trains exactly as without them (same loss, eager)
     plain = collate([_row(tokenizer, n, image=True, seed=n) for n in (9, 21, 15)])
     torch.testing.assert_close(_loss(model, batches[1], compiled=False), _loss(model, plain, compiled=False))
+
+
+def test_without_a_working_cpp_compiler_the_model_stays_eager_with_the_reason(tokenizer, monkeypatch, tmp_path):
+    from trainer.compile_step import compile_for_training
+
+    model = _model(tokenizer)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    same, why = compile_for_training(model, torch.device("cpu"))
+    assert same is model and "no C++ compiler (no-such-compiler-here)" in why and "\n" not in why
+    broken = tmp_path / "cxx"
+    broken.write_text("#!/bin/sh\necho 'cc1plus: fatal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    same, why = compile_for_training(model, torch.device("cpu"))
+    assert same is model and "fails on a one-line program (cc1plus: fatal error)" in why
+
+
+def test_pretrain_with_compile_but_no_compiler_trains_eager_and_says_so(tmp_path, tiny_clip_dir, monkeypatch,
+                                                                        caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    data, images = make_dataset(tmp_path, n_images=4)
+    with caplog.at_level(logging.WARNING, logger="minimind"):
+        summary = run_stage(PRETRAIN, train_argv(data, images, tiny_clip_dir, tmp_path / "out", "--compile",
+                                                 "--max_steps", "1"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--compile:")]
+    assert len(lines) == 1 and "training runs eager" in lines[0]
+    assert summary["step"] == 1 and summary["compiled_graphs"] == 0
