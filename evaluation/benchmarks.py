@@ -17,10 +17,9 @@ from typing import Any, Optional
 import torch
 
 from data_pipeline.records import SkipCounter
-from model.config import IMAGE_SPECIAL_TOKEN
 from inference.cpu.kernels import current_kernel
 from evaluation.exact_match import greedy_answers
-from checkpoints.tokenizer import encode, neutralise_placeholder, render_chat
+from checkpoints.tokenizer import encode, image_placeholder, neutralise_placeholder, render_chat
 from checkpoints.files import atomic_write
 from data_pipeline.image_decode import ImageError
 
@@ -32,6 +31,9 @@ from .images import decode_for_encoder
 from inference.chat import VLMChat
 
 DEFAULT_BATCH_SIZE = 32
+# how a question is put to each generation's model (the result file's "prompt.chat")
+CHAT_NOTE = {"v1": "the v1 chat template; one image placeholder leads the user turn",
+             "3v": "the minimind-3v chat template (empty think block); 64 x <|image_pad|> lead the user turn"}
 
 
 @dataclass
@@ -62,7 +64,8 @@ class BenchRun:
 
 def _cut_to_fit(chat: VLMChat, prompt: str, ids: list[int]) -> bool:
     """Whether build_prompt had to cut the question: its ids are fewer than those of the whole turn."""
-    content = f"{IMAGE_SPECIAL_TOKEN}\n" + neutralise_placeholder(prompt)
+    # the model's own placeholder: v1's 50-token span, 3v's 64 x <|image_pad|>
+    content = f"{image_placeholder(chat.generation)}\n" + neutralise_placeholder(prompt, chat.generation)
     return len(ids) < len(encode(chat.tokenizer, render_chat(chat.tokenizer, [{"role": "user", "content": content}])))
 
 
@@ -175,7 +178,8 @@ def model_record(chat: VLMChat, ckpt: str, clip_path: str, stand_in: bool,
             "weights_file_sha256": file_sha256(ckpt) if os.path.isfile(ckpt) else None,
             "state_dict_sha256": weights_sha256 or state_dict_sha256(chat.model),
             "cpu_inference": chat.kernel_line,
-            "parameters": chat.n_params, "dim": config.dim, "n_layers": config.n_layers,
+            "generation": config.generation, "parameters": chat.n_params, "dim": config.dim,
+            "n_layers": config.n_layers,
             "use_moe": bool(getattr(config, "use_moe", False)), "max_seq_len": config.max_seq_len,
             "tokenizer": str(chat.tokenizer_path), "vision_encoder": os.path.abspath(clip_path),
             "vision_encoder_is_untrained_stand_in": stand_in}
@@ -199,7 +203,7 @@ def result_record(run: BenchRun, model: dict[str, Any], sources: dict[str, Sourc
         "model": model,
         "benchmark_files": files, "download_pin": {"repo": spec.repo, "revision": spec.revision},
         "prompt": {"template": spec.prompt("{question}"), "source": spec.prompt_source,
-                   "chat": "the v1 chat template; one image placeholder leads the user turn"},
+                   "chat": CHAT_NOTE[model.get("generation", "v1")]},
         "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens},
         "answers": [vars(a) for a in run.answers],
     }

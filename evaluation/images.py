@@ -11,7 +11,8 @@ from typing import Optional
 
 from PIL import Image
 
-from data_pipeline.image_decode import ImageSource, open_image
+from data_pipeline.image_decode import ImageSource
+from inference.app_images import open_app_image
 
 
 def tower_size(encoder) -> Optional[int]:
@@ -20,7 +21,10 @@ def tower_size(encoder) -> Optional[int]:
 
 
 def decode_for_encoder(encoder, source: ImageSource, name: Optional[str] = None) -> Image.Image:
-    """open_image (ImageError with one line naming the image), resized to tower_size(encoder)."""
-    image = open_image(source, name=name)
+    """open_image (ImageError with one line naming the image), resized to tower_size(encoder). For 3v's SigLIP2
+    tower a transparent image loses its alpha channel, as upstream's does (inference.app_images); v1's CLIP gets it
+    over white."""
+    generation = "3v" if getattr(encoder, "kind", "clip") == "siglip" else "v1"
+    image = open_app_image(source, name, generation)
     size = tower_size(encoder)
     return image if size is None or image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
