@@ -97,7 +97,7 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
     if encoder is not None:  # bundling another encoder than the one trained with would make pixel_values noise
         check_encoder_family(generation, encoder, source.path)  # v1 takes CLIP, 3v SigLIP: always refused
         check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
-    native = load_model(source, image_ids=image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer))
+    native = load_model(source, image_ids=_image_ids(tokenizer, generation))
     config = copy.deepcopy(native.config)
     config.tie_word_embeddings = True
     config.auto_map = dict(AUTO_MAP)
@@ -123,6 +123,11 @@ def export(ckpt: str, out: str, tokenizer_path: Optional[str] = None, clip_path:
     if verify:
         verify_export(out_dir, native.to(DTYPES[dtype]))
     return out_dir
+
+
+def _image_ids(tokenizer, generation: str) -> list[int]:
+    """The placeholder ids the model is built with: v1's 50-id span, or 3v's one <|image_pad|> id."""
+    return image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer)
 
 
 def write_files(folder: Path, model: torch.nn.Module, tokenizer, clip_path: Optional[str],
@@ -177,12 +182,13 @@ def verify_export(out_dir: Path, native: torch.nn.Module, atol: float = 1e-5) ->
 # ---------------------------------------------------------------------------------------------- reverse
 def import_hf(hf_dir: str, to: str, tokenizer_path: Optional[str] = None) -> Path:
     """Convert a Hugging Face MiniMind-V directory into `to` (.pth) plus its .config.json sidecar, which records
-    the tokenizer (the directory's own unless --tokenizer_path names another with the same vocabulary)."""
+    the tokenizer (the directory's own unless --tokenizer_path names another with the same vocabulary). A minimind-3v
+    directory (upstream's or one exported here) gives a 3v checkpoint in upstream's key layout (save_checkpoint)."""
     if not os.path.isdir(hf_dir):
         raise ExportError(f"{hf_dir}: not a Hugging Face model directory")
     ckpt = read_model_dir(hf_dir)
     tok_path, fingerprint = checkpoint_tokenizer(ckpt, tokenizer_path)
-    model = load_model(ckpt, image_ids=image_token_ids(load_tokenizer(tok_path)))
+    model = load_model(ckpt, image_ids=_image_ids(load_tokenizer(tok_path), ckpt.stored.get("generation", "v1")))
     dtypes = {v.dtype for v in ckpt.state_dict.values() if v.is_floating_point()}
     if len(dtypes) == 1:  # keep the published precision (and file size)
         model.to(dtypes.pop())
