@@ -147,11 +147,12 @@ def test_inductor_loss_and_gradients_equal_eagers(tokenizer):
 def test_pretrain_with_compile_logs_no_graph_break_and_few_compiles(tmp_path, tiny_clip_dir, monkeypatch, caplog):
     """1-pretrain_vlm.py --compile on tiny data (rows of several lengths, text-only rows among them): the log
     says how many graphs compiled and how many breaks there were (aot_eager here: no C++ build)."""
-    import trainer.compile_step as compile_step
+    import trainer.loop
 
-    monkeypatch.setattr(compile_step, "compile_for_training",
-                        lambda model, device: (torch.compile(model, backend="aot_eager"), None))
-    monkeypatch.setattr("trainer.loop.compile_for_training", compile_step.compile_for_training)
+    def compile_with_aot_eager(model, device):
+        return torch.compile(model, backend="aot_eager"), None
+
+    monkeypatch.setattr(trainer.loop, "compile_for_training", compile_with_aot_eager)
     text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "hello " * (i + 1)},
                                                    {"from": "gpt", "value": "hi there " * (i + 1)}]} for i in range(4)]
     data, images = make_dataset(tmp_path, n_images=10, extra_records=text_only)
@@ -205,6 +206,9 @@ def test_without_a_working_cpp_compiler_the_model_stays_eager_with_the_reason(to
 
 def test_pretrain_with_compile_but_no_compiler_trains_eager_and_says_so(tmp_path, tiny_clip_dir, monkeypatch,
                                                                         caplog):
+    import trainer.loop
+
+    assert trainer.loop.compile_for_training.__module__ == "trainer.compile_step"  # the real one
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     data, images = make_dataset(tmp_path, n_images=4)
     with caplog.at_level(logging.WARNING, logger="minimind"):
