@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 
 from checkpoints.files import CheckpointError
 from checkpoints.vision_pairing import stand_in_warning
-from data_pipeline.image_decode import ImageError, open_image
+from data_pipeline.image_decode import ImageError
 
+from .app_images import open_app_image
 from .chat import GenerationSettings, TooManyImagesError, VLMChat
 from .model_files import newest_chat_checkpoint
 
@@ -115,7 +116,7 @@ def answer_images(chat: VLMChat, image_args: Optional[Sequence[str]], prompt: st
     failures = 0
     for paths in sets:
         try:
-            images = [open_image(path) for path in paths]
+            images = [open_app_image(path, generation=chat.generation) for path in paths]
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1

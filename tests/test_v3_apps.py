@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from checkpoints.tokenizer import V3_TOKENIZER_ENV
-from inference.chat import VLMChat
+from inference.app_images import open_app_image
+from inference.chat import GenerationSettings, VLMChat
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
 VISION = str(FIXTURES / "vision")
@@ -367,3 +368,19 @@ def test_a_3v_transformers_directory_converts_back_to_a_checkpoint(tmp_path, sou
     features = torch.randn(1, 64, native.model.config.vision_dim)
     with torch.no_grad():
         assert torch.allclose(back.model(ids, features).logits, native.model(ids, features).logits, atol=1e-5)
+
+
+def test_eval_chat_drops_the_alpha_of_a_3v_image_as_upstream_does(tmp_path, monkeypatch):
+    """3-eval_chat.py opens images for the checkpoint's generation: a 3v model sees a transparent image with its
+    alpha channel dropped (as the API and the web page give it), not composited onto white."""
+    from inference import console
+
+    path = _transparent_png(tmp_path / "clear.png")
+    seen = []
+    monkeypatch.setattr(console, "ask", lambda chat, prompt, images, *rest: seen.extend(images) or "")
+    chat = VLMChat.load(DENSE, VISION)
+    settings = GenerationSettings(temperature=0, max_new_tokens=1)
+    assert console.answer_images(chat, [str(path)], "what?", settings, stream=False) == 0
+    want = open_app_image(str(path), generation="3v")
+    assert len(seen) == 1 and np.array_equal(np.asarray(seen[0]), np.asarray(want))
+    assert not np.array_equal(np.asarray(seen[0]), np.asarray(open_app_image(str(path), generation="v1")))
