@@ -137,3 +137,14 @@ def test_the_demo_on_3v_names_its_own_stand_in_and_files_and_leaves_v1s_alone():
     assert demo.stage_files(v3, {"dim": 128}) == ("out/pretrain_vlm_128", "out/sft_vlm_128")
     assert demo.stage_files(v1, {"dim": 128}) == ("out/128_vlm_pretrain", "out/128_vlm_sft")
     assert demo.V3_PROFILE_CHANGES["sft_pack"] == 1  # 3v has no --pack_same_image
+
+
+def test_a_missing_siglip_tower_says_how_to_get_it(data, tmp_path, capsys):
+    from trainer.loop import main
+
+    with pytest.raises(SystemExit):
+        main(PRETRAIN, common(data, tmp_path / "o", "--generation", "3v", "--from_scratch", "--clip_path",
+                              str(tmp_path / "nowhere"), "--dim", "64", "--n_layers", "2"))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "download.py --what clip --generation 3v" in err
+    assert "build_stand_in_siglip.py" in err

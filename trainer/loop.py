@@ -141,6 +141,10 @@ class Run:
         tokenizer_used = training_tokenizer(explicit, init)  # checked against the start checkpoint
         tokenizer = load_tokenizer(tokenizer_used["path"])
         log.info("tokenizer: %s (vocabulary %s)", tokenizer_used["path"], tokenizer_used["fingerprint"][:12])
+        if config.generation == "3v" and not os.path.exists(os.path.join(config.clip_path, "config.json")):
+            raise FileNotFoundError(f"SigLIP2 tower not found at '{config.clip_path}' (3v's): get it with `python "
+                                    f"scripts/download.py --what clip --generation 3v`, or build the untrained "
+                                    f"stand-in with `python scripts/build_stand_in_siglip.py` and pass its --clip_path")
         self.encoder = load_vision_encoder(config.clip_path, self.dist.device)
         if stand_in_warning(config.clip_path):
             log.warning(stand_in_warning(config.clip_path))
