@@ -1,5 +1,5 @@
 """minimind-3v data: upstream's parquet rows -> the ids and labels upstream's dataset makes (the reference in
-/work/shared/fixtures/v3_parity/data, copied from the upstream run), SigLIP pixels, and 64-token cached features."""
+tests/fixtures/v3_parity/data, copied from the upstream run), SigLIP pixels, and 64-token cached features."""
 from __future__ import annotations
 
 import io
@@ -22,9 +22,7 @@ from model.vision import load_vision_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 V3 = ROOT / "tests" / "fixtures" / "v3_parity"
-DATA = Path("/work/shared/fixtures/v3_parity/data")
-if not (DATA / "data_cases.json").exists():
-    DATA = V3 / "data"
+DATA = V3 / "data"
 PAD = 12  # <|image_pad|>
 
 

@@ -24,7 +24,7 @@ from trainer.config import PRETRAIN, SFT, ConfigError, RunConfig, build_parser
 V3 = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
 VISION = str(V3 / "vision")
 TOKENIZER = str(V3 / "tokenizer")
-DATA = Path("/work/shared/fixtures/v3_parity/data/sample_i2t.parquet")
+DATA = V3 / "data" / "sample_i2t.parquet"
 
 
 @pytest.fixture()
