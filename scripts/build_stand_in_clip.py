@@ -94,16 +94,19 @@ def build_stand_in_clip(
     )
     torch.manual_seed(seed)  # same seed -> byte-identical weights
     model = CLIPVisionModel(config).eval()
+    note = STAND_IN_NOTE.format(layers=layers, hidden=hidden_size, heads=num_attention_heads, seed=seed)
+    return save_stand_in(model, out_dir, preprocessor_config(config.image_size), note)
 
+
+def save_stand_in(model: torch.nn.Module, out_dir: str, preprocessor: dict, note: str) -> str:
+    """Write a stand-in tower: its weights (save_pretrained), its preprocessor_config.json, and the STAND_IN.md
+    note by which every entry point recognises and names it (checkpoints.vision_pairing.is_stand_in)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     with open(out / "preprocessor_config.json", "w", encoding="utf-8") as f:
-        json.dump(preprocessor_config(config.image_size), f, indent=2)
-    (out / "STAND_IN.md").write_text(
-        STAND_IN_NOTE.format(layers=layers, hidden=hidden_size, heads=num_attention_heads, seed=seed),
-        encoding="utf-8",
-    )
+        json.dump(preprocessor, f, indent=2)
+    (out / "STAND_IN.md").write_text(note, encoding="utf-8")
     return str(out)
 
 

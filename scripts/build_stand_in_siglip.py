@@ -17,13 +17,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.build_stand_in_clip import save_stand_in  # noqa: E402
 
 DEFAULT_OUT = "model/clip_model/stand_in_siglip2_base_p32_256"
 IMAGE_SIZE = 256
@@ -62,15 +64,8 @@ def build_stand_in_siglip(out_dir: str = DEFAULT_OUT, layers: int = 1, seed: int
                                 image_size=IMAGE_SIZE, patch_size=32, vision_use_head=False)
     torch.manual_seed(seed)  # same seed -> the same weights
     model = SiglipVisionModel(config).eval()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    with open(out / "preprocessor_config.json", "w", encoding="utf-8") as f:
-        json.dump(preprocessor_config(), f, indent=2)
-    (out / "STAND_IN.md").write_text(
-        STAND_IN_NOTE.format(layers=layers, hidden=hidden_size, heads=num_attention_heads, seed=seed),
-        encoding="utf-8")
-    return str(out)
+    note = STAND_IN_NOTE.format(layers=layers, hidden=hidden_size, heads=num_attention_heads, seed=seed)
+    return save_stand_in(model, out_dir, preprocessor_config(), note)
 
 
 def main(argv: list[str] | None = None) -> str:
