@@ -65,3 +65,11 @@ def build_tiny_clip(path: Path, hidden: int = 64, layers: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random VLM saved the way training saves it (with its sidecar), one per test module."""
+    path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
+    save_tiny_vlm(path, tokenizer)
+    return path

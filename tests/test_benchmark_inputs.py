@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TOKENIZER_PATH, save_tiny_vlm, tiny_config
+from conftest import TOKENIZER_PATH, tiny_config
 from helpers import load_script
 from PIL import Image
 from test_benchmarks import MMSTAR_SCHEMA, POPE_SCHEMA, mmstar_rows, pope_rows, write
@@ -40,13 +40,6 @@ def chat(tokenizer, tiny_clip_dir) -> VLMChat:
 @pytest.fixture(scope="module")
 def eval_chat():
     return load_script("3-eval_chat.py", "eval_chat_bench_inputs")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_tiny_vlm(path, tokenizer)
-    return path
 
 
 def _argv(ckpt, clip, *extra) -> list[str]:

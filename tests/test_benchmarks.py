@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TOKENIZER_PATH, save_tiny_vlm, tiny_config
+from conftest import TOKENIZER_PATH, tiny_config
 from helpers import load_script
 from PIL import Image
 
@@ -236,13 +236,6 @@ def test_scores_follow_the_answers_given(tmp_path, chat, monkeypatch):
 @pytest.fixture(scope="module")
 def eval_chat():
     return load_script("3-eval_chat.py", "eval_chat_benchmarks")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_tiny_vlm(path, tokenizer)
-    return path
 
 
 def _argv(ckpt, clip, *extra) -> list[str]:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TOKENIZER_PATH, save_tiny_vlm
+from conftest import TOKENIZER_PATH
 from helpers import load_script
 from PIL import Image
 
@@ -18,13 +18,6 @@ from inference.chat import GenerationSettings
 @pytest.fixture(scope="module")
 def eval_chat():
     return load_script("3-eval_chat.py", "eval_chat_jobs")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_tiny_vlm(path, tokenizer)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENIZER_PATH, save_tiny_vlm
+from conftest import TOKENIZER_PATH
 from helpers import load_script
 from PIL import Image, ImageDraw
 
@@ -15,13 +15,6 @@ def shape_image(path):
     ImageDraw.Draw(img).ellipse([10, 10, 40, 40], fill=(200, 30, 30))
     img.save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer):
-    ckpt = tmp_path_factory.mktemp("inspect") / "64_vlm_sft.pth"
-    save_tiny_vlm(ckpt, tokenizer)
-    return ckpt
 
 
 def run_script(ckpt, tmp_path, clip, *extra: str) -> int:

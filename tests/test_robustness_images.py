@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TOKENIZER_PATH, save_tiny_vlm
+from conftest import ROOT, TOKENIZER_PATH
 from helpers import count_prompt_images, load_script, run_stage, train_argv
 from PIL import Image
 
@@ -108,13 +108,6 @@ def make_images(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("bad_images") / "images")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "64_vlm_sft.pth"
-    save_tiny_vlm(path, tokenizer)
-    return path
 
 
 # ---------------------------------------------------------------------------------------- (a) open_image
