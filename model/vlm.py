@@ -130,6 +130,8 @@ class MiniMindVLM(MiniMindLM):
         if self.config.generation == "3v":
             if self.config.image_ids is None:
                 raise ImageSpliceError("config.image_ids is not set: fill it from the tokenizer")
+            if image_spans is not None:
+                return self._write_runs(h, input_ids, *image_spans, image_features)
             return splice_image_runs(h, input_ids, int(self.image_ids[0]), image_features, self.vision_proj,
                                      self.config.image_tokens)
         if image_spans is not None:
@@ -148,6 +150,24 @@ class MiniMindVLM(MiniMindLM):
             else:
                 raise ImageSpliceError(f"{n_spans} image placeholder span(s) but {n_images} image(s) given")
         return self._write_spans(h, rows, starts, image_features)
+
+    def _write_runs(self, h: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                    image_features: torch.Tensor) -> torch.Tensor:
+        """3v with the runs' starts known (training: the collate step found them): each run's window of
+        image_tokens positions takes its image's projected rows where the placeholder id is, and keeps h elsewhere
+        (a run cut short by max_seq_len ends inside its window). h is padded by one window, so the shapes do not
+        depend on the data: no host sync, and a compiled step has no graph break."""
+        if rows.shape[0] != image_features.shape[0]:
+            raise ImageSpliceError(f"{rows.shape[0]} image run(s) given but {image_features.shape[0]} image(s)")
+        n = self.config.image_tokens
+        padded = torch.cat([h, h.new_zeros(h.shape[0], n, h.shape[2])], dim=1)
+        ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], n), -1)], dim=1)
+        cols = starts[:, None] + torch.arange(n, device=h.device)  # [N, n]
+        rows = rows[:, None].expand_as(cols)
+        proj = self.vision_proj(image_features.to(h.dtype)).to(h.dtype)  # [N, n, dim]
+        keep = (ids[rows, cols] == self.image_ids[0])[..., None]
+        padded = padded.index_put((rows, cols), torch.where(keep, proj, padded[rows, cols]))
+        return padded[:, : h.shape[1]]
 
     def _write_spans(self, h: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
                      image_features: torch.Tensor) -> torch.Tensor:

@@ -48,14 +48,15 @@ from checkpoints.vision_pairing import is_stand_in  # noqa: E402
 # which trained better than one random transformer layer on top. cpu_dtype "auto": bf16 autocast where it is
 # measured faster on this CPU (trainer/cpu_dtype.py), else float32. During SFT,
 # val_samples held-out questions are validated val_points times: the accuracy curve of the loss plot (a
-# monitoring curve only: nothing is picked by it). compile: the stages trained with --compile (the whole step
-# compiled by inductor, worth it at this size: docs/training.md; eager, said in one line, without a C++ compiler).
+# monitoring curve only: nothing is picked by it). compile: the stages trained with --compile. Neither is: on a
+# fresh clone (cold inductor cache, AMD EPYC, 2 cores) compiling both stages made the demo slower, 695 s against
+# about 550 s eager, because each stage pays its compile before the faster steps can repay it (docs/training.md).
 PROFILES = {
     "full": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, clip_layers=0, max_seq_len=128,
                  max_train_images=None, max_test_questions=None, pretrain_epochs=5, pretrain_lr=1e-3,
                  sft_epochs=3, sft_lr=1e-3, sft_pack=3, sft_max_seq_len=160, batch_size=16, group_by_length=False,
                  sft_max_steps=None, eval_limit=None, cpu_dtype="auto", val_samples=200, val_points=4,
-                 compile=("pretrain", "sft")),
+                 compile=()),
     "ci": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, clip_layers=1, max_seq_len=128,
                max_train_images=600, max_test_questions=300, pretrain_epochs=1, pretrain_lr=2e-3,
                sft_epochs=1, sft_lr=2e-3, sft_pack=1, sft_max_seq_len=128, batch_size=32, group_by_length=False,
@@ -63,7 +64,7 @@ PROFILES = {
                compile=()),
 }
 # 3v's changes to a profile: one question per row (no --pack_same_image), rows long enough for a 64-token image,
-# eager training (3v's run splice is not compile-clean yet).
+# eager training, as v1's.
 V3_PROFILE_CHANGES = dict(sft_pack=1, max_seq_len=160, sft_max_seq_len=160, compile=())
 V3_STAND_IN_PATH = "model/clip_model/stand_in_siglip2_base_p32_256"
 PER_TYPE = re.compile(r"^\s+(\S+): accuracy ([\d.]+) \(n=(\d+), majority baseline ([\d.]+), '(.*)'\)$", re.M)

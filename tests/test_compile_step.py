@@ -217,3 +217,43 @@ def test_pretrain_with_compile_but_no_compiler_trains_eager_and_says_so(tmp_path
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--compile:")]
     assert len(lines) == 1 and "training runs eager" in lines[0]
     assert summary["step"] == 1 and summary["compiled_graphs"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- minimind-3v
+def _v3_model_and_inputs(marker: int = 12):
+    """A tiny 3v model and a batch of two rows: one whole 64-token run in row 0, a run cut short by the end of
+    row 1 (as max_seq_len cuts it), padding after row 0; the run starts as the collate step passes them."""
+    from model.config import LMConfig
+
+    torch.manual_seed(0)
+    config = LMConfig.for_generation("3v", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vision_dim=32,
+                                     vocab_size=400, image_ids=[marker], dropout=0.0)
+    model = MiniMindVLM(config).train()
+    n = config.image_tokens
+    row0 = [5, 6] + [marker] * n + [7, 8, 9]
+    row1 = [5, 6, 7, 8] + [marker] * 20
+    ids = torch.zeros(2, len(row0), dtype=torch.long)
+    ids[0], ids[1, :len(row1)] = torch.tensor(row0), torch.tensor(row1)
+    labels = ids.masked_fill(ids == marker, IGNORE_INDEX)
+    features = torch.randn(2, n, 32)
+    spans = (torch.tensor([0, 1]), torch.tensor([2, 4]))
+    loss_positions = (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+    return model, dict(input_ids=ids, image_features=features, labels=labels, loss_only=True,
+                       image_spans=spans, loss_positions=loss_positions)
+
+
+def test_a_3v_splice_from_known_run_starts_equals_the_searched_one():
+    model, inputs = _v3_model_and_inputs()
+    h = model.embed(inputs["input_ids"])
+    known = model.splice_images(h, inputs["input_ids"], inputs["image_features"], inputs["image_spans"])
+    searched = model.splice_images(h, inputs["input_ids"], inputs["image_features"])
+    assert torch.equal(known, searched)
+    assert not torch.equal(known, h)  # the runs were written
+
+
+def test_a_3v_training_forward_has_no_graph_break():
+    model, inputs = _v3_model_and_inputs()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    without = {k: v for k, v in inputs.items() if k not in ("image_spans", "loss_positions")}
+    assert torch._dynamo.explain(model)(**without).graph_break_count > 0  # the run search syncs with the host
