@@ -25,6 +25,7 @@ PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
 PngImagePlugin.MAX_TEXT_MEMORY = 2 * 1024 * 1024
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+ALPHA_MODES = ("RGBA", "LA")  # what drop_alpha converts; other modes go through to_rgb
 
 
 class ImageError(ValueError):
@@ -65,11 +66,13 @@ def check_pixel_count(img: Image.Image) -> None:
         raise ImageTooLargeError(f"refused, {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
 
 
-def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
+def open_image(source: ImageSource, name: Optional[str] = None, drop_alpha: bool = False) -> Image.Image:
     """Open and fully decode an image as RGB, or raise ImageError with a one-line reason.
 
     Handles RGBA/LA/P (transparency over white), L, CMYK, 16-bit and float images, EXIF rotation,
     and animated images (first frame). Images over MAX_IMAGE_PIXELS are refused before decoding.
+    drop_alpha: an RGBA or LA image loses its alpha channel instead (the colours under transparent pixels are
+    kept), as minimind-3v's upstream converts images (inference.app_images).
     This is the one boundary for image decoding: whatever Pillow raises on a malformed file while
     opening, loading or converting it (OSError, ValueError, SyntaxError, NotImplementedError, struct
     errors, ...) becomes ImageError; Pillow's warnings about odd metadata are silenced.
@@ -94,6 +97,8 @@ def open_image(source: ImageSource, name: Optional[str] = None) -> Image.Image:
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
+            if drop_alpha and img.mode in ALPHA_MODES:
+                return img.convert("RGB")
             return to_rgb(img)
     except ImageTooLargeError as e:
         raise ImageError(f"{label}: {e}") from None
