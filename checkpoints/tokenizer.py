@@ -25,11 +25,16 @@ DOWNLOAD_COMMAND = "python scripts/download.py --what tokenizer"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where to look for the official tokenizer instead (tests point it at a fixture or at nothing).
 OFFICIAL_TOKENIZER_ENV = "MINIMIND_OFFICIAL_TOKENIZER_PATH"
-# The minimind-3v tokenizer (Qwen-style specials, `<|image_pad|>` = 12), which every 3v checkpoint goes with; an
-# unrecorded 3v file (the published .pth) is paired with it. $MINIMIND_3V_TOKENIZER_PATH overrides the path.
-V3_TOKENIZER_PATH = "model/minimind_3v_tokenizer"
-V3_TOKENIZER_FINGERPRINT = "c175c9610720eaabe9c9f0c96f646aa28e03b308258320d05b9edb6988cf59fb"
-V3_TOKENIZER_ENV = "MINIMIND_3V_TOKENIZER_PATH"
+# minimind-3v follows the same rule. The project's own 3v-style tokenizer (scripts/train_tokenizer.py --generation
+# 3v: the official one's special tokens and ids, `<|image_pad|>` = 12, and its chat template) is what 3v training
+# from scratch uses; the official minimind-3v tokenizer, which the published 3v checkpoints (the .pth files,
+# llm_768.pth, the transformers directories) were trained with, is downloaded, and an unrecorded 3v checkpoint is
+# paired with it. $MINIMIND_3V_OFFICIAL_TOKENIZER_PATH says where to look for it instead.
+PROJECT_V3_TOKENIZER_PATH = "model/minimind_3v_tokenizer"
+V3_OFFICIAL_TOKENIZER_PATH = "model/minimind_3v_tokenizer_official"
+V3_OFFICIAL_TOKENIZER_FINGERPRINT = "c175c9610720eaabe9c9f0c96f646aa28e03b308258320d05b9edb6988cf59fb"
+V3_DOWNLOAD_COMMAND = "python scripts/download.py --what tokenizer --generation 3v"
+V3_OFFICIAL_TOKENIZER_ENV = "MINIMIND_3V_OFFICIAL_TOKENIZER_PATH"
 
 
 class TokenizerError(ValueError):
@@ -72,35 +77,43 @@ def tokenizer_record(path: str) -> dict[str, str]:
     return {"path": str(path), "fingerprint": tokenizer_fingerprint(path)}
 
 
-def default_tokenizer_path() -> str:
-    """The tokenizer training from scratch uses: DEFAULT_TOKENIZER_PATH from the working directory, or from the
-    project root when the working directory has none (a run started in another folder)."""
-    return DEFAULT_TOKENIZER_PATH if _has_tokenizer(DEFAULT_TOKENIZER_PATH) else str(PROJECT_ROOT /
-                                                                                  DEFAULT_TOKENIZER_PATH)
+def default_tokenizer_path(generation: str = "v1") -> str:
+    """The tokenizer training from scratch uses: the project's own (DEFAULT_TOKENIZER_PATH, or for 3v
+    PROJECT_V3_TOKENIZER_PATH) from the working directory, or from the project root when the working directory has
+    none (a run started in another folder)."""
+    path = PROJECT_V3_TOKENIZER_PATH if generation == "3v" else DEFAULT_TOKENIZER_PATH
+    return path if _has_tokenizer(path) else str(PROJECT_ROOT / path)
 
 
-def official_tokenizer_path() -> str:
+def official_tokenizer_path(generation: str = "v1") -> str:
     """The official tokenizer's directory: $MINIMIND_OFFICIAL_TOKENIZER_PATH, else OFFICIAL_TOKENIZER_PATH in the
-    project (whatever the working directory)."""
+    project (whatever the working directory); for 3v, $MINIMIND_3V_OFFICIAL_TOKENIZER_PATH, else
+    V3_OFFICIAL_TOKENIZER_PATH in the project."""
+    if generation == "3v":
+        return os.environ.get(V3_OFFICIAL_TOKENIZER_ENV) or str(PROJECT_ROOT / V3_OFFICIAL_TOKENIZER_PATH)
     return os.environ.get(OFFICIAL_TOKENIZER_ENV) or str(PROJECT_ROOT / OFFICIAL_TOKENIZER_PATH)
 
 
+def official_fingerprint(generation: str = "v1") -> str:
+    """The vocabulary an unrecorded checkpoint of this generation (a published file) was trained with."""
+    return V3_OFFICIAL_TOKENIZER_FINGERPRINT if generation == "3v" else OFFICIAL_TOKENIZER_FINGERPRINT
+
+
 def _vocabulary_label(fingerprint: str) -> str:
-    """A vocabulary as error messages name it: the fingerprint's first 12 digits, and whether it is the official one."""
+    """A vocabulary as error messages name it: the fingerprint's first 12 digits, and whether it is an official one."""
     name = " (the official MiniMind tokenizer)" if fingerprint == OFFICIAL_TOKENIZER_FINGERPRINT else \
-        " (the minimind-3v tokenizer)" if fingerprint == V3_TOKENIZER_FINGERPRINT else ""
+        " (the official minimind-3v tokenizer)" if fingerprint == V3_OFFICIAL_TOKENIZER_FINGERPRINT else ""
     return f"{fingerprint[:12]}{name}"
 
 
-def missing_official_message(source: str) -> str:
+def missing_official_message(source: str, generation: str = "v1") -> str:
+    if generation == "3v":
+        return (f"{source} records no tokenizer (a published minimind-3v checkpoint): it needs the official "
+                f"minimind-3v tokenizer at {V3_OFFICIAL_TOKENIZER_PATH}, which is missing; get it with "
+                f"`{V3_DOWNLOAD_COMMAND}`, or pass --tokenizer_path DIR")
     return (f"{source} records no tokenizer (a published v1 checkpoint): it needs the official MiniMind tokenizer "
             f"at {OFFICIAL_TOKENIZER_PATH}, which is missing; get it with `{DOWNLOAD_COMMAND}`, or pass "
             f"--tokenizer_path DIR")
-
-
-def v3_tokenizer_path() -> str:
-    """The minimind-3v tokenizer's directory: $MINIMIND_3V_TOKENIZER_PATH, else V3_TOKENIZER_PATH in the project."""
-    return os.environ.get(V3_TOKENIZER_ENV) or str(PROJECT_ROOT / V3_TOKENIZER_PATH)
 
 
 def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optional[str],
@@ -110,18 +123,11 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
     1. an explicit --tokenizer_path; 2. the tokenizer inside a Hugging Face model directory; 3. the path in the
     checkpoint's record (a relative one looked up from the working directory, the project root and the
     checkpoint's folder: one with the recorded vocabulary wins); 4. for a checkpoint with no record (a published
-    v1 file), the official tokenizer at OFFICIAL_TOKENIZER_PATH; 5. otherwise a one-line TokenizerError giving
-    the download command.
-    A recorded path that no longer exists falls through to the official tokenizer only when the record's
-    fingerprint is the official one; otherwise it is an error naming the record. For a 3v checkpoint (generation
-    "3v") the minimind-3v tokenizer at V3_TOKENIZER_PATH takes the official one's place in 4 and 5.
+    file), the official tokenizer of its generation (official_tokenizer_path: v1's at OFFICIAL_TOKENIZER_PATH,
+    3v's at V3_OFFICIAL_TOKENIZER_PATH); 5. otherwise a one-line TokenizerError giving the download command.
+    A recorded path that no longer exists falls through to an official tokenizer only when the record's
+    fingerprint is that official one; otherwise it is an error naming the record.
     """
-    if generation == "3v" and not explicit and not model_dir_tokenizer and not record:
-        if _has_tokenizer(v3_tokenizer_path()):
-            return v3_tokenizer_path()
-        raise TokenizerError(f"{source} is a minimind-3v checkpoint that records no tokenizer: it needs the "
-                             f"minimind-3v tokenizer at {V3_TOKENIZER_PATH} (tokenizer.json and tokenizer_config.json "
-                             f"from upstream's model/), which is missing; or pass --tokenizer_path DIR")
     if explicit:
         return explicit
     if model_dir_tokenizer:
@@ -132,16 +138,18 @@ def resolve_tokenizer_path(explicit: Optional[str], model_dir_tokenizer: Optiona
         same = next((c for c in found if _fingerprint_or_none(c) == record.get("fingerprint")), None)
         if same:
             return same
-        if record.get("fingerprint") == OFFICIAL_TOKENIZER_FINGERPRINT and _has_tokenizer(official_tokenizer_path()):
-            return official_tokenizer_path()
+        official = next((official_tokenizer_path(g) for g in ("v1", "3v")
+                         if record.get("fingerprint") == official_fingerprint(g)), None)
+        if official and _has_tokenizer(official):
+            return official
         if found:  # another vocabulary there: check_tokenizer names the mismatch
             return found[0]
         raise TokenizerError(f"{source} was trained with the tokenizer at '{recorded}' (vocabulary "
                              f"{_vocabulary_label(record.get('fingerprint', '?'))}), which is not there: pass "
                              f"--tokenizer_path DIR pointing at that tokenizer")
-    if _has_tokenizer(official_tokenizer_path()):
-        return official_tokenizer_path()
-    raise TokenizerError(missing_official_message(source))
+    if _has_tokenizer(official_tokenizer_path(generation)):
+        return official_tokenizer_path(generation)
+    raise TokenizerError(missing_official_message(source, generation))
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -160,11 +168,9 @@ def _fingerprint_or_none(path: str) -> Optional[str]:
 def check_tokenizer(path: str, record: Optional[dict], source: str, generation: str = "v1") -> str:
     """The fingerprint of the tokenizer at `path`; a TokenizerError when it differs from the checkpoint's record.
 
-    An unrecorded checkpoint must be paired with the official tokenizer (a published v1 file) or with the
-    minimind-3v tokenizer (generation "3v")."""
+    An unrecorded checkpoint (a published file) must be paired with its generation's official tokenizer."""
     fingerprint = tokenizer_fingerprint(path)
-    unrecorded = V3_TOKENIZER_FINGERPRINT if generation == "3v" else OFFICIAL_TOKENIZER_FINGERPRINT
-    expected = (record or {}).get("fingerprint") or unrecorded
+    expected = (record or {}).get("fingerprint") or official_fingerprint(generation)
     if fingerprint != expected:
         what = "was trained with" if record else "records no tokenizer, so it needs"
         raise TokenizerError(f"tokenizer mismatch: {source} {what} vocabulary {_vocabulary_label(expected)}, but "
@@ -189,10 +195,10 @@ def image_token_ids(tokenizer, placeholder: str = IMAGE_SPECIAL_TOKEN) -> list[i
 
 def image_pad_id(tokenizer) -> list[int]:
     """3v's image_ids: the one id of `<|image_pad|>` (a prompt holds a run of 64 of it), or a one-line error for a
-    tokenizer that does not know it as one token (the v1 tokenizer splits it into pieces)."""
+    tokenizer that does not know it as one token (the v1 tokenizers split it into pieces)."""
     ids = encode(tokenizer, V3_IMAGE_SPECIAL_TOKEN)
     if len(ids) != 1:
-        raise TokenizerError(f"this tokenizer splits {V3_IMAGE_SPECIAL_TOKEN} into {len(ids)} tokens: it is not the "
+        raise TokenizerError(f"this tokenizer splits {V3_IMAGE_SPECIAL_TOKEN} into {len(ids)} tokens: it is not a "
                              f"minimind-3v tokenizer, and cannot mark a 3v image")
     return ids
 

@@ -20,13 +20,14 @@ def checkpoint_tokenizer(ckpt: Checkpoint, explicit: Optional[str] = None) -> tu
     return path, check_tokenizer(path, ckpt.tokenizer_record, ckpt.path, generation)
 
 
-def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint]) -> dict[str, str]:
+def training_tokenizer(explicit: Optional[str], init: Optional[Checkpoint], generation: str = "v1") -> dict[str, str]:
     """The record ({"path", "fingerprint"}) of the tokenizer a training run uses, checked before any step.
 
-    From scratch: `explicit` or the project's tokenizer. From a checkpoint (a chained stage, --init, or the
-    published *_llm.pth): its own tokenizer by the resolution rule, which must match its record."""
+    From scratch: `explicit` or the project's tokenizer of `generation` (v1's or the 3v-style one). From a
+    checkpoint (a chained stage, --init, or the published *_llm.pth / llm_768.pth): its own tokenizer by the
+    resolution rule (the official one of its generation when it records none), which must match its record."""
     if init is None:
-        return tokenizer_record(explicit or default_tokenizer_path())
+        return tokenizer_record(explicit or default_tokenizer_path(generation))
     path, fingerprint = checkpoint_tokenizer(init, explicit)
     return {"path": path, "fingerprint": fingerprint}
 

@@ -18,7 +18,7 @@ Steps (each one a real entry point a user would run):
 
 --generation 3v (`make demo GENERATION=3v`) trains minimind-3v's network on the same data instead: the SigLIP2
 tower at model/siglip2-base-p32-256-ve when present, otherwise an untrained SigLIP2-shaped stand-in
-(scripts/build_stand_in_siglip.py), the minimind-3v tokenizer (model/minimind_3v_tokenizer), 64 x <|image_pad|>
+(scripts/build_stand_in_siglip.py), the project's 3v-style tokenizer (model/minimind_3v_tokenizer), 64 x <|image_pad|>
 per image, one question per row (3v has no --pack_same_image), the whole LLM trained in both stages (from scratch,
 unlike 3v's own stage defaults); its files are out/pretrain_vlm_{dim}.pth, out/sft_vlm_{dim}.pth and
 out/demo_summary_3v.json. The v1 demo is unchanged.
@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 from model.config import PRESETS  # noqa: E402
 from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH  # noqa: E402
-from checkpoints.tokenizer import V3_TOKENIZER_PATH  # noqa: E402
+from checkpoints.tokenizer import PROJECT_V3_TOKENIZER_PATH  # noqa: E402
 from trainer.config import V3_TOWER_PATH  # noqa: E402
 from checkpoints.vision_pairing import is_stand_in  # noqa: E402
 
@@ -233,7 +233,7 @@ def train_stages(args: argparse.Namespace, cfg: dict, clip: str, times: dict[str
     flags = stage_flags(cfg, clip, args.out_dir, os.path.join(demo, "images", "train"), "cpu", args.num_workers,
                         args.preset)
     if args.generation == "3v":  # from scratch, so both stages train the whole LLM (3v's defaults freeze most)
-        flags += ["--generation", "3v", "--tokenizer_path", V3_TOKENIZER_PATH, "--freeze_llm", "0"]
+        flags += ["--generation", "3v", "--tokenizer_path", PROJECT_V3_TOKENIZER_PATH, "--freeze_llm", "0"]
     _, times["pretrain"] = run(pretrain_command(cfg, flags, os.path.join(demo, "pretrain.json")), "pretrain",
                                args.out_dir)
     # SFT validates now and then on a few held-out questions: the accuracy curve of the loss plot

@@ -23,9 +23,18 @@ the 256 byte-level symbols, then the learned merges. ByteLevel pre-tokenizer (no
 space, GPT-2 regex) and ByteLevel decoder; no normalizer and no post-processor, so no
 BOS/EOS is added automatically.
 
+``--generation 3v`` trains the project's minimind-3v-style tokenizer on the same corpus
+(default output ``model/minimind_3v_tokenizer``): the same 36 added tokens at the same ids
+as the official minimind-3v tokenizer (``<|endoftext|>`` 0 = pad/unk, ``<|im_start|>`` 1,
+``<|im_end|>`` 2, ... ``<|image_pad|>`` 12, ... ``<tts_text_bos_single>`` 20, all special;
+``<tool_call>`` 21 ... ``<think>`` 25, ``</think>`` 26, ``<|buffer1|>``..``<|buffer9|>``
+27-35, not special), then the 256 byte-level symbols, then merges up to 6,400 ids, and
+3v's chat template (an assistant turn gets an empty ``<think>`` block). Added tokens are
+matched before BPE runs, so ``<|image_pad|>`` is always one token: 64 pads are 64 ids.
+
 Usage::
 
-    python scripts/train_tokenizer.py [--out_dir model/minimind_tokenizer]
+    python scripts/train_tokenizer.py [--generation v1|3v] [--out_dir DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "model" / "minimind_tokenizer"
+DEFAULT_3V_OUT_DIR = REPO_ROOT / "model" / "minimind_3v_tokenizer"
 
 VOCAB_SIZE = 6400
 SPECIAL_TOKENS: list[str] = ["<unk>", "<s>", "</s>"]
@@ -59,6 +69,61 @@ CHAT_TEMPLATE = (
     "{{ message['content'] + '</s>\\n' }}"
     "{% endif %}"
     "{% endfor %}"
+)
+
+# minimind-3v's added tokens in id order (ids 0-35); the first V3_SPECIAL_COUNT are special tokens, the rest are
+# plain added tokens (kept whole, but not dropped by skip_special_tokens), as in the official 3v tokenizer.
+V3_ADDED_TOKENS: list[str] = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<tts_pad>",
+    "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    *(f"<|buffer{i}|>" for i in range(1, 10)),
+]
+V3_SPECIAL_COUNT = 21
+V3_IMAGE_PAD = "<|image_pad|>"
+
+# 3v's chat template, Qwen3-style: an optional leading system turn, then `<|im_start|>{role}\n{content}<|im_end|>\n`
+# per user (or later system) turn; an assistant turn always carries a think block, empty unless the message has
+# reasoning_content or its content holds `...</think>` (then the text before it); tool calls as
+# `<tool_call>\n{json}\n</tool_call>`; consecutive tool results grouped into one user turn of `<tool_response>`s.
+# The generation prompt opens an assistant turn with an empty think block (`open_thinking=True`: an open one).
+# Tool definitions (`tools=`) are refused: nothing in this project trains or serves them.
+V3_CHAT_TEMPLATE = (
+    "{%- if tools %}{{ raise_exception('this chat template takes no tool definitions (tools=...)') }}{%- endif %}"
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- set content = message.content if message.content is string else '' %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}"
+    "{%- if message.reasoning_content is not string and '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- if content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{%- set fn = call.function if call.function else call %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' }}"
+    "{{- fn.arguments if fn.arguments is string else fn.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{{- '<think>\\n' if open_thinking is defined and open_thinking is true else '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
 )
 
 _TAG_RE = re.compile(r"/[A-Za-z]+$")
@@ -121,18 +186,30 @@ def build_corpus(max_chars_per_source: int) -> tuple[list[str], list[tuple[str, 
     return corpus, stats
 
 
-def train(corpus: list[str]) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+def train(corpus: list[str], generation: str = "v1") -> Tokenizer:
+    """Byte-level BPE of VOCAB_SIZE ids: the generation's added tokens first (ids 0..), then the 256 byte symbols,
+    then the merges. v1's model knows `<unk>`; 3v's has no unknown token (every byte is in the vocabulary)."""
+    v3 = generation == "3v"
+    tokenizer = Tokenizer(models.BPE() if v3 else models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=V3_ADDED_TOKENS if v3 else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
-    return tokenizer
+    return _unmark_plain_added_tokens(tokenizer) if v3 else tokenizer
+
+
+def _unmark_plain_added_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The trainer adds all of 3v's added tokens as special ones; ids V3_SPECIAL_COUNT.. (`<think>`, `<tool_call>`,
+    the buffers) are plain added tokens in 3v, so decoding with skip_special_tokens keeps them."""
+    data = json.loads(tokenizer.to_str())
+    for entry in data["added_tokens"]:
+        entry["special"] = entry["id"] < V3_SPECIAL_COUNT
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
 def tokenizer_config() -> dict:
@@ -165,6 +242,49 @@ def tokenizer_config() -> dict:
     }
 
 
+def tokenizer_config_3v() -> dict:
+    """tokenizer_config.json of the 3v-style tokenizer: the official 3v file's fields, with V3_CHAT_TEMPLATE."""
+    added = {str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": i < V3_SPECIAL_COUNT} for i, tok in enumerate(V3_ADDED_TOKENS)}
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": V3_ADDED_TOKENS[1:V3_SPECIAL_COUNT],
+        "bos_token": "<|im_start|>",
+        "chat_template": V3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "legacy": True,
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<|endoftext|>",
+        "image_token": V3_IMAGE_PAD,
+        "audio_token": "<|audio_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+        "audio_bos_token": "<|audio_start|>",
+        "audio_eos_token": "<|audio_end|>",
+    }
+
+
+def check_3v(tokenizer: Tokenizer) -> int:
+    """Assert 3v's invariants (every added token at the official id, `<|image_pad|>` one token even in a run of
+    64 and beside text); return the pad id."""
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
+    for i, tok in enumerate(V3_ADDED_TOKENS):
+        assert tokenizer.token_to_id(tok) == i, (tok, tokenizer.token_to_id(tok))
+    pad = tokenizer.token_to_id(V3_IMAGE_PAD)
+    assert tokenizer.encode(V3_IMAGE_PAD * 64, add_special_tokens=False).ids == [pad] * 64
+    ids = tokenizer.encode(f"看图：{V3_IMAGE_PAD * 64}\nwhat?", add_special_tokens=False).ids
+    assert ids.count(pad) == 64, ids
+    return pad
+
+
 def check(tokenizer: Tokenizer) -> tuple[int, int]:
     """Assert the invariants the rest of the code relies on; return the <, > ids."""
     assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
@@ -178,9 +298,13 @@ def check(tokenizer: Tokenizer) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--generation", choices=["v1", "3v"], default="v1",
+                        help="v1: <unk>/<s>/</s> and the MiniMind template; 3v: minimind-3v's added tokens and template")
+    parser.add_argument("--out_dir", type=Path, default=None,
+                        help="default model/minimind_tokenizer (v1) or model/minimind_3v_tokenizer (3v)")
     parser.add_argument("--max_chars_per_source", type=int, default=4_000_000)
     args = parser.parse_args()
+    v3 = args.generation == "3v"
 
     corpus, stats = build_corpus(args.max_chars_per_source)
     print("Corpus:")
@@ -190,21 +314,21 @@ def main() -> None:
     print(f"  {'total':<40s} {len(corpus):>7,d} lines {total_chars:>11,d} chars")
 
     start = time.time()
-    tokenizer = train(corpus)
-    lt_id, gt_id = check(tokenizer)
+    tokenizer = train(corpus, args.generation)
+    facts = f"'<|image_pad|>' id {check_3v(tokenizer)}" if v3 else "'<' id {}, '>' id {}".format(*check(tokenizer))
 
-    out_dir: Path = args.out_dir
+    out_dir: Path = args.out_dir or (DEFAULT_3V_OUT_DIR if v3 else DEFAULT_OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    tokenizer.model.save(str(out_dir))  # vocab.json + merges.txt
+    if not v3:  # 3v's directory holds tokenizer.json and tokenizer_config.json only, like the official one
+        tokenizer.model.save(str(out_dir))  # vocab.json + merges.txt
     with (out_dir / "tokenizer_config.json").open("w", encoding="utf-8") as f:
-        json.dump(tokenizer_config(), f, ensure_ascii=False, indent=2)
+        json.dump(tokenizer_config_3v() if v3 else tokenizer_config(), f, ensure_ascii=False, indent=2)
         f.write("\n")
 
     sample = "这个图片描述的是什么内容？ A red circle on a blue background."
     n_sample = len(tokenizer.encode(sample, add_special_tokens=False).ids)
-    print(f"Trained in {time.time() - start:.1f}s: vocab {tokenizer.get_vocab_size()}, "
-          f"'<' id {lt_id}, '>' id {gt_id}")
+    print(f"Trained in {time.time() - start:.1f}s: vocab {tokenizer.get_vocab_size()}, {facts}")
     print(f"Sample: {len(sample)} chars -> {n_sample} tokens")
     print(f"Saved to {out_dir}")
 

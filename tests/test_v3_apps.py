@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints.tokenizer import V3_TOKENIZER_ENV
+from checkpoints.tokenizer import V3_OFFICIAL_TOKENIZER_ENV
 from inference.app_images import open_app_image
 from inference.chat import GenerationSettings, VLMChat
 
@@ -24,7 +24,8 @@ MOE = str(FIXTURES / "moe" / "sft_vlm_64_moe.pth")
 
 @pytest.fixture(autouse=True)
 def v3_tokenizer(monkeypatch):
-    monkeypatch.setenv(V3_TOKENIZER_ENV, str(FIXTURES / "tokenizer"))
+    """The published-layout fixtures record no tokenizer: the official 3v one (the fixture copy) goes with them."""
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, str(FIXTURES / "tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------- export

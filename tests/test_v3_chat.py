@@ -12,7 +12,7 @@ from helpers import load_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from checkpoints.tokenizer import V3_TOKENIZER_ENV
+from checkpoints.tokenizer import V3_OFFICIAL_TOKENIZER_ENV
 from checkpoints.vision_pairing import VisionEncoderMismatch
 from inference.chat import (V3_ANSWER_DEFAULTS, V3_QUESTION, GenerationSettings, StreamStats, TooManyImagesError,
                             VLMChat)
@@ -24,7 +24,8 @@ IMAGE = FIXTURES / "images" / "img0.png"
 
 @pytest.fixture(autouse=True)
 def v3_tokenizer(monkeypatch):
-    monkeypatch.setenv(V3_TOKENIZER_ENV, str(FIXTURES / "tokenizer"))
+    """The published-layout fixtures record no tokenizer: the official 3v one (the fixture copy) goes with them."""
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, str(FIXTURES / "tokenizer"))
 
 
 @pytest.mark.parametrize("source", ["moe/sft_vlm_64_moe.pth", "hf/minimind-3v-moe"])

@@ -5,6 +5,7 @@ written here is in that layout; the 3v tokenizer and the SigLIP tower are the on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import torch
 
 from checkpoints.checkpoint import config_path_for, load_model, read_checkpoint, save_checkpoint
 from checkpoints.files import CheckpointError
-from checkpoints.tokenizer import (TokenizerError, V3_TOKENIZER_ENV, V3_TOKENIZER_FINGERPRINT, image_pad_id,
-                                   image_placeholder, load_tokenizer, tokenizer_fingerprint)
+from checkpoints.tokenizer import (PROJECT_V3_TOKENIZER_PATH, V3_OFFICIAL_TOKENIZER_ENV,
+                                   V3_OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, image_pad_id, image_placeholder,
+                                   load_tokenizer, tokenizer_fingerprint, tokenizer_record)
 from checkpoints.tokenizer_pairing import checkpoint_tokenizer
 from checkpoints.v3_layout import to_native, to_upstream
 from checkpoints.vision_pairing import VisionEncoderMismatch, check_encoder_family
@@ -22,12 +24,13 @@ from checkpoints.weights import read_state_dict
 from model.config import LMConfig
 from model.vision import load_vision_encoder
 from model.vlm import ImageSpliceError, MiniMindVLM
-from conftest import OFFICIAL_TOKENIZER_FIXTURE, save_tiny_vlm
+from conftest import OFFICIAL_TOKENIZER_FIXTURE, ROOT, save_tiny_vlm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
 DENSE_PTH = FIXTURES / "dense" / "sft_vlm_64.pth"
 MOE_PTH = FIXTURES / "moe" / "sft_vlm_64_moe.pth"
-V3_TOKENIZER = str(FIXTURES / "tokenizer")
+V3_TOKENIZER = str(FIXTURES / "tokenizer")  # the official minimind-3v tokenizer (a copy for tests)
+PROJECT_V3 = str(ROOT / PROJECT_V3_TOKENIZER_PATH)  # the project's own 3v-style tokenizer
 
 
 def tiny_v3(**fields) -> MiniMindVLM:
@@ -116,24 +119,57 @@ def test_hf_directory_with_unsupported_settings_is_refused(tmp_path):
         read_checkpoint(str(copy))
 
 
-def test_unrecorded_3v_checkpoint_pairs_with_the_3v_tokenizer(tmp_path, monkeypatch):
-    assert tokenizer_fingerprint(V3_TOKENIZER) == V3_TOKENIZER_FINGERPRINT
+def test_unrecorded_3v_checkpoint_pairs_with_the_official_3v_tokenizer(tmp_path, monkeypatch):
+    assert tokenizer_fingerprint(V3_TOKENIZER) == V3_OFFICIAL_TOKENIZER_FINGERPRINT
     ckpt = read_checkpoint(str(DENSE_PTH))
-    monkeypatch.setenv(V3_TOKENIZER_ENV, V3_TOKENIZER)
-    assert checkpoint_tokenizer(ckpt) == (V3_TOKENIZER, V3_TOKENIZER_FINGERPRINT)
-    with pytest.raises(TokenizerError, match=r"^tokenizer mismatch: .*sft_vlm_64.pth records no tokenizer, so it "
-                                             r"needs vocabulary c175c9610720 \(the minimind-3v tokenizer\)"):
-        checkpoint_tokenizer(ckpt, explicit=OFFICIAL_TOKENIZER_FIXTURE)
-    monkeypatch.setenv(V3_TOKENIZER_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(TokenizerError, match="minimind-3v checkpoint that records no tokenizer"):
-        checkpoint_tokenizer(ckpt)
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, V3_TOKENIZER)
+    assert checkpoint_tokenizer(ckpt) == (V3_TOKENIZER, V3_OFFICIAL_TOKENIZER_FINGERPRINT)
+    for wrong in (OFFICIAL_TOKENIZER_FIXTURE, PROJECT_V3):  # v1's official one, and the project's own 3v-style one
+        with pytest.raises(TokenizerError, match=r"^tokenizer mismatch: .*sft_vlm_64.pth records no tokenizer, so "
+                                                 r"it needs vocabulary c175c9610720 \(the official minimind-3v "
+                                                 r"tokenizer\), but the tokenizer at '" + re.escape(wrong)):
+            checkpoint_tokenizer(ckpt, explicit=wrong)
 
 
-def test_image_pad_id_and_placeholder(tokenizer):
-    v3 = load_tokenizer(V3_TOKENIZER)
+@pytest.mark.parametrize("published", [DENSE_PTH, MOE_PTH])
+def test_an_unrecorded_3v_checkpoint_without_the_official_tokenizer_says_how_to_get_it(published, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(TokenizerError) as err:
+        checkpoint_tokenizer(read_checkpoint(str(published)))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(published))
+    assert "official minimind-3v tokenizer at model/minimind_3v_tokenizer_official, which is missing" in message
+    assert "`python scripts/download.py --what tokenizer --generation 3v`" in message
+
+
+def test_a_3v_checkpoint_trained_with_the_projects_3v_tokenizer_goes_with_it_only(tmp_path, monkeypatch):
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, V3_TOKENIZER)  # installed, and still not taken
+    path = tmp_path / "ours.pth"
+    save_checkpoint(tiny_v3(), path, tokenizer=tokenizer_record(PROJECT_V3))
+    ckpt = read_checkpoint(str(path))
+    project_fingerprint = tokenizer_fingerprint(PROJECT_V3)
+    assert project_fingerprint != V3_OFFICIAL_TOKENIZER_FINGERPRINT
+    found, fingerprint = checkpoint_tokenizer(ckpt)  # the record is project-relative
+    assert Path(found).resolve() == Path(PROJECT_V3).resolve() and fingerprint == project_fingerprint
+    with pytest.raises(TokenizerError, match=r"^tokenizer mismatch: .*ours.pth was trained with vocabulary "
+                                             + project_fingerprint[:12] + r", but the tokenizer at .* has vocabulary "
+                                             r"c175c9610720 \(the official minimind-3v tokenizer\)"):
+        checkpoint_tokenizer(ckpt, explicit=V3_TOKENIZER)
+    # and the other way round: one trained with the official 3v tokenizer refuses the project's
+    official = tmp_path / "official.pth"
+    save_checkpoint(tiny_v3(), official, tokenizer=tokenizer_record(V3_TOKENIZER))
+    with pytest.raises(TokenizerError, match=r"official.pth was trained with vocabulary c175c9610720 \(the official "
+                                             r"minimind-3v tokenizer\), but the tokenizer at '.*minimind_3v_tokenizer'"):
+        checkpoint_tokenizer(read_checkpoint(str(official)), explicit=PROJECT_V3)
+
+
+@pytest.mark.parametrize("path", [V3_TOKENIZER, PROJECT_V3], ids=["official", "project"])
+def test_image_pad_id_and_placeholder(tokenizer, path):
+    v3 = load_tokenizer(path)
     assert image_pad_id(v3) == [12]
     assert v3(image_placeholder("3v"), add_special_tokens=False)["input_ids"] == [12] * 64
-    with pytest.raises(TokenizerError, match="not the minimind-3v tokenizer"):
+    with pytest.raises(TokenizerError, match="not a minimind-3v tokenizer"):
         image_pad_id(tokenizer)  # the project's v1-style tokenizer splits <|image_pad|>
 
 

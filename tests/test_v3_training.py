@@ -13,15 +13,17 @@ import torch
 from helpers import run_stage
 from PIL import Image
 
-from checkpoints.checkpoint import load_model, read_checkpoint, v1_state_dict
-from checkpoints.tokenizer import V3_TOKENIZER_ENV
+from checkpoints.checkpoint import config_path_for, load_model, read_checkpoint, v1_state_dict
+from checkpoints.tokenizer import (PROJECT_V3_TOKENIZER_PATH, V3_OFFICIAL_TOKENIZER_ENV,
+                                   V3_OFFICIAL_TOKENIZER_FINGERPRINT, TokenizerError, tokenizer_fingerprint)
 from checkpoints.v3_layout import to_upstream
 from inference.chat import GenerationSettings, StreamStats, VLMChat
 from model.config import LMConfig
 from model.vlm import MiniMindVLM
 from trainer.config import PRETRAIN, SFT, ConfigError, RunConfig, build_parser
 
-V3 = Path(__file__).resolve().parent / "fixtures" / "v3_parity"
+ROOT = Path(__file__).resolve().parents[1]
+V3 = ROOT / "tests" / "fixtures" / "v3_parity"
 VISION = str(V3 / "vision")
 TOKENIZER = str(V3 / "tokenizer")
 DATA = V3 / "data" / "sample_i2t.parquet"
@@ -29,8 +31,9 @@ DATA = V3 / "data" / "sample_i2t.parquet"
 
 @pytest.fixture()
 def data(tmp_path, monkeypatch) -> Path:
-    """The 4-row parquet in upstream's format; the minimind-3v tokenizer where a record-less 3v checkpoint looks."""
-    monkeypatch.setenv(V3_TOKENIZER_ENV, TOKENIZER)
+    """The 4-row parquet in upstream's format; the official 3v tokenizer (the fixture copy) where a record-less 3v
+    checkpoint (llm_64.pth in upstream's layout) looks."""
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, TOKENIZER)
     if not DATA.exists():
         pytest.skip("the 3v data reference (sample_i2t.parquet) is not available")
     return Path(shutil.copy(DATA, tmp_path / "sample_i2t.parquet"))
@@ -137,6 +140,38 @@ def test_the_demo_on_3v_names_its_own_stand_in_and_files_and_leaves_v1s_alone():
     assert demo.stage_files(v3, {"dim": 128}) == ("out/pretrain_vlm_128", "out/sft_vlm_128")
     assert demo.stage_files(v1, {"dim": 128}) == ("out/128_vlm_pretrain", "out/128_vlm_sft")
     assert demo.V3_PROFILE_CHANGES["sft_pack"] == 1  # 3v has no --pack_same_image
+
+
+def test_3v_from_scratch_records_the_projects_3v_tokenizer_and_chats_with_it_only(data, tmp_path):
+    summary = run_stage(PRETRAIN, common(data, tmp_path / "o", "--generation", "3v", "--from_scratch", "--dim", "64",
+                                         "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--freeze_llm",
+                                         "0", "--max_steps", "1"))
+    record = json.loads(config_path_for(summary["checkpoint"]).read_text())["tokenizer"]
+    assert record == {"path": PROJECT_V3_TOKENIZER_PATH,
+                      "fingerprint": tokenizer_fingerprint(str(ROOT / PROJECT_V3_TOKENIZER_PATH))}
+    assert record["fingerprint"] != V3_OFFICIAL_TOKENIZER_FINGERPRINT
+    chat = VLMChat.load(summary["checkpoint"], VISION)  # the official one is installed (the fixture), not taken
+    assert Path(chat.tokenizer_path).resolve() == ROOT / PROJECT_V3_TOKENIZER_PATH
+    with pytest.raises(TokenizerError, match=r"^tokenizer mismatch: .*pretrain_vlm_64.pth was trained with "
+                                             r"vocabulary .* \(the official minimind-3v tokenizer\)"):
+        VLMChat.load(summary["checkpoint"], VISION, TOKENIZER)
+
+
+def test_training_from_an_upstream_llm_checkpoint_needs_the_official_3v_tokenizer(data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from trainer.loop import main
+
+    write_llm_checkpoint(tmp_path / "llm_64.pth")
+    monkeypatch.setenv(V3_OFFICIAL_TOKENIZER_ENV, str(tmp_path / "absent"))
+    with pytest.raises(SystemExit):
+        main(PRETRAIN, common(data, tmp_path / "o", "--init", str(tmp_path / "llm_64.pth")))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "llm_64.pth records no tokenizer" in err, err
+    assert "`python scripts/download.py --what tokenizer --generation 3v`" in err
+    assert not (tmp_path / "o" / "pretrain_vlm_64.pth").exists()
+    with pytest.raises(TokenizerError, match="llm_64.pth records no tokenizer, so it needs vocabulary c175c9610720"):
+        run_stage(PRETRAIN, common(data, tmp_path / "o", "--init", str(tmp_path / "llm_64.pth"), "--tokenizer_path",
+                                   str(ROOT / PROJECT_V3_TOKENIZER_PATH)))  # the project's 3v tokenizer is refused
 
 
 def test_a_missing_siglip_tower_says_how_to_get_it(data, tmp_path, capsys):

@@ -27,7 +27,7 @@ from checkpoints.checkpoint import config_path_for, save_checkpoint
 from model.decoder import count_parameters
 from checkpoints.files import CheckpointError, atomic_write, remove_stale_temp_files
 from trainer.seed import seed_everything
-from checkpoints.tokenizer import TokenizerError, load_tokenizer, v3_tokenizer_path
+from checkpoints.tokenizer import TokenizerError, load_tokenizer
 from checkpoints.tokenizer_pairing import training_tokenizer
 from model.vision import load_vision_encoder
 from checkpoints.vision_pairing import stand_in_warning
@@ -136,9 +136,8 @@ class Run:
         """(the tokenizer's record, the tokenizer, the encoder's record), each checked against the start checkpoint
         and the generation; the encoder is loaded into self.encoder."""
         config = self.config
-        explicit = config.tokenizer_path or (v3_tokenizer_path() if config.generation == "3v" and init is None
-                                             else None)  # 3v from scratch: the minimind-3v tokenizer
-        tokenizer_used = training_tokenizer(explicit, init)  # checked against the start checkpoint
+        # from scratch: the project's tokenizer of the generation; from a checkpoint: checked against its record
+        tokenizer_used = training_tokenizer(config.tokenizer_path, init, config.generation)
         tokenizer = load_tokenizer(tokenizer_used["path"])
         log.info("tokenizer: %s (vocabulary %s)", tokenizer_used["path"], tokenizer_used["fingerprint"][:12])
         if config.generation == "3v" and not os.path.exists(os.path.join(config.clip_path, "config.json")):
