@@ -18,7 +18,9 @@ For users with internet access. Pieces (``--what``):
 With ``--generation 3v`` the pieces are minimind-3v's published files instead (V3_SOURCES: ``model`` the
 transformers directory jingyaogong/minimind-3v -> ./minimind-3v without its Python files, ``clip`` the SigLIP2
 tower jingyaogong/siglip2-base-p32-256-ve -> model/siglip2-base-p32-256-ve, ``llm`` llm_768.pth of
-jingyaogong/minimind-3v-pytorch -> out/llm_768.pth, ``tokenizer`` -> model/minimind_3v_tokenizer, ``dataset`` the
+jingyaogong/minimind-3v-pytorch -> out/llm_768.pth, ``tokenizer`` the official minimind-3v tokenizer, which the
+published 3v checkpoints need -> model/minimind_3v_tokenizer_official (the project ships its own 3v-style tokenizer
+in model/minimind_3v_tokenizer, for training from scratch), ``dataset`` the
 two parquet files -> dataset/, ``eval_images`` the dataset repo's eval_images/ at its main branch); ``bench`` is
 the same. The repo names are upstream's README's; which files each repo holds is not settled by upstream's code.
 
@@ -104,7 +106,7 @@ V3_SOURCES = {
              "model/siglip2-base-p32-256-ve"),
     "eval_images": (DATASET_REPO, "dataset", [f"{EVAL_IMAGES_FOLDER}/*"], DATASET_DIR),
     "llm": ("jingyaogong/minimind-3v-pytorch", "model", ("llm_768.pth",), "out"),
-    "tokenizer": ("jingyaogong/minimind-3v", "model", TOKENIZER_FILES, "model/minimind_3v_tokenizer"),
+    "tokenizer": ("jingyaogong/minimind-3v", "model", TOKENIZER_FILES, "model/minimind_3v_tokenizer_official"),
     "dataset": (DATASET_REPO, "dataset", ("pretrain_i2t.parquet", "sft_i2t.parquet"), DATASET_DIR),
 }
 

@@ -234,9 +234,10 @@ def test_generation_3v_fetches_minimind_3v_files(hub: FakeHub, tmp_path: Path) -
         ("snapshot_download", "jingyaogong/siglip2-base-p32-256-ve", None, tmp_path / "model/siglip2-base-p32-256-ve"),
         ("snapshot_download", dl.DATASET_REPO, None, tmp_path / "dataset"),
         ("hf_hub_download", "jingyaogong/minimind-3v-pytorch", "llm_768.pth", tmp_path / "out"),
-        ("hf_hub_download", "jingyaogong/minimind-3v", "tokenizer.json", tmp_path / "model/minimind_3v_tokenizer"),
+        ("hf_hub_download", "jingyaogong/minimind-3v", "tokenizer.json",
+         tmp_path / "model/minimind_3v_tokenizer_official"),  # the project's own 3v tokenizer is not overwritten
         ("hf_hub_download", "jingyaogong/minimind-3v", "tokenizer_config.json",
-         tmp_path / "model/minimind_3v_tokenizer"),
+         tmp_path / "model/minimind_3v_tokenizer_official"),
     ]
     assert all("*.py" in kw["ignore_patterns"] for fn, kw in hub.calls if fn == "snapshot_download")
     assert "revision" not in hub.calls[2][1]  # 3v's eval images: the dataset repo's main branch, not v1's snapshot
