@@ -54,7 +54,7 @@ class VLMDataset(Dataset):
             except ValueError as e:
                 self.skips.skip(rid, str(e))
         if pack_same_image > 1:
-            self.samples = pack_rows(self.samples, pack_same_image, max_seq_len, self.image_ids)
+            self.samples = pack_rows(self.samples, pack_same_image, max_seq_len, self.image_ids, generation)
 
     def _sample(self, tokenizer, rid: str, record: Any, images: list[ImageRef]) -> Sample:
         """The record as a sample; ValueError with the reason it cannot be one."""

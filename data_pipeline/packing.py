@@ -2,17 +2,18 @@
 
 The model lets a segment attend to the shared prefix and to itself only, at the positions it would have alone
 (MiniMindLM.run_blocks, given the row's segment_ids), so each question is trained exactly as in its own row,
-while the 50 image tokens are paid once per row instead of once per question.
+while the image tokens (50 per image for v1, 64 for 3v) are paid once per row instead of once per question.
 """
 from __future__ import annotations
 
 import torch
 
-from model.config import IMAGE_TOKENS
+from model.config import IMAGE_TOKENS, V3_IMAGE_TOKENS
 from model.vlm import find_image_spans
 
 from .images import image_ref_key
 from .tokens import IGNORE_INDEX, Sample
+from .v3_tokens import image_runs
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -24,13 +25,15 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def pack_rows(samples: list[Sample], per_row: int, max_seq_len: int, image_ids: torch.Tensor) -> list[Sample]:
+def pack_rows(samples: list[Sample], per_row: int, max_seq_len: int, image_ids: torch.Tensor,
+              generation: str = "v1") -> list[Sample]:
     """Pack up to per_row samples that share their images into one row: the common prefix (the user turn's
     start and the image span) once, then each sample's own tokens (its question and answer) as a segment.
 
     Samples are packed only where the packed row trains exactly as the samples alone: the same images, a shared
     prefix that holds every image span and no supervised token, and a segment that starts unsupervised (its
-    first token is never a target). The rest stay rows of their own."""
+    first token is never a target). The rest stay rows of their own. image_ids: v1's 50 span ids, or 3v's one
+    `<|image_pad|>` id (generation "3v": each image a run of 64 of it)."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
         key = tuple(image_ref_key(ref) for ref in s.images)
@@ -50,16 +53,20 @@ def pack_rows(samples: list[Sample], per_row: int, max_seq_len: int, image_ids: 
                     prefix = p
                     continue
                 rows.append(_packed_row(open_row, prefix))
-            open_row, prefix, images_end = [s], len(s.input_ids), _images_end(s, image_ids)
+            open_row, prefix, images_end = [s], len(s.input_ids), _images_end(s, image_ids, generation)
         if open_row:
             rows.append(_packed_row(open_row, prefix))
     return rows
 
 
-def _images_end(s: Sample, image_ids: torch.Tensor) -> int:
-    """Where the sample's last image span ends (0 without images)."""
+def _images_end(s: Sample, image_ids: torch.Tensor, generation: str = "v1") -> int:
+    """Where the sample's last image span ends (0 without images, or when not every image has its whole span)."""
     if not s.images:
         return 0
+    if generation == "3v":
+        runs = image_runs(s.input_ids, int(image_ids))
+        whole = len(runs) == len(s.images) and all(length == V3_IMAGE_TOKENS for _, length in runs)
+        return runs[-1][0] + V3_IMAGE_TOKENS if whole else 0
     _, starts = find_image_spans(torch.tensor([s.input_ids]), image_ids)
     return int(starts[-1]) + IMAGE_TOKENS if starts.numel() == len(s.images) else 0
 

@@ -90,3 +90,42 @@ def test_training_with_packing_runs_and_resumes_exactly(tmp_path, tiny_clip_dir)
     first = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--max_steps", "2"])
     second = run_stage(SFT, argv + ["--out_dir", str(tmp_path / "r"), "--resume"])
     assert first["losses"] + second["losses"] == full["losses"]
+
+
+def test_packed_3v_rows_train_exactly_like_the_questions_alone(tmp_path):
+    """minimind-3v packs too: its 64-token `<|image_pad|>` run is the shared prefix, and the logits at every
+    supervised position and the loss equal those of the rows one by one."""
+    from checkpoints.tokenizer import PROJECT_V3_TOKENIZER_PATH, image_pad_id, load_tokenizer
+    from conftest import ROOT
+    from model.config import LMConfig
+
+    tokenizer = load_tokenizer(str(ROOT / PROJECT_V3_TOKENIZER_PATH))
+    encoder = load_vision_encoder(str(ROOT / "tests" / "fixtures" / "v3_parity" / "vision"))
+    data, images = make_dataset(tmp_path, n_images=2)
+    data.write_text(json.dumps(qa_records("img_0.png", "a") + qa_records("img_1.png", "b", QUESTIONS[:2])))
+
+    def dataset(pack: int) -> VLMDataset:
+        return VLMDataset(str(data), str(images), tokenizer, 400, preprocess=encoder.preprocess,
+                          pack_same_image=pack, generation="3v")
+
+    alone, packed = dataset(1), dataset(3)
+    assert len(alone) == 6 and len(packed) == 3
+    assert [s.segment_ids is not None for s in packed.samples] == [True, False, True]
+    assert sum(len(s.input_ids) for s in packed.samples) < sum(len(s.input_ids) for s in alone.samples) - 3 * 64
+    torch.manual_seed(0)
+    model = MiniMindVLM(LMConfig.for_generation("3v", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                vision_dim=encoder.hidden_size, image_ids=image_pad_id(tokenizer),
+                                                max_seq_len=400)).eval()
+
+    @torch.no_grad()
+    def supervised_logits(items) -> tuple[torch.Tensor, float]:
+        batch = collate(items)
+        features = encoder.encode_pixels(batch.pixels)
+        out = model(batch.input_ids, features, labels=batch.labels, loss_only=True, segment_ids=batch.segment_ids)
+        return out.logits, float(out.loss)
+
+    logits_alone, loss_alone = supervised_logits([alone[i] for i in range(6)])
+    logits_packed, loss_packed = supervised_logits([packed[i] for i in range(3)])
+    assert logits_packed.shape == logits_alone.shape
+    assert torch.allclose(logits_packed, logits_alone, atol=1e-4), (logits_packed - logits_alone).abs().max()
+    assert abs(loss_packed - loss_alone) < 1e-5

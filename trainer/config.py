@@ -230,8 +230,6 @@ class RunConfig:
             wanted = {**V3_SIZE_DEFAULTS, **(start_size or {}), **V3_COMMON_DEFAULTS, **V3_STAGE_DEFAULTS[stage.name]}
             values |= {k: v for k, v in wanted.items() if k in values and is_default(values[k])}
             values["use_moe"] = self.use_moe or bool((start_size or {}).get("use_moe"))
-            if self.pack_same_image > 1:
-                raise ConfigError("--pack_same_image is not supported for minimind-3v (its rows are upstream's)")
         return RunConfig(**{k: plain(v) for k, v in values.items()} | {"generation": generation})
 
     def as_dict(self) -> dict[str, Any]:
