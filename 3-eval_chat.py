@@ -68,7 +68,8 @@ def add_model_args(group: argparse._ArgumentGroup) -> None:
     add_encoder_mismatch_arg(group)
     group.add_argument("--tokenizer_path", default=None,
                        help="default: the checkpoint's own (inside a model directory, recorded beside a .pth, or "
-                            "model/minimind_tokenizer_official for a published v1 .pth)")
+                            "the official tokenizer of a published .pth: model/minimind_tokenizer_official for v1, "
+                            "model/minimind_3v_tokenizer_official for minimind-3v)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_cpu_inference_args(group)
 

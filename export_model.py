@@ -41,7 +41,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "only: a folder, symlink or special file in the way is still refused)")
     p.add_argument("--tokenizer_path", default=None,
                    help="tokenizer directory (default: the checkpoint's own: the one inside a model directory, the "
-                        "one its sidecar records, or model/minimind_tokenizer_official for a published v1 file)")
+                        "one its sidecar records, or the official one for a published file: "
+                        "model/minimind_tokenizer_official for v1, model/minimind_3v_tokenizer_official for 3v)")
     p.add_argument("--clip_path", default=None, help="CLIP directory whose vision tower is bundled (enables "
                    "pixel_values); it must be the encoder the checkpoint records")
     p.add_argument(OVERRIDE_FLAG, action="store_true",
