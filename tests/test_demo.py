@@ -22,6 +22,9 @@ def test_demo_pipeline_beats_the_majority_baseline(tmp_path):
     assert summary["n"] >= 250
     assert summary["accuracy"] > summary["majority_baseline"] + 0.1, summary
     assert {"yes/no", "colour", "shape"} <= set(summary["per_type"]), summary
+    # The yes/no questions' wording alone gets most of them right; a colour question needs the image.
+    colour = summary["per_type"]["colour"]
+    assert colour["accuracy"] > colour["majority_baseline"] + 0.2, summary
     assert sum(t["n"] for t in summary["per_type"].values()) == summary["n"]
     sft_log = [json.loads(line) for line in (out / "64_vlm_sft_log.jsonl").read_text().splitlines()]
     assert [r for r in sft_log if "val_accuracy" in r], sft_log[-3:]  # the accuracy curve of the plot

@@ -139,7 +139,7 @@ def test_the_demo_on_3v_names_its_own_stand_in_and_files_and_leaves_v1s_alone():
     v3, v1 = (argparse.Namespace(generation=g, out_dir="out") for g in ("3v", "v1"))
     assert demo.stage_files(v3, {"dim": 128}) == ("out/pretrain_vlm_128", "out/sft_vlm_128")
     assert demo.stage_files(v1, {"dim": 128}) == ("out/128_vlm_pretrain", "out/128_vlm_sft")
-    assert demo.V3_PROFILE_CHANGES["sft_pack"] == 1  # 3v has no --pack_same_image
+    assert "sft_pack" not in demo.V3_PROFILE_CHANGES  # 3v packs questions as v1 does
 
 
 def test_3v_from_scratch_records_the_projects_3v_tokenizer_and_chats_with_it_only(data, tmp_path):
