@@ -186,7 +186,7 @@ def run_job(chat: VLMChat, args: argparse.Namespace, ckpt: str, bench: Optional[
     if args.job == BENCHMARK:
         options = BenchmarkOptions(args.bench_out or default_result_path(args.out_dir, bench.spec, ckpt),
                                    args.eval_limit, args.bench_batch_size)
-        return benchmark_job(chat, bench, options, ckpt, args.clip_path, weights_sha256)
+        return benchmark_job(chat, bench, options, ckpt, chat.encoder.path, weights_sha256)
     if args.job == HELD_OUT:
         return held_out_job(chat, args.eval_data, args.eval_images_path, args.image_prefix, args.eval_limit)
     if chat.generation == "3v":  # minimind-3v's own question and sampling, where the command line left them out

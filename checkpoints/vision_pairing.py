@@ -15,7 +15,7 @@ from typing import Optional
 
 from .files import CheckpointError, PathLike
 from .schema import recorded_candidates
-from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, VisionEncoder, tower_family
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, V3_TOWER_PATH, VisionEncoder, tower_family
 
 log = logging.getLogger("minimind")
 
@@ -61,6 +61,14 @@ def check_vision_encoder(record: Optional[dict], encoder: dict[str, str], source
             f"{OVERRIDE_FLAG} to use this one anyway")
     log.warning("vision encoder mismatch allowed by %s: %s", OVERRIDE_FLAG, both)
     return False
+
+
+def tower_for(generation: str, clip_path: str) -> str:
+    """The tower to load for a checkpoint of `generation`: `clip_path`, except that v1's CLIP default (the apps'
+    --clip_path left alone) means the checkpoint's own kind of tower, V3_TOWER_PATH for a 3v checkpoint."""
+    if generation == "3v" and os.path.normpath(clip_path) == os.path.normpath(DEFAULT_CLIP_PATH):
+        return V3_TOWER_PATH
+    return clip_path
 
 
 def check_encoder_family(generation: str, encoder: VisionEncoder, source: PathLike) -> None:

@@ -19,7 +19,7 @@ from checkpoints.tokenizer import (count_span_openings, encode, image_pad_id, im
                                    load_tokenizer, max_token_chars, neutralise_placeholder, render_chat)
 from checkpoints.tokenizer_pairing import checkpoint_tokenizer
 from model.vision import VisionEncoder, load_vision_encoder
-from checkpoints.vision_pairing import check_encoder_family, check_vision_encoder, encoder_record
+from checkpoints.vision_pairing import check_encoder_family, check_vision_encoder, encoder_record, tower_for
 from model.vlm import MiniMindVLM
 
 from .batcher import DecodeRequest, DynamicBatcher
@@ -108,15 +108,16 @@ class VLMChat:
 
         `ckpt` is a .pth/.safetensors file or a Hugging Face model directory. The tokenizer is `tokenizer_path`
         when given, else the checkpoint's own (checkpoints.tokenizer_pairing.checkpoint_tokenizer), and must match its record.
-        The encoder at `clip_path` must be the one the checkpoint records (checkpoints.vision_pairing; a mismatch is a
+        The encoder at `clip_path` (v1's CLIP default stands for a 3v checkpoint's SigLIP2 tower:
+        checkpoints.vision_pairing.tower_for) must be the one the checkpoint records (checkpoints.vision_pairing; a mismatch is a
         VisionEncoderMismatch unless `allow_encoder_mismatch`, the apps' --allow_encoder_mismatch).
         The model's shape comes from the checkpoint; `overrides` (e.g. dim, n_layers) must agree with it.
         `quantize` and `cpu_kernel` go to prepare_cpu (the apps' --quantize and --cpu_kernel)."""
         source = read_checkpoint(ckpt)
         tokenizer_path, _ = checkpoint_tokenizer(source, tokenizer_path)
         tokenizer = load_tokenizer(tokenizer_path)
-        encoder = load_vision_encoder(clip_path, device)
         generation = source.stored.get("generation", "v1")  # read from the checkpoint, never from its name
+        encoder = load_vision_encoder(tower_for(generation, clip_path), device)
         check_encoder_family(generation, encoder, source.path)  # v1 takes CLIP, 3v SigLIP: always refused
         check_vision_encoder(source.vision_record, encoder_record(encoder), source.path, allow_encoder_mismatch)
         image_ids = image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer)

@@ -49,7 +49,7 @@ def load_chat(args: argparse.Namespace, ckpt: Optional[str], picked: bool) -> Op
         hint = " (train one with 2-sft_vlm.py or `make demo`)" if not os.path.exists(ckpt) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return None
-    note = stand_in_warning(args.clip_path)
+    note = stand_in_warning(chat.encoder.path)
     if note:
         print(note)
     print(f"model: {ckpt} ({chat.n_params / 1e6:.2f}M parameters) on {args.device}, tokenizer: {chat.tokenizer_path}")

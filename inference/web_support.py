@@ -14,14 +14,14 @@ from PIL import Image
 
 from inference.cpu.prepare import ACCEPTED as CPU_KERNEL_CHOICES
 from inference.cpu.prepare import QUANTIZE_CHOICES, add_cpu_inference_args, kernel_name
-from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, V3_TOWER_PATH
 from data_pipeline.image_decode import ImageError, open_image
 from checkpoints.checkpoint import read_checkpoint
 from checkpoints.vision_pairing import clip_or_stand_in, is_stand_in
 from checkpoints.vision_pairing import add_encoder_mismatch_arg
 
 from .app_images import open_app_image
-from .model_files import find_model_dirs, weights_file
+from .model_files import find_model_dirs, is_sft_checkpoint, weights_file
 
 MAX_UPLOAD_MB = 10  # keep in step with server.maxUploadSize in .streamlit/config.toml
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
@@ -33,9 +33,8 @@ ENV_VARS = {"out_dir": "MINIMIND_OUT_DIR", "clip_path": "MINIMIND_CLIP_PATH",
             "quantize": "MINIMIND_QUANTIZE", "cpu_kernel": "MINIMIND_CPU_KERNEL"}
 STAND_IN_EFFECT = ("its random features keep only simple things like colour and layout (enough for the easy-VQA "
                    "demo), so answers about real photos are not meaningful.")
-# minimind-3v's SigLIP2 tower (scripts/download.py --generation 3v --what clip) and its untrained stand-in
-# (scripts/build_stand_in_siglip.py), used for a 3v checkpoint when --clip_path is left at v1's CLIP default.
-V3_TOWER_PATH = "model/siglip2-base-p32-256-ve"
+# minimind-3v's untrained stand-in tower (scripts/build_stand_in_siglip.py), used for a 3v checkpoint when
+# --clip_path is left at v1's CLIP default and its SigLIP2 tower (V3_TOWER_PATH) is missing.
 V3_STAND_IN_PATH = "model/clip_model/stand_in_siglip2_base_p32_256"
 V3_STAND_IN_EFFECT = "its random features carry nothing of the image, so the answers are not about it."
 NO_CHECKPOINT_HELP = ("download the published model (`python scripts/download.py --what model --dim 512`), train one "
@@ -172,7 +171,7 @@ def resolve_tower_path(clip_path: str, generation: str, root: Path) -> tuple[str
 
 def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list[CheckpointInfo]:
     """The .pth files directly in out_dir and the model directories in out_dir and `model_dir_roots`, with sizes;
-    model directories first, then *_vlm_sft.pth, then by name."""
+    model directories first, then SFT checkpoints (is_sft_checkpoint), then by name."""
     folder = Path(out_dir)
     found = []
     if folder.is_dir():
@@ -180,7 +179,7 @@ def list_checkpoints(out_dir: str, model_dir_roots: Sequence[Path] = ()) -> list
                  for p in folder.iterdir() if p.suffix == ".pth" and p.is_file() and not p.name.startswith(".")]
     dirs = {d.resolve(): d for root in (folder, *model_dir_roots) for d in find_model_dirs(root)}
     found += [CheckpointInfo(str(d), f"{d.name}/", weights_file(d).stat().st_size / 2**20) for d in dirs.values()]
-    return sorted(found, key=lambda c: (not c.name.endswith("/"), not c.name.endswith("_vlm_sft.pth"), c.name))
+    return sorted(found, key=lambda c: (not c.name.endswith("/"), not is_sft_checkpoint(c.name), c.name))
 
 
 def checkpoint_stamp(path: str) -> tuple[int, int]:

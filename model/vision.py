@@ -18,6 +18,7 @@ from torch import nn
 
 DEFAULT_CLIP_PATH = "model/clip_model/clip-vit-base-patch32"
 STAND_IN_CLIP_PATH = "model/clip_model/stand_in_clip_vit_b32"
+V3_TOWER_PATH = "model/siglip2-base-p32-256-ve"  # minimind-3v's SigLIP2 tower (scripts/download.py --generation 3v)
 IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,6 +185,10 @@ def load_siglip_encoder(path: str, device: Union[str, torch.device] = "cpu") -> 
 
 
 def missing_encoder_message(path: str) -> str:
+    if os.path.normpath(path).endswith(os.path.normpath(V3_TOWER_PATH)):
+        return (f"SigLIP2 vision tower not found at '{path}' (a minimind-3v checkpoint needs it): `python "
+                f"scripts/download.py --generation 3v --what clip` puts it there; for offline tests, build the "
+                f"untrained stand-in with `python scripts/build_stand_in_siglip.py` and pass its folder as --clip_path")
     return (f"CLIP vision encoder not found at '{path}'. Put a Hugging Face CLIP ViT-B/32 directory there: "
             f"`python scripts/download.py --what clip` (or `git clone https://huggingface.co/openai/"
             f"clip-vit-base-patch32 {DEFAULT_CLIP_PATH}`); for offline tests, build the untrained stand-in with "

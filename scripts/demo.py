@@ -38,9 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model.config import PRESETS  # noqa: E402
-from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH  # noqa: E402
+from model.vision import DEFAULT_CLIP_PATH, STAND_IN_CLIP_PATH, V3_TOWER_PATH  # noqa: E402
 from checkpoints.tokenizer import PROJECT_V3_TOKENIZER_PATH  # noqa: E402
-from trainer.config import V3_TOWER_PATH  # noqa: E402
 from checkpoints.vision_pairing import is_stand_in  # noqa: E402
 
 # Model and schedule per profile; `full` is what `make demo` runs and the README reports (the recipe search

@@ -385,3 +385,41 @@ def test_eval_chat_drops_the_alpha_of_a_3v_image_as_upstream_does(tmp_path, monk
     want = open_app_image(str(path), generation="3v")
     assert len(seen) == 1 and np.array_equal(np.asarray(seen[0]), np.asarray(want))
     assert not np.array_equal(np.asarray(seen[0]), np.asarray(open_app_image(str(path), generation="v1")))
+
+
+# ---------------------------------------------------------------------------------------------- finding files
+def test_a_3v_checkpoint_with_the_clip_default_loads_its_siglip2_tower(tmp_path, monkeypatch):
+    """--clip_path left at v1's CLIP default means the checkpoint's own kind of tower: for 3v, the SigLIP2 tower
+    at model/siglip2-base-p32-256-ve; missing, it is a one-line error saying how to get it."""
+    import shutil
+
+    from model.vision import DEFAULT_CLIP_PATH, V3_TOWER_PATH, MissingVisionEncoderError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingVisionEncoderError, match=r"download.py --generation 3v --what clip"):
+        VLMChat.load(DENSE, DEFAULT_CLIP_PATH)
+    shutil.copytree(VISION, tmp_path / V3_TOWER_PATH)
+    chat = VLMChat.load(DENSE, DEFAULT_CLIP_PATH)
+    assert chat.encoder.kind == "siglip" and chat.encoder.path == V3_TOWER_PATH
+
+
+def test_3v_sft_checkpoints_and_transformers_directories_are_found(tmp_path):
+    """The apps offer 3v's files too: sft_vlm_{dim}.pth (not its resume file) and a model_type "minimind-v"
+    directory."""
+    import os
+    import shutil
+
+    from inference.model_files import find_model_dirs, is_sft_checkpoint, newest_chat_checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(DENSE, out / "sft_vlm_64.pth")
+    shutil.copy(DENSE, out / "sft_vlm_64_resume.pth")
+    os.utime(out / "sft_vlm_64.pth", (1, 1))
+    assert newest_chat_checkpoint(out, tmp_path) == out / "sft_vlm_64.pth"
+    assert [is_sft_checkpoint(n) for n in ("512_vlm_sft.pth", "sft_vlm_768_moe.pth", "sft_vlm_64_resume.pth",
+                                           "pretrain_vlm_64.pth", "512_vlm_sft_resume.pth")] == \
+        [True, True, False, False, False]
+    shutil.copytree(FIXTURES / "hf" / "minimind-3v", tmp_path / "minimind-3v")
+    assert find_model_dirs(tmp_path) == [tmp_path / "minimind-3v"]
+    assert newest_chat_checkpoint(out, tmp_path) == tmp_path / "minimind-3v"  # the newest of them

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from model.config import PRESETS
-from model.vision import DEFAULT_CLIP_PATH
+from model.vision import DEFAULT_CLIP_PATH, V3_TOWER_PATH
 
 from .flags import add_flags, check_minimums, flag
 
@@ -47,7 +47,6 @@ SFT = Stage(name="sft", data_path="./dataset/LLaVA-Instruct/llava_instruct_230k.
             log_interval=100, init_suffix="_vlm_pretrain", allow_new_projection=False,
             init_hint="run 1-pretrain_vlm.py first", v3_name="sft_vlm", v3_init="pretrain_vlm")
 
-V3_TOWER_PATH = "model/siglip2-base-p32-256-ve"  # upstream's SigLIP2 tower directory
 # 3v's defaults (upstream's trainer/train_{pretrain,sft}_vlm.py), used where a flag is left at its default. The
 # freezing policies map to upstream's --freeze_llm 2 (pretrain: the projection only) and 1 (SFT: the projection
 # and the first and last LLM blocks); AdamW's weight decay is torch's default, 0.01.
