@@ -23,6 +23,22 @@ def qa_records(image: str, prefix: str, questions=QUESTIONS) -> list[dict]:
         {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]} for i, (q, a) in enumerate(questions)]
 
 
+@torch.no_grad()
+def assert_packed_trains_as_alone(model: MiniMindVLM, encoder, alone: VLMDataset, packed: VLMDataset) -> None:
+    """The logits at every supervised position and the loss of the packed rows equal those of the rows alone: the
+    same targets in the same order (row-major: questions keep their order inside a row)."""
+    def supervised_logits(dataset: VLMDataset) -> tuple[torch.Tensor, float]:
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        features = encoder.encode_pixels(batch.pixels)
+        out = model(batch.input_ids, features, labels=batch.labels, loss_only=True, segment_ids=batch.segment_ids)
+        return out.logits, float(out.loss)
+
+    (logits_alone, loss_alone), (logits_packed, loss_packed) = supervised_logits(alone), supervised_logits(packed)
+    assert logits_packed.shape == logits_alone.shape
+    assert torch.allclose(logits_packed, logits_alone, atol=1e-4), (logits_packed - logits_alone).abs().max()
+    assert abs(loss_packed - loss_alone) < 1e-5
+
+
 def test_packed_layout_positions_and_mask():
     #                 prefix   | seg 1 | seg 2   | pad
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1]])
@@ -51,19 +67,7 @@ def test_packed_row_trains_exactly_like_the_questions_alone(tmp_path, tokenizer,
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_config(tokenizer, max_seq_len=model_len)).eval()
 
-    @torch.no_grad()
-    def supervised_logits(items) -> tuple[torch.Tensor, float]:
-        batch = collate(items)
-        features = encoder.encode_pixels(batch.pixels)
-        out = model(batch.input_ids, features, labels=batch.labels, loss_only=True, segment_ids=batch.segment_ids)
-        return out.logits, float(out.loss)
-
-    logits_alone, loss_alone = supervised_logits([alone[i] for i in range(6)])
-    logits_packed, loss_packed = supervised_logits([packed[i] for i in range(3)])
-    # the same targets in the same order (row-major: questions keep their order inside a row)
-    assert logits_packed.shape == logits_alone.shape
-    assert torch.allclose(logits_packed, logits_alone, atol=1e-4), (logits_packed - logits_alone).abs().max()
-    assert abs(loss_packed - loss_alone) < 1e-5
+    assert_packed_trains_as_alone(model, encoder, alone, packed)
 
 
 def test_packing_keeps_apart_what_cannot_share(tmp_path, tokenizer, tiny_clip_dir):
@@ -117,15 +121,4 @@ def test_packed_3v_rows_train_exactly_like_the_questions_alone(tmp_path):
                                                 vision_dim=encoder.hidden_size, image_ids=image_pad_id(tokenizer),
                                                 max_seq_len=400)).eval()
 
-    @torch.no_grad()
-    def supervised_logits(items) -> tuple[torch.Tensor, float]:
-        batch = collate(items)
-        features = encoder.encode_pixels(batch.pixels)
-        out = model(batch.input_ids, features, labels=batch.labels, loss_only=True, segment_ids=batch.segment_ids)
-        return out.logits, float(out.loss)
-
-    logits_alone, loss_alone = supervised_logits([alone[i] for i in range(6)])
-    logits_packed, loss_packed = supervised_logits([packed[i] for i in range(3)])
-    assert logits_packed.shape == logits_alone.shape
-    assert torch.allclose(logits_packed, logits_alone, atol=1e-4), (logits_packed - logits_alone).abs().max()
-    assert abs(loss_packed - loss_alone) < 1e-5
+    assert_packed_trains_as_alone(model, encoder, alone, packed)
