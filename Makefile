@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 # `make demo GENERATION=3v`: the demo on minimind-3v's network (scripts/demo.py --generation)
 GENERATION ?= v1
 
 .PHONY: install test demo web clean
 
-$(STAMP): requirements.txt
+# `make demo` installs only what the demo needs (requirements-demo.txt); `make test` and the apps add the rest.
+$(DEMO_STAMP): requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-demo.txt
+	touch $(DEMO_STAMP)
+
+$(STAMP): requirements.txt $(DEMO_STAMP)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
@@ -19,7 +25,7 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q tests
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(PY) scripts/demo.py --generation $(GENERATION)
 
 web: install
