@@ -55,6 +55,8 @@ class Accuracy:
     majority_answer: str
     skipped: int
     predictions: list[str] = field(default_factory=list)  # the model's answers, in the order scored
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (question, true answer), same order
+    hits: list[bool] = field(default_factory=list)  # exact matches, same order
     per_type: dict[str, TypeAccuracy] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -143,4 +145,5 @@ def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: st
     answers = Counter(normalise(p[2]) for p in prompts)
     top, top_n = answers.most_common(1)[0] if answers else ("", 0)
     per_type = per_type_accuracy([p[3] for p in ordered], [p[2] for p in ordered], hits)
-    return Accuracy(sum(hits) / n, n, top_n / n, top, skips.total, predictions, per_type)
+    return Accuracy(sum(hits) / n, n, top_n / n, top, skips.total, predictions,
+                    [(p[3], p[2]) for p in ordered], hits, per_type)
