@@ -41,12 +41,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from inference.chat import V3_ANSWER_DEFAULTS, GenerationSettings, VLMChat
+from runtime.packages import missing_packages
+
+# before the app's imports, which need them: after `make demo` alone they are not installed
+MISSING = missing_packages(["fastapi", "uvicorn"], "the API server")
+if __name__ == "__main__" and MISSING:
+    sys.exit(f"serve_openai_api.py: error: {MISSING}")
+
+from inference.chat import V3_ANSWER_DEFAULTS, GenerationSettings, VLMChat  # noqa: E402
 from inference.openai_app import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, Runner,
-                                  create_app)
-from inference.cpu.prepare import add_cpu_inference_args
-from model.vision import DEFAULT_CLIP_PATH
-from checkpoints.vision_pairing import add_encoder_mismatch_arg
+                                  create_app)  # noqa: E402
+from inference.cpu.prepare import add_cpu_inference_args  # noqa: E402
+from model.vision import DEFAULT_CLIP_PATH  # noqa: E402
+from checkpoints.vision_pairing import add_encoder_mismatch_arg  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from checkpoints.files import CheckpointWriteError
 from inference.chat import VLMChat
+from runtime.packages import missing_packages
 
 from .benchmark_data import BenchmarkError, benchmark_files
 from .benchmark_sources import Source, file_sources
@@ -47,6 +48,10 @@ def check_benchmark(name: str, path: Optional[str]) -> Optional[BenchmarkInputs]
     """The benchmark's parquet files (`path`, default dataset/bench/<name>) and their manifest, read and checked
     before the model is loaded; None after a one-line error."""
     spec = BENCHMARKS[name]
+    problem = missing_packages(["pyarrow"], f"--benchmark {name} (parquet files)")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return None
     try:
         files = benchmark_files(path or spec.default_path, spec)
         return BenchmarkInputs(spec, files, file_sources(files))

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from model.config import PRESETS
+from runtime.packages import missing_packages
 from model.vision import DEFAULT_CLIP_PATH, V3_TOWER_PATH
 
 from .flags import add_flags, check_minimums, flag
@@ -237,6 +238,15 @@ class RunConfig:
 
 # The flags that set the model's size, shared with the benchmarks (add_model_size_args) and read by model_size.
 MODEL_SIZE_FLAGS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "use_moe", "max_seq_len")
+
+
+def check_packages(config: RunConfig) -> None:
+    """ConfigError, in one line, where the run needs a package the demo's install leaves out (wandb, pyarrow)."""
+    parquet = any(p is not None and str(p).lower().endswith(".parquet") for p in (config.data_path, config.val_data))
+    for needed, module, what in ((config.use_wandb, "wandb", "--use_wandb"), (parquet, "pyarrow", "parquet data")):
+        problem = missing_packages([module], what) if needed else None
+        if problem:
+            raise ConfigError(problem)
 
 
 def add_model_size_args(parser: argparse.ArgumentParser, default_preset: str = "minimind-v-small") -> None:

@@ -35,7 +35,7 @@ from checkpoints.vision_pairing import check_encoder_family, check_vision_encode
 
 from .build import build_data, build_model, build_validator, open_wandb, resolve_generation
 from .compile_step import CompileCounts, compile_for_training
-from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, run_record
+from .config import ConfigError, RunConfig, RunPaths, Stage, build_parser, check_packages, run_record
 from .distributed import Distributed
 from .metrics import (ProgressWindow, StepMetrics, append_jsonl, drop_records_after, peak_flops, peak_memory_mb,
                       progress_line)
@@ -96,6 +96,7 @@ class Run:
 
     def __init__(self, config: RunConfig, stage: Stage, dist: Distributed):
         config, init = resolve_generation(config, stage)  # v1 or 3v, and that generation's defaults
+        check_packages(config)
         self.config, self.stage, self.dist = config, stage, dist
         os.makedirs(config.out_dir, exist_ok=True)
         self.paths = RunPaths.of(config, stage)
