@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip_path", default=str(CLIP12_PATH), help="vision tower (default: 12-layer stand-in, built if missing)")
     a("--cache_dir", default=str(CACHE_DIR / "features"), help="feature store root")
     a("--num_workers", type=int, default=0)
+    a("--pack_same_image", type=int, default=1,
+      help="SFT rows as the trainer's --pack_same_image N packs them (the demo: 3, with --max_seq_len 160)")
     a("--preload", action="store_true", help="collate every batch before timing (model throughput only)")
     # machine
     a("--compile", action="store_true",
@@ -126,12 +128,15 @@ class Bench:
     def dataset(self, stage: str) -> VLMDataset:
         if stage not in self.datasets:
             path = self.args.pretrain_data if stage == "pretrain" else self.args.sft_data
+            pack = self.args.pack_same_image if stage == "sft" else 1
             self.datasets[stage] = VLMDataset(path, self.args.images_path, self.tokenizer, self.args.max_seq_len,
-                                              preprocess=self.encoder.preprocess)
+                                              preprocess=self.encoder.preprocess, pack_same_image=pack)
         return self.datasets[stage]
 
     def loader(self, stage: str, batch: int, n_batches: int, cached: bool, pad_max: bool, grouped: bool = False):
         ds = self.dataset(stage)
+        # as the trainer collates: with --compile, packed SFT gives every batch segment ids (one graph)
+        segments = self.args.compile and stage == "sft" and self.args.pack_same_image > 1
         rng = np.random.default_rng(self.args.seed)
         need = batch * n_batches
         epochs = range(math.ceil(need / len(ds)))
@@ -151,7 +156,8 @@ class Bench:
         else:
             ds.feature_store = None
         loader = DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=self.args.num_workers,
-                            collate_fn=functools.partial(collate, pad_to=self.args.max_seq_len if pad_max else None),
+                            collate_fn=functools.partial(collate, pad_to=self.args.max_seq_len if pad_max else None,
+                                                         segments=segments),
                             pin_memory=self.device.type == "cuda", drop_last=False)
         if self.args.preload:
             return list(loader)
