@@ -21,7 +21,7 @@ from data_pipeline.image_decode import ImageError
 
 from .images import ImageRef, image_file, image_ref_key, open_image_ref
 from .packing import pack_rows
-from .parquet import read_parquet_records
+from .parquet import is_parquet, read_parquet_records
 from .records import (MAX_RECORD_CHARS, DataError, SkipCounter, check_record_size, count_image_tags,
                       read_records, record_id, record_image_names, record_to_messages)
 from .tokens import IGNORE_INDEX, Sample, fit_to_length, tokenize_conversation, with_placeholders
@@ -136,7 +136,7 @@ def _records_with_images(data_path: str, images_path: str, images_root: str,
                          image_prefix: str) -> Iterator[tuple[str, Any, list[ImageRef]]]:
     """(record id, record or the ValueError that makes it bad, its image references) of a data file; a JSON
     record's image files must exist under images_path."""
-    if data_path.endswith(".parquet"):
+    if is_parquet(data_path):
         yield from read_parquet_records(data_path, MAX_RECORD_CHARS)
         return
     checked: dict[str, str] = {}  # image name -> its path, checked once (records often share an image)

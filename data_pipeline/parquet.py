@@ -62,6 +62,11 @@ class ParquetImage:
 _cache: "OrderedDict[tuple[str, int], list]" = OrderedDict()
 
 
+def is_parquet(path: str) -> bool:
+    """Whether a data file is read as parquet (by its name; anything else is JSON or JSONL)."""
+    return str(path).endswith(".parquet")
+
+
 def _row_group_images(file: str, row_group: int) -> list:
     """The image column of one row group as Python objects, through a small per-process LRU cache."""
     key = (file, row_group)

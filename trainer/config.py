@@ -17,8 +17,9 @@ from typing import Any, Optional, Union
 import torch
 
 from model.config import PRESETS
-from runtime.packages import missing_packages
+from data_pipeline.parquet import is_parquet
 from model.vision import DEFAULT_CLIP_PATH, V3_TOWER_PATH
+from runtime.packages import missing_packages
 
 from .flags import add_flags, check_minimums, flag
 
@@ -242,7 +243,7 @@ MODEL_SIZE_FLAGS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "use_m
 
 def check_packages(config: RunConfig) -> None:
     """ConfigError, in one line, where the run needs a package the demo's install leaves out (wandb, pyarrow)."""
-    parquet = any(p is not None and str(p).lower().endswith(".parquet") for p in (config.data_path, config.val_data))
+    parquet = any(p is not None and is_parquet(p) for p in (config.data_path, config.val_data))
     for needed, module, what in ((config.use_wandb, "wandb", "--use_wandb"), (parquet, "pyarrow", "parquet data")):
         problem = missing_packages([module], what) if needed else None
         if problem:
