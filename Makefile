@@ -10,14 +10,13 @@ GENERATION ?= v1
 .PHONY: install test demo web clean
 
 # `make demo` installs only what the demo needs (requirements-demo.txt); `make test` and the apps add the rest.
+# scripts/install_venv.py: uv where it installs (configured from pip's settings), else pip.
 $(DEMO_STAMP): requirements-demo.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-demo.txt
+	$(PYTHON) scripts/install_venv.py --venv $(VENV) -r requirements-demo.txt
 	touch $(DEMO_STAMP)
 
 $(STAMP): requirements.txt $(DEMO_STAMP)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PYTHON) scripts/install_venv.py --venv $(VENV) -r requirements.txt
 	touch $(STAMP)
 
 install: $(STAMP)
