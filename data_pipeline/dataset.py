@@ -7,9 +7,10 @@ feature store), and collate pads the items of a batch into one typed Batch.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -24,8 +25,12 @@ from .packing import pack_rows
 from .parquet import is_parquet, read_parquet_records
 from .records import (MAX_RECORD_CHARS, DataError, SkipCounter, check_record_size, count_image_tags,
                       read_records, record_id, record_image_names, record_to_messages)
-from .tokens import IGNORE_INDEX, Sample, fit_to_length, tokenize_conversation, with_placeholders
+from .tokens import IGNORE_INDEX, Sample, fit_to_length, tokenize_conversations, with_placeholders
 from .v3_tokens import fit_v3, image_runs, keeps_empty_think, tokenize_v3, v3_messages
+
+
+# records tokenised per batched tokenizer call: the speed of one call for all, memory bounded by the chunk
+TOKENIZE_CHUNK = 4096
 
 
 class VLMDataset(Dataset):
@@ -46,20 +51,40 @@ class VLMDataset(Dataset):
         self.generation = generation
         self.image_ids = torch.tensor(image_pad_id(tokenizer) if generation == "3v" else image_token_ids(tokenizer))
         images_root = os.path.realpath(images_path)
-        for rid, record, images in _records_with_images(data_path, images_path, images_root, image_prefix):
-            try:
-                if isinstance(record, ValueError):
-                    raise record
-                self.samples.append(self._sample(tokenizer, rid, record, images))
-            except ValueError as e:
-                self.skips.skip(rid, str(e))
+        records = _records_with_images(data_path, images_path, images_root, image_prefix)
+        # v1 records are tokenised TOKENIZE_CHUNK at a time (one batched tokenizer call each); 3v one by one
+        for chunk in iter(lambda: list(itertools.islice(records, TOKENIZE_CHUNK)), []):
+            if generation == "3v":
+                for rid, record, images in chunk:
+                    self._add(rid, lambda: self._sample_v3(tokenizer, rid, _read(record), images))
+            else:
+                self._add_chunk(tokenizer, chunk)
         if pack_same_image > 1:
             self.samples = pack_rows(self.samples, pack_same_image, max_seq_len, self.image_ids, generation)
 
-    def _sample(self, tokenizer, rid: str, record: Any, images: list[ImageRef]) -> Sample:
-        """The record as a sample; ValueError with the reason it cannot be one."""
-        if self.generation == "3v":
-            return self._sample_v3(tokenizer, rid, record, images)
+    def _add(self, rid: str, make_sample: Callable[[], Sample]) -> None:
+        """Keep the sample make_sample returns, or count the record's ValueError as a skip."""
+        try:
+            self.samples.append(make_sample())
+        except ValueError as e:
+            self.skips.skip(rid, str(e))
+
+    def _add_chunk(self, tokenizer, chunk: list[tuple[str, Any, list[ImageRef]]]) -> None:
+        """The chunk's v1 records as samples, tokenised in one batch; bad records are skipped in their order."""
+        read = []
+        for rid, record, images in chunk:
+            try:
+                read.append(self._messages(rid, _read(record), images))
+            except ValueError as e:
+                read.append(e)
+        tokenised = iter(tokenize_conversations(tokenizer, [m for m in read if not isinstance(m, ValueError)]))
+        for (rid, _, images), messages in zip(chunk, read):
+            failed = isinstance(messages, ValueError)
+            tokens = None if failed else next(tokenised)
+            self._add(rid, lambda: _raise(messages) if failed else self._sample(rid, images, *tokens))
+
+    def _messages(self, rid: str, record: Any, images: list[ImageRef]) -> list[dict[str, str]]:
+        """A v1 record's messages with the image placeholders written in; ValueError when it cannot be a sample."""
         messages = record_to_messages(record, self.multi_turn)
         check_record_size(messages)  # before the placeholders are written in and tokenised
         n_tags = count_image_tags(messages)
@@ -69,7 +94,10 @@ class VLMDataset(Dataset):
             raise ValueError(f"image count mismatch: {n_tags} <image> tag(s) but {len(images)} image(s){hint}")
         if not images and self.skip_text_only:
             raise ValueError("text-only record (skipped under --skip_text_only)")
-        ids, labels = tokenize_conversation(tokenizer, with_placeholders(messages))
+        return with_placeholders(messages)
+
+    def _sample(self, rid: str, images: list[ImageRef], ids: list[int], labels: list[int]) -> Sample:
+        """A tokenised v1 record as a sample; ValueError with the reason it cannot be one."""
         if count_span_openings(ids, self.image_ids.tolist()) != len(images):  # text that reads as placeholder ids
             raise ValueError("forged image placeholder: text outside <image> holds a run of '<' that would start "
                              "an image span")
@@ -130,6 +158,17 @@ class VLMDataset(Dataset):
             raise DataError(f"record {s.id}: {starts.numel()} image placeholder span(s) but "
                             f"{len(s.images)} image(s)")
         return starts.tolist()
+
+
+def _read(record: Any) -> Any:
+    """The record, or the ValueError the reader put in its place raised."""
+    if isinstance(record, ValueError):
+        raise record
+    return record
+
+
+def _raise(error: ValueError) -> Sample:
+    raise error
 
 
 def _records_with_images(data_path: str, images_path: str, images_root: str,

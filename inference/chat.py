@@ -173,6 +173,8 @@ class VLMChat:
         budget = max(self.model.config.max_seq_len - self.answer_room(reserve, n_images), 1)
         max_chars = budget * max_token_chars(self.tokenizer)  # more characters than this cannot fit
         question = neutralise_placeholder(question[-max_chars:], self.generation)
+        if not history:  # a single question: nothing to drop
+            return self._fit_question(question, n_images, budget)
         kept: list[list[int]] = []  # plain token ids of the kept turns, newest first
         first_with_image: Optional[list[int]] = None  # the oldest kept turn, with the placeholder
         question_ids = self._turn_ids(question, None, 0)
@@ -198,6 +200,8 @@ class VLMChat:
         """How many of the `reserve` tokens asked for the answer the prompt leaves free: at most half of the
         context left after the template and the image spans, so that a small context (the demo model's 128)
         asked for a long answer still keeps the question instead of cutting it down to its last token."""
+        if reserve <= 0:
+            return 0
         fixed = len(self._turn_ids("", None, n_images))
         return max(0, min(reserve, (self.model.config.max_seq_len - fixed) // 2))
 

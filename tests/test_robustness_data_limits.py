@@ -62,10 +62,11 @@ def test_one_huge_record_is_skipped_before_tokenising(tmp_path, images, tokenize
     tokenised = []
     import data_pipeline.dataset as dataset_module
 
-    original = dataset_module.tokenize_conversation
-    monkeypatch.setattr(dataset_module, "tokenize_conversation",
-                        lambda tok, messages: tokenised.append(sum(len(m["content"]) for m in messages))
-                        or original(tok, messages))
+    original = dataset_module.tokenize_conversations
+    monkeypatch.setattr(dataset_module, "tokenize_conversations",
+                        lambda tok, conversations: tokenised.extend(sum(len(m["content"]) for m in messages)
+                                                                    for messages in conversations)
+                        or original(tok, conversations))
     ds = _dataset(tmp_path, images, tokenizer, [_record("good"), huge])
     assert [s.id for s in ds.samples] == ["good"] and ds.skips.counts["record too large"] == 1
     assert max(tokenised) < 1000  # the huge one never reached the tokenizer

@@ -55,3 +55,34 @@ def test_image_placeholder_is_50_tokens(tokenizer) -> None:
     assert len(ids) == 50
     assert len(set(ids[:25])) == 1 and len(set(ids[25:])) == 1
     assert ids[0] != ids[25]
+
+
+class _SlowPath:
+    """The tokenizer without its backend: tokenize_conversations then calls it once per conversation."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token = tokenizer.eos_token
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+
+def test_batched_tokenising_gives_the_ids_and_labels_of_one_call_each(tokenizer) -> None:
+    from data_pipeline.tokens import IGNORE_INDEX, tokenize_conversations, with_placeholders
+
+    conversations = [
+        with_placeholders([{"role": "user", "content": "<image>\nwhat color is the shape?"},
+                           {"role": "assistant", "content": "blue"}]),
+        [{"role": "user", "content": "你好，介绍一下你自己"}, {"role": "assistant", "content": "我是一个小模型。"},
+         {"role": "user", "content": "and in English?"}, {"role": "assistant", "content": "a small model </s> ok"}],
+        [{"role": "user", "content": "no answer yet"}, {"role": "assistant", "content": ""}],
+    ]
+    batched = tokenize_conversations(tokenizer, conversations)
+    assert batched == tokenize_conversations(_SlowPath(tokenizer), conversations)
+    ids, labels = batched[1]
+    answers = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(answers) == "我是一个小模型。</s>\na small model </s> ok</s>\n"
