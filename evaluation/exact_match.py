@@ -12,6 +12,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from model.decoder import KVCache
 from model.vlm import MiniMindVLM, pad_rows
 
 TRAILING_PUNCTUATION = re.compile(r"[\s.!?。！？]+$")
@@ -42,6 +43,35 @@ def greedy_answers(model: MiniMindVLM, prompts: Sequence[Sequence[int]], image_f
     with autocast():
         out = model.generate(ids, image_features, max_new_tokens=max_new_tokens, temperature=0.0,
                              eos_token_id=eos, attention_mask=mask)
+    return _decoded(out, eos, tokenizer)
+
+
+@torch.no_grad()
+def greedy_answers_sharing_prefix(model: MiniMindVLM, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                                  image_of: Sequence[int], image_features: torch.Tensor, tokenizer,
+                                  max_new_tokens: int, device: torch.device) -> list[str]:
+    """greedy_answers of the prompts prefix + suffixes[i], where prefix holds the whole image placeholder and the
+    i-th prompt is about image image_of[i] (features image_features[image_of[i]]). The prefix runs once per image
+    and each question continues a copy of its keys and values, instead of every question running it again: the
+    same answers, up to float rounding, for about a third of the prefill on the demo's held-out questions."""
+    if not suffixes:
+        return []
+    eos = tokenizer.eos_token_id
+    suffix_ids, suffix_mask = pad_rows(suffixes, eos, "left", device=device)
+    n_images, width = image_features.shape[0], len(prefix)
+    cache = KVCache(model.config, n_images, width + suffix_ids.shape[1] + max_new_tokens, device,
+                    next(model.parameters()).dtype)
+    model(torch.tensor([list(prefix)], device=device).expand(n_images, width), image_features, cache=cache,
+          last_only=True)
+    rows = cache.select_rows(torch.tensor(list(image_of), device=device))
+    mask = torch.cat([suffix_mask.new_ones(len(suffixes), width), suffix_mask], dim=1)
+    out = model.generate(suffix_ids, None, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos,
+                         attention_mask=mask, cache=rows)
+    return _decoded(out, eos, tokenizer)
+
+
+def _decoded(out: torch.Tensor, eos: int, tokenizer) -> list[str]:
+    """Each row of new token ids as text, up to its first eos (special tokens dropped)."""
     answers = []
     for row in out.tolist():
         if eos in row:

@@ -9,6 +9,7 @@ side (projection, splice, generation) is in vlm.py.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -61,8 +62,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rotation: optionally cos + i sin precomputed (torch.complex(cos, sin)).
     Computed in fp32 and cast back. Eager mode multiplies each pair, read as x0 + i x1, by cos + i sin: one
     kernel forward and one backward instead of a dozen; the result is the same arithmetic. Under torch.compile
-    the real form is used (inductor fuses it; it generates no code for complex operators).
-    """
+    the real form is used (inductor fuses it; it generates no code for complex operators)."""
     if torch.compiler.is_compiling():
         xf = x.float().unflatten(-1, (-1, 2))
         x0, x1 = xf[..., 0], xf[..., 1]
@@ -76,11 +76,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer; `length` tokens are filled.
-
-    key_mask is None while no cached position is padding, else bool [B, length]: which cached positions are
-    real tokens (attention_layout keeps it, so later steps need no attention_mask).
-    """
+    """Pre-allocated keys and values for every layer; `length` tokens are filled. key_mask is None while no
+    cached position is padding, else bool [B, length]: which cached positions are real tokens (attention_layout
+    keeps it, so later steps need no attention_mask)."""
 
     def __init__(self, config: LMConfig, batch: int, max_len: int, device, dtype):
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
@@ -95,6 +93,13 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select_rows(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding copies of these rows (one cached prefix continued several ways)."""
+        picked = copy.copy(self)
+        picked.k, picked.v = self.k[:, index], self.v[:, index]
+        picked.key_mask = None if self.key_mask is None else self.key_mask[index]
+        return picked
 
 
 def attention_layout(new_tokens: int, batch: int, device: torch.device,
@@ -114,8 +119,7 @@ def attention_layout(new_tokens: int, batch: int, device: torch.device,
         its real tokens, so a left-padded row is rotated exactly as it would be alone, and padding is no key;
       - packed rows (segment_ids; no cache, no attention_mask): see _packed_layout.
     attention_mask (1 = token, 0 = padding) covers either the new tokens or the whole sequence so far (the
-    transformers convention). A KVCache keeps which of its positions are real in key_mask.
-    """
+    transformers convention). A KVCache keeps which of its positions are real in key_mask."""
     start = cache.length if cache is not None else 0
     end = start + new_tokens
     if segment_ids is not None:
@@ -137,7 +141,7 @@ def _real_keys(attention_mask: Optional[torch.Tensor], cache, batch: int, start:
                end: int) -> Optional[torch.Tensor]:
     """Which of the keys 0..end-1 are real tokens (bool [B, end]), or None when none is padding; a KVCache
     records it in key_mask for the next steps."""
-    past = getattr(cache, "key_mask", None) if cache is not None else None
+    past = getattr(cache, "key_mask", None)
     if attention_mask is None:
         if past is None:
             return None
@@ -160,10 +164,8 @@ def _real_keys(attention_mask: Optional[torch.Tensor], cache, batch: int, start:
 
 def _causal_over_real_keys(keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """bool [B, 1, T, end]: causal attention restricted to real keys, for queries at positions start..end-1.
-
     A padded query sees itself as well, so that no row is empty: an all-masked row would give NaN, which the
-    next layer's values would carry into real rows (0 weight times NaN is NaN).
-    """
+    next layer's values would carry into real rows (0 weight times NaN is NaN)."""
     q = torch.arange(start, end, device=keys.device)[:, None]
     k = torch.arange(end, device=keys.device)[None, :]
     allowed = ((k <= q)[None] & keys[:, None, :]) | (k == q)[None]
@@ -327,8 +329,7 @@ class MiniMindLM(nn.Module):
         attention_mask (1 = token, 0 = padding) keeps padded positions out of attention; a row's RoPE positions
         count only its real tokens, so a left-padded row is rotated exactly as it would be alone. segment_ids
         [B, T] marks packed rows (training and scoring only, no cache). attention_layout says which keys each
-        query sees, and at which positions; without padding this is the plain causal path.
-        """
+        query sees, and at which positions; without padding this is the plain causal path."""
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
         end = start + T

@@ -216,24 +216,29 @@ class MiniMindVLM(MiniMindLM):
         use_cache: bool = True,
         generator: Optional[torch.Generator] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token ids [B] one step at a time; stops at eos (not yielded) or max_new_tokens.
 
         temperature <= 0 is greedy. Rows that reached eos keep yielding eos until all have. Rows of different
         lengths are left-padded, with attention_mask [B, T] marking the real tokens (pad_rows builds both).
+        cache: a KVCache already holding a prefix of every row (room left for input_ids and the answer), which
+        input_ids continue: questions about one image share its prefill (KVCache.select_rows). attention_mask
+        then covers the prefix too, and the repetition penalty sees input_ids only.
         """
         ids = input_ids
         B = ids.shape[0]
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
         mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
-        cache = None
-        if use_cache:
+        if cache is None and use_cache:
             dtype = next(self.parameters()).dtype
             cache = KVCache(self.config, B, ids.shape[1] + max_new_tokens, ids.device, dtype)
+        elif cache is not None and not use_cache:
+            raise ValueError("a filled cache was given with use_cache=False")
         logits = self(ids, image_features, cache=cache, last_only=True, attention_mask=mask).logits[:, -1]
         for step in range(max_new_tokens):
             # padding is no earlier token of its row: the repetition penalty sees the row's last token there
-            seen = ids if mask is None else torch.where(mask, ids, ids[:, -1:])
+            seen = ids if mask is None else torch.where(mask[:, -ids.shape[1]:], ids, ids[:, -1:])
             next_ids = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
             if eos_token_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)

@@ -154,3 +154,44 @@ def test_evaluation_batches_across_prompt_lengths(tmp_path, tokenizer, tiny_clip
     one_by_one = answer_accuracy(chat, str(data), str(images), max_new_tokens=6, batch_size=1)
     assert batched.n == 8 and batched.predictions == one_by_one.predictions
     assert batched.accuracy == one_by_one.accuracy
+
+
+def test_questions_about_one_image_share_its_prefill(tmp_path, tokenizer, tiny_clip_dir, monkeypatch):
+    from helpers import make_dataset
+
+    import evaluation.held_out as held_out
+    from inference.chat import VLMChat
+    from model.vision import load_vision_encoder
+
+    questions = ["What colour is it?", "Name the colour of this square, please.", "Colour?", "Which one?"]
+    extra = [{"id": f"q{i}", "image": f"img_{i % 3}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "red"}]} for i, q in enumerate(questions)]
+    data, images = make_dataset(tmp_path, 4, extra_records=extra)
+    torch.manual_seed(2)
+    model = MiniMindVLM(tiny_config(tokenizer, vision_dim=64))
+    with torch.no_grad():  # weights large enough that the answers depend on the image and the question
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    chat = VLMChat(model, tokenizer, load_vision_encoder(str(tiny_clip_dir)))
+    prompts = [chat.build_prompt(q) for q in questions]
+    width = held_out.shared_prefix(prompts, set(chat.model.config.image_ids))
+    assert 50 < width < min(map(len, prompts))  # the template's head and the whole image span are shared
+    shared = held_out.answer_accuracy(chat, str(data), str(images), max_new_tokens=6, batch_size=5)
+    calls = []
+    monkeypatch.setattr(held_out, "shared_prefix", lambda *a: calls.append(a) or 0)
+    alone = held_out.answer_accuracy(chat, str(data), str(images), max_new_tokens=6, batch_size=1)
+    assert calls and shared.n == alone.n == 8
+    assert len(set(shared.predictions)) > 4  # the answers differ, so the comparison means something
+    assert sorted(zip(shared.questions, shared.predictions)) == sorted(zip(alone.questions, alone.predictions))
+    assert shared.accuracy == alone.accuracy
+
+
+def test_shared_prefix_needs_the_whole_image():
+    from evaluation.held_out import shared_prefix
+
+    image = {7, 8}
+    assert shared_prefix([[1, 7, 8, 2, 3], [1, 7, 8, 2, 4, 5]], image) == 4
+    assert shared_prefix([[1, 7, 8, 2], [1, 7, 9, 8, 2]], image) == 0  # the image differs: no shared prefix
+    assert shared_prefix([[1, 7, 8, 2], [1, 7, 8, 2, 8]], image) == 0  # a placeholder token after the prefix
+    assert shared_prefix([[1, 2, 3]], set()) == 0 and shared_prefix([], image) == 0
+    assert shared_prefix([[1, 7, 8, 2]], image) == 3  # one prompt keeps a token to continue from

@@ -346,6 +346,13 @@ def test_held_out_exact_match_runs_on_a_3v_model(tmp_path, monkeypatch):
     data.write_text(json.dumps(records))
     chat = VLMChat.load(DENSE, VISION)
     seen = _capture_prompts(monkeypatch, held_out)
+    real = held_out.greedy_answers_sharing_prefix
+
+    def sharing_prefix(model, prefix, suffixes, *args, **kwargs):  # the prompts it answers: prefix + suffix
+        seen.extend(list(prefix) + list(s) for s in suffixes)
+        return real(model, prefix, suffixes, *args, **kwargs)
+
+    monkeypatch.setattr(held_out, "greedy_answers_sharing_prefix", sharing_prefix)
     accuracy = held_out.answer_accuracy(chat, str(data), str(images), max_new_tokens=4)
     assert accuracy.n == 3 and len(seen) == 3 and all(_one_run_of_64(ids) for ids in seen)
     assert chat.build_prompt("What colour?", (), 1) in seen
