@@ -103,7 +103,7 @@ def load_qa(path: str, images_path: str, image_prefix: str = "", limit: Optional
 
 @torch.inference_mode()
 def answer_accuracy(chat: VLMChat, path: str, images_path: str, image_prefix: str = "",
-                    limit: Optional[int] = None, max_new_tokens: int = 8, batch_size: int = 64) -> Accuracy:
+                    limit: Optional[int] = None, max_new_tokens: int = 8, batch_size: int = 256) -> Accuracy:
     """Greedy answers for every question, scored by exact match after lower-casing and trimming punctuation.
 
     Questions are decoded together in batches of up to batch_size. Where every prompt begins with the same
