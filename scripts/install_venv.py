@@ -72,8 +72,12 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def last_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in done.stdout.splitlines() if line.strip() and not line.startswith("WARNING: Location")]
+    lines = [line for line in done.stdout.splitlines() if line.strip() and not line.startswith("WARNING:")]
     return lines[-1].strip() if lines else f"exit {done.returncode}"
+
+
+def requirement_args(requirements: list[str]) -> list[str]:
+    return [arg for path in requirements for arg in ("-r", path)]
 
 
 def with_uv(python: str, uv: str, requirements: list[str]) -> str | None:
@@ -82,11 +86,13 @@ def with_uv(python: str, uv: str, requirements: list[str]) -> str | None:
         done = run([python, "-m", "pip", "install", "-q", "uv"])
         if done.returncode != 0:
             return f"uv could not be installed ({last_line(done)})"
-    config = subprocess.run([python, "-m", "pip", "config", "list"], stdout=subprocess.PIPE, text=True)
+    config = subprocess.run([python, "-m", "pip", "config", "list"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if config.returncode != 0:  # without pip's settings uv could install from other places than pip would
+        return f"pip's configuration could not be read ({last_line(config)})"
     settings = pip_settings(config.stdout)
-    reqs = [arg for path in requirements for arg in ("-r", path)]
-    done = run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", python, *uv_flags(settings), *reqs],
-               uv_env(settings))
+    done = run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", python, *uv_flags(settings),
+                *requirement_args(requirements)], uv_env(settings))
     if done.returncode != 0:
         print(done.stdout, end="")
         return f"uv pip install failed ({last_line(done)})"
@@ -109,8 +115,7 @@ def main() -> int:
         with_uv(python, os.path.join(args.venv, "bin", "uv"), args.requirements)
     if why_not is not None:
         print(f"install: {why_not}; installing with pip instead", flush=True)
-        done = subprocess.run([python, "-m", "pip", "install", "-q",
-                               *[arg for path in args.requirements for arg in ("-r", path)]])
+        done = subprocess.run([python, "-m", "pip", "install", "-q", *requirement_args(args.requirements)])
         if done.returncode != 0:
             return done.returncode
     print(f"install: {', '.join(args.requirements)} into {args.venv} in {time.perf_counter() - started:.0f} s "

@@ -59,3 +59,15 @@ def test_pip_installs_when_told_to(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "installing with pip instead" in done.stdout and "(pip)" in done.stdout
     assert (venv / "bin" / "python").exists() and not (venv / "bin" / "uv").exists()
+
+
+def test_uv_installs_into_a_fresh_venv(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing to install\n")
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k != "MINIMIND_INSTALLER"}
+    done = subprocess.run([sys.executable, "scripts/install_venv.py", "--venv", str(venv), "-r", str(requirements)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(uv)" in done.stdout and "instead" not in done.stdout
+    assert (venv / "bin" / "uv").exists()
