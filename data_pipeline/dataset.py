@@ -79,9 +79,10 @@ class VLMDataset(Dataset):
                 read.append(e)
         tokenised = iter(tokenize_conversations(tokenizer, [m for m in read if not isinstance(m, ValueError)]))
         for (rid, _, images), messages in zip(chunk, read):
-            failed = isinstance(messages, ValueError)
-            tokens = None if failed else next(tokenised)
-            self._add(rid, lambda: _raise(messages) if failed else self._sample(rid, images, *tokens))
+            if isinstance(messages, ValueError):
+                self.skips.skip(rid, str(messages))
+            else:
+                self._add(rid, lambda: self._sample(rid, images, *next(tokenised)))
 
     def _messages(self, rid: str, record: Any, images: list[ImageRef]) -> list[dict[str, str]]:
         """A v1 record's messages with the image placeholders written in; ValueError when it cannot be a sample."""
@@ -165,10 +166,6 @@ def _read(record: Any) -> Any:
     if isinstance(record, ValueError):
         raise record
     return record
-
-
-def _raise(error: ValueError) -> Sample:
-    raise error
 
 
 def _records_with_images(data_path: str, images_path: str, images_root: str,
